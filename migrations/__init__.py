@@ -1,0 +1,1 @@
+"""Alembic migrations of the apmon database (one metadata, one head)."""

@@ -1,0 +1,226 @@
+"""``watch(model, optimizer)``: the one handle that owns every hook of a monitored training job.
+
+Step boundaries come from the optimizer (a step post-hook), activation sites from the model's
+forward (see ``capture``), so the user's loop does not change. The handle is a context manager
+and a decorator of the per-step function; closing it removes every hook and ends the run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import math
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from monitor.client.capture import ModuleTracker, SiteFilter, rows_of
+from monitor.client.schedules import Schedule, as_schedule
+from monitor.client.summary import DEFAULT_SKETCH_K, SiteStats, site_stats, to_wire
+from monitor.client.transport import Transport
+from monitor.schema import AlertValue, RunStart, SiteInfo, SiteMode, StepSummary
+from monitor.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+AlertCallback = Callable[[AlertValue], None]
+
+
+class Monitor:
+    """A monitored training run. Build it with ``watch``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        transport: Transport,
+        *,
+        every: int | Schedule = 1,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        sign_mode: bool = False,
+        sketch_k: int = DEFAULT_SKETCH_K,
+        name: str = "",
+        on_alert: AlertCallback | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.transport = transport
+        self.schedule = as_schedule(every)
+        self.site_filter = SiteFilter(tuple(include), tuple(exclude))
+        self.sketch_k = sketch_k
+        self.on_alert = on_alert
+        self.step = 0
+        self.sites: dict[str, SiteInfo] = {}
+        self.alerts: list[AlertValue] = []
+        self.closed = False
+        self._stats: dict[str, SiteStats] = {}
+        self._new_sites: list[SiteInfo] = []
+        self._pending: StepSummary | None = None
+        self.tracker = ModuleTracker(model, self._record_site, sign_mode=sign_mode)
+        self._step_hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        start = RunStart(name=name, config=_plain_config(config or {}))
+        self.run_id = transport.start_run(start)
+        self.tracker.armed = self.schedule(self.step)
+        self._atexit = _register_atexit(self)
+
+    # -- capture -----------------------------------------------------------------------------
+
+    def _record_site(self, name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
+        if not self.site_filter(name):
+            return
+        try:
+            with torch.no_grad():
+                rows, kind = rows_of(preactivation.detach())
+                mask = rows > 0
+                nonfinite = 0
+                if not bool(torch.isfinite(rows).all()):
+                    nonfinite = int((~torch.isfinite(rows)).any(dim=1).sum())
+                stats = site_stats(mask, nonfinite_rows=nonfinite)
+            if name not in self.sites:
+                info = SiteInfo(name=name, kind=kind, mode=mode, units=int(rows.shape[1]))
+                self.sites[name] = info
+                self._new_sites.append(info)
+            previous = self._stats.get(name)
+            self._stats[name] = stats if previous is None else previous.merge(stats)
+        except Exception:
+            logger.exception("apmon could not capture site %s; training continues", name)
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            self._flush_pending()
+            if self._stats:
+                self._pending = StepSummary(
+                    step=self.step,
+                    source="train",
+                    sites=[to_wire(n, s, self.sketch_k) for n, s in self._stats.items()],
+                )
+                self._stats = {}
+            self.step += 1
+            self.tracker.armed = self.schedule(self.step)
+        except Exception:
+            logger.exception("apmon failed at the end of step %d; training continues", self.step)
+        self._deliver_alerts()
+
+    def _flush_pending(self) -> None:
+        if self._new_sites:
+            self.transport.add_sites(self._new_sites)
+            self._new_sites = []
+        if self._pending is not None:
+            self.transport.send_summary(self._pending)
+            self._pending = None
+
+    def _deliver_alerts(self) -> None:
+        # The user's callback runs on the training thread and may raise to stop training.
+        alerts = self.transport.poll_alerts()
+        self.alerts.extend(alerts)
+        if self.on_alert is not None:
+            for alert in alerts:
+                self.on_alert(alert)
+
+    def record_loss(self, loss: Any) -> None:
+        """Attach the step's loss to the summary of the step that just ended."""
+        value = _as_float(loss)
+        if value is not None and self._pending is not None:
+            self._pending.loss = value if math.isfinite(value) else None
+
+    # -- use as decorator and context manager -------------------------------------------------
+
+    def __call__(self, step_fn: F) -> F:
+        """Decorate the per-step function; a scalar it returns is recorded as the step's loss."""
+
+        @functools.wraps(step_fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            result = step_fn(*args, **kwargs)
+            self.record_loss(result)
+            return result
+
+        wrapper.monitor = self  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook, deliver what is queued, run end-of-run work. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.tracker.close()
+        self._step_hook.remove()
+        atexit.unregister(self._atexit)
+        try:
+            self._flush_pending()
+            self.transport.finish(max(self.step - 1, 0))
+        except Exception:
+            logger.exception("apmon could not finish the run cleanly")
+        self.alerts.extend(self.transport.poll_alerts())
+
+
+def _register_atexit(monitor: Monitor) -> Callable[[], None]:
+    """Close the run at interpreter exit if the user never did (decorator use), without keeping
+    the monitor alive."""
+    ref = weakref.ref(monitor)
+
+    def close() -> None:
+        live = ref()
+        if live is not None:
+            live.close()
+
+    atexit.register(close)
+    return close
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.detach())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (tuple, list)) and value:
+        return _as_float(value[0])
+    return None
+
+
+def _plain_config(config: dict[str, Any]) -> dict[str, str | int | float | bool | None]:
+    return {
+        str(k): v if isinstance(v, (str, int, float, bool)) or v is None else str(v)
+        for k, v in config.items()
+    }
+
+
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    settings: Settings | None = None,
+    transport: Transport | None = None,
+    **options: Any,
+) -> Monitor:
+    """Monitor a training job: ``with watch(model, opt):`` or ``@watch(model, opt)`` on the step
+    function. With no server configured, results go to a local SQLite file and MLflow store.
+
+    Options: ``every`` (int k or a step -> bool schedule), ``include``/``exclude`` (site name
+    patterns), ``sign_mode`` (also capture GELU/SiLU sites by preactivation sign), ``sketch_k``,
+    ``name``, ``on_alert`` (called on the training thread; may raise to stop training),
+    ``config`` (logged with the run).
+    """
+    settings = settings or Settings()
+    if transport is None:
+        if settings.server_url:
+            raise NotImplementedError(
+                "shipping to an apmon server is not available in this version; "
+                "unset APMON_SERVER_URL to run embedded"
+            )
+        from monitor.client.embedded import EmbeddedTransport
+
+        transport = EmbeddedTransport(settings)
+    return Monitor(model, optimizer, transport, **options)

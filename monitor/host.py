@@ -1,0 +1,101 @@
+"""The plugin host: runs every loaded plugin over a run's events in order and stores the results.
+
+The same host runs in-process in embedded mode and inside the service's workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from monitor.measures import Event, PluginRegistry, PluginResult, RunContext, RunFinished
+from monitor.schema import AlertValue, MeasureValue, ProbeRecord, StepSummary
+from monitor.store.store import PluginOutcome, SqlStore
+
+logger = logging.getLogger(__name__)
+
+ResultListener = Callable[[str, int, PluginOutcome], None]
+
+
+class PluginHost:
+    """Feeds events to plugins and persists what they produce.
+
+    ``listeners`` are called after each stored outcome (e.g. the MLflow sink, alert delivery);
+    a listener that raises is logged and never interrupts ingestion.
+    """
+
+    def __init__(
+        self,
+        registry: PluginRegistry,
+        store: SqlStore,
+        listeners: Sequence[ResultListener] = (),
+        alert_cooldown_steps: int = 50,
+    ) -> None:
+        self._plugins = registry.ordered()
+        self._store = store
+        self._listeners = list(listeners)
+        self._cooldown = alert_cooldown_steps
+
+    def handle_summary(self, run_id: str, summary: StepSummary) -> PluginOutcome:
+        """Store a step summary and run the plugins on it."""
+        self._store.save_summary(run_id, summary)
+        return self._dispatch(run_id, summary.step, summary.source, summary)
+
+    def handle_probe(self, run_id: str, probe: ProbeRecord) -> PluginOutcome:
+        """Store a probe record and run the plugins on it."""
+        self._store.save_probe(run_id, probe)
+        return self._dispatch(run_id, probe.step, probe.kind, probe)
+
+    def finish(self, run_id: str, final_step: int) -> PluginOutcome:
+        """Run end-of-run work (e.g. Jaccard against the final measurement) and close the run."""
+
+        def replay(source: str) -> Iterator[StepSummary]:
+            return self._store.step_summaries(run_id, source)
+
+        outcome = self._dispatch(run_id, final_step, "train", RunFinished(final_step, replay))
+        self._store.finish_run(run_id)
+        return outcome
+
+    def _dispatch(self, run_id: str, step: int, source: str, event: Event) -> PluginOutcome:
+        context = RunContext(run_id=run_id, sites=self._store.sites(run_id))
+        states = self._store.plugin_states(run_id)
+        outcome = PluginOutcome(source)
+        upstream: dict[str, PluginResult] = {}
+        for plugin in self._plugins:
+            state: dict[str, Any] = dict(states.get(plugin.name, {}))
+            try:
+                result = plugin.process(event, context, state, upstream)
+            except Exception as error:
+                logger.warning("plugin %s failed at step %d: %s", plugin.name, step, error)
+                outcome.errors.append((plugin.name, "".join(traceback.format_exception(error))))
+                continue
+            upstream[plugin.name] = result
+            outcome.states[plugin.name] = state
+            outcome.measures += [(plugin.name, plugin.version, m) for m in result.measures]
+            outcome.fits += [(plugin.name, plugin.version, f) for f in result.fits]
+            outcome.backfill += [
+                (plugin.name, plugin.version, at, m)
+                for at, measures in result.backfill.items()
+                for m in measures
+            ]
+            outcome.alerts += [
+                (plugin.name, a) for a in result.alerts if self._past_cooldown(run_id, a)
+            ]
+        self._store.save_outcome(run_id, step, outcome)
+        for listener in self._listeners:
+            try:
+                listener(run_id, step, outcome)
+            except Exception:
+                logger.exception("result listener %r failed at step %d", listener, step)
+        return outcome
+
+    def _past_cooldown(self, run_id: str, alert: AlertValue) -> bool:
+        last = self._store.last_alert_step(run_id, f"{alert.kind}:{alert.site or '*'}")
+        return last is None or alert.step - last >= self._cooldown
+
+
+def site_measures(outcome: PluginOutcome) -> list[MeasureValue]:
+    """The measures of an outcome, without plugin attribution."""
+    return [m for _, _, m in outcome.measures]

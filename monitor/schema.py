@@ -1,0 +1,187 @@
+"""Wire schema: the pydantic models that the client and the service share, and nothing else.
+
+Every summary is *mergeable*: it stores sums and counts, never means (STYLE.md item 4). A pattern
+is identified on the wire by its 64-bit fingerprint (an unsigned integer, see
+``monitor.client.patterns`` for how it is computed and its collision bound).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SiteKind = Literal["dense", "conv", "seq"]
+SiteMode = Literal["relu", "sign"]
+SummarySource = Literal["train", "probe_set"]
+ProbeKind = Literal["apt", "sweep"]
+
+Fingerprint = Annotated[int, Field(ge=0, lt=2**64)]
+NonNegInt = Annotated[int, Field(ge=0)]
+# Wire payloads from many runs and workers: bound every list so one request cannot blow memory.
+MAX_SITES = 4096
+MAX_UNITS = 1 << 20
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: unknown fields are errors, NaN/inf are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=False)
+
+
+class SiteInfo(WireModel):
+    """One activation site, as the client discovered it."""
+
+    name: str = Field(min_length=1, max_length=512)
+    kind: SiteKind
+    mode: SiteMode = "relu"
+    units: int = Field(ge=1, le=MAX_UNITS)
+
+
+class SiteSummary(WireModel):
+    """Activation-pattern statistics of one site over a set of rows (one step or one probe set).
+
+    ``spectrum`` is the count-of-counts: pairs ``(c, m)`` meaning "m distinct patterns occurred
+    exactly c times", sorted by c. It determines distinct, max_freq and entropy exactly.
+    ``patterns`` holds ``(fingerprint, count)`` pairs sorted by fingerprint: every pattern when
+    ``patterns_exact`` is true, otherwise the bottom-k sample (the k smallest fingerprints), which
+    weighted Jaccard and changes are estimated from.
+    """
+
+    site: str = Field(min_length=1, max_length=512)
+    rows: NonNegInt
+    distinct: NonNegInt
+    spectrum: list[tuple[int, int]] = Field(default_factory=list)
+    patterns: list[tuple[Fingerprint, int]] = Field(default_factory=list)
+    patterns_exact: bool = True
+    sketch_k: int | None = Field(default=None, ge=1)
+    unit_on: list[NonNegInt] = Field(default_factory=list)
+    nonfinite_rows: NonNegInt = 0
+    # Optional per-class statistics when the client was given labels: rows and per-unit on counts.
+    class_rows: dict[str, NonNegInt] | None = None
+    class_unit_on: dict[str, list[NonNegInt]] | None = None
+
+    @field_validator("spectrum")
+    @classmethod
+    def _spectrum_positive(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for count, multiplicity in value:
+            if count < 1 or multiplicity < 1:
+                raise ValueError("spectrum entries (count, multiplicity) must both be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SiteSummary:
+        if self.spectrum:
+            if sum(c * m for c, m in self.spectrum) != self.rows:
+                raise ValueError("spectrum does not add up to rows")
+            if sum(m for _, m in self.spectrum) != self.distinct:
+                raise ValueError("spectrum does not add up to distinct")
+        if self.patterns_exact and self.patterns and len(self.patterns) != self.distinct:
+            raise ValueError("patterns_exact is set but patterns does not list every pattern")
+        return self
+
+
+class StepSummary(WireModel):
+    """All sites' summaries at one step from one source."""
+
+    step: NonNegInt
+    source: SummarySource = "train"
+    sites: list[SiteSummary] = Field(max_length=MAX_SITES)
+    loss: float | None = None
+    # Indices of the batch's samples in the data set, when the data loader provides them.
+    sample_indices: list[NonNegInt] | None = None
+
+
+class SiteProbe(WireModel):
+    """Pattern changes of one site on the probe rows: ``changed[i]`` rows of ``rows`` changed
+    their pattern when the step's update was applied with learning rate ``etas[i]``."""
+
+    site: str = Field(min_length=1, max_length=512)
+    rows: int = Field(ge=1)
+    etas: list[Annotated[float, Field(gt=0)]]
+    changed: list[NonNegInt]
+
+    @model_validator(mode="after")
+    def _aligned(self) -> SiteProbe:
+        if len(self.etas) != len(self.changed):
+            raise ValueError("etas and changed must have the same length")
+        if any(c > self.rows for c in self.changed):
+            raise ValueError("changed rows cannot exceed rows")
+        return self
+
+
+class ProbeRecord(WireModel):
+    """One APT probe (``kind='apt'``, one eta: the used learning rate) or one sensitivity sweep."""
+
+    step: NonNegInt
+    kind: ProbeKind
+    lr: float = Field(gt=0)
+    sites: list[SiteProbe] = Field(max_length=MAX_SITES)
+    nonfinite: bool = False
+
+
+class RunStart(WireModel):
+    """What the client says when a monitored run begins."""
+
+    name: str = Field(default="", max_length=256)
+    sites: list[SiteInfo] = Field(default_factory=list, max_length=MAX_SITES)
+    config: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    mlflow_run_id: str | None = Field(default=None, max_length=64)
+
+
+class IngestBatch(WireModel):
+    """A batch of records from one client stream, idempotent per (run, stream, seq)."""
+
+    stream: str = Field(default="main", min_length=1, max_length=64)
+    seq: NonNegInt
+    sites: list[SiteInfo] = Field(default_factory=list, max_length=MAX_SITES)
+    summaries: list[StepSummary] = Field(default_factory=list)
+    probes: list[ProbeRecord] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# What plugins produce. The service stores these; the client sees alerts in the ingest response.
+# ---------------------------------------------------------------------------------------------
+
+
+class MeasureValue(WireModel):
+    """One scalar measure; ``site`` None means run-level (e.g. the mean over sites)."""
+
+    name: str
+    value: float
+    site: str | None = None
+    source: SummarySource | ProbeKind = "train"
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("measure values must be finite")
+        return value
+
+
+class FitValue(WireModel):
+    """Transition-model fit of one sweep: D(eta) ~ Phi((ln eta - mu) / sigma)."""
+
+    site: str | None = None
+    mu: float | None = None
+    sigma: float | None = None
+    residual: float | None = None
+    points: int = 0
+    ok: bool = False
+    reason: str = ""
+
+
+Severity = Literal["info", "warning", "critical"]
+
+
+class AlertValue(WireModel):
+    """An alert raised by a detector."""
+
+    kind: str = Field(min_length=1, max_length=64)
+    step: NonNegInt
+    severity: Severity = "warning"
+    message: str
+    site: str | None = None
+    evidence: dict[str, object] = Field(default_factory=dict)

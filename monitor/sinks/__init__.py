@@ -1,0 +1,1 @@
+"""Where plugin results go besides SQL: MLflow, and (in the service) webhooks."""

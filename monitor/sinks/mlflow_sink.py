@@ -1,0 +1,97 @@
+"""MLflow sink: measures as metrics (batched ``log_batch``), alerts as run tags.
+
+Metric keys stay few and readable: ``ap/<measure>/<site>`` per site, ``ap/<measure>`` run-level.
+Heavy per-site arrays (histograms, per-unit rates) stay in SQL only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+
+from monitor.schema import MeasureValue
+from monitor.store.store import PluginOutcome
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_key(measure: MeasureValue) -> str:
+    """The MLflow key of a measure; characters MLflow refuses ('#' of site names) become ':'."""
+    prefix = "ap" if measure.source in ("train", "probe_set") else "apt"
+    source = "" if measure.source in ("train", "apt", "sweep") else f"{measure.source}/"
+    key = f"{prefix}/{source}{measure.name}" + (f"/{measure.site}" if measure.site else "")
+    return _UNSAFE.sub(":", key)
+
+
+class MlflowSink:
+    """Mirrors one apmon run into one MLflow run; call ``flush`` to push buffered metrics."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        mlflow_run_id: str | None = None,
+        flush_every: int = MAX_BATCH,
+    ) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if mlflow_run_id is None:
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = (
+                found.experiment_id if found else self.client.create_experiment(experiment)
+            )
+            run = self.client.create_run(experiment_id, run_name=run_name or None)
+            mlflow_run_id = run.info.run_id
+            self._owns_run = True
+        else:
+            self._owns_run = False
+        self.run_id: str = mlflow_run_id
+        self._buffer: list[Metric] = []
+        self._flush_every = flush_every
+
+    def log_params(self, params: dict[str, object]) -> None:
+        """Log run configuration as MLflow params."""
+        self.client.log_batch(
+            self.run_id, params=[_param(k, v) for k, v in sorted(params.items())][:100]
+        )
+
+    def __call__(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
+        """Result listener: buffer the outcome's measures, tag its alerts."""
+        now = int(time.time() * 1000)
+        for _, _, measure in outcome.measures:
+            self._buffer.append(Metric(metric_key(measure), measure.value, now, step))
+        for _, _, at_step, measure in outcome.backfill:
+            self._buffer.append(Metric(metric_key(measure), measure.value, now, at_step))
+        tags = [
+            RunTag(f"apmon.alert.{alert.kind}", f"step {alert.step}: {alert.message}"[:5000])
+            for _, alert in outcome.alerts
+        ]
+        if tags:
+            self.client.log_batch(self.run_id, tags=tags)
+        if len(self._buffer) >= self._flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send buffered metrics in batches of at most 1000."""
+        while self._buffer:
+            batch, self._buffer = self._buffer[:MAX_BATCH], self._buffer[MAX_BATCH:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush, and end the MLflow run when this sink created it."""
+        self.flush()
+        if self._owns_run:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def _param(key: str, value: object):  # noqa: ANN202 - mlflow's Param type
+    from mlflow.entities import Param
+
+    return Param(_UNSAFE.sub("_", key)[:250], str(value)[:6000])

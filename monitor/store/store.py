@@ -1,0 +1,618 @@
+"""The Store: a small abstract interface and its one SQLAlchemy 2 implementation.
+
+Each public method opens one managed session (commit on success, rollback on error) and
+translates database errors into ``StoreError``; callers only ever see plain entities.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import secrets
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from monitor.schema import (
+    AlertValue,
+    FitValue,
+    MeasureValue,
+    ProbeRecord,
+    RunStart,
+    SiteInfo,
+    SiteSummary,
+    StepSummary,
+)
+from monitor.store.entities import AlertRecord, FitPoint, MeasurePoint, ProbePoint, RunInfo
+from monitor.store.models import (
+    AlertRow,
+    ApiTokenRow,
+    FitRow,
+    IngestBatchRow,
+    MeasureRow,
+    PluginErrorRow,
+    PluginStateRow,
+    ProbeRow,
+    ProjectRow,
+    RunRow,
+    SiteRow,
+    StepRow,
+    SummaryRow,
+    utcnow,
+)
+
+
+class StoreError(RuntimeError):
+    """A storage operation failed; the message says which and why."""
+
+
+class NotFound(StoreError):
+    """The run, project or token does not exist (or is not visible to the caller)."""
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 of a token: tokens are random and long, so a fast hash is the right one."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Store(abc.ABC):
+    """What the plugin host, the service and the CLI need from storage."""
+
+    @abc.abstractmethod
+    def create_run(self, project: str, start: RunStart, run_id: str | None = None) -> str:
+        """Create a run (and its project when new); returns the run id."""
+
+    @abc.abstractmethod
+    def add_sites(self, run_id: str, sites: Sequence[SiteInfo]) -> None:
+        """Register sites not yet known for the run, keeping first-seen order."""
+
+    @abc.abstractmethod
+    def run(self, run_id: str) -> RunInfo:
+        """The run, or NotFound."""
+
+    @abc.abstractmethod
+    def sites(self, run_id: str) -> dict[str, SiteInfo]:
+        """The run's sites by name, in forward-call order."""
+
+    @abc.abstractmethod
+    def save_summary(self, run_id: str, summary: StepSummary) -> None:
+        """Store one step summary (site summaries, loss, sample indices)."""
+
+    @abc.abstractmethod
+    def save_probe(self, run_id: str, probe: ProbeRecord) -> None:
+        """Store one probe record, one row per (site, eta)."""
+
+    @abc.abstractmethod
+    def plugin_states(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """Every plugin's state for the run."""
+
+    @abc.abstractmethod
+    def save_outcome(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
+        """Store what the plugins produced for one event, and their new states, atomically."""
+
+    @abc.abstractmethod
+    def finish_run(self, run_id: str, status: str = "finished") -> None:
+        """Mark the run finished."""
+
+    @abc.abstractmethod
+    def step_summaries(self, run_id: str, source: str) -> Iterator[StepSummary]:
+        """Stored step summaries of one source, in step order."""
+
+    @abc.abstractmethod
+    def measures(
+        self,
+        run_id: str,
+        name: str | None = None,
+        site: str | None = None,
+        step_min: int | None = None,
+        step_max: int | None = None,
+    ) -> list[MeasurePoint]:
+        """Stored measures, filtered, ordered by step."""
+
+    @abc.abstractmethod
+    def fits(self, run_id: str) -> list[FitPoint]:
+        """Stored fits, ordered by step."""
+
+    @abc.abstractmethod
+    def probes(self, run_id: str) -> list[ProbePoint]:
+        """Stored probe points, ordered by step."""
+
+    @abc.abstractmethod
+    def alerts(self, run_id: str) -> list[AlertRecord]:
+        """Stored alerts, ordered by step."""
+
+    @abc.abstractmethod
+    def runs(self, project: str | None = None) -> list[RunInfo]:
+        """Runs, newest first."""
+
+
+class PluginOutcome:
+    """Everything the host's plugins produced for one event, ready to store."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.measures: list[tuple[str, str, MeasureValue]] = []
+        self.backfill: list[tuple[str, str, int, MeasureValue]] = []
+        self.fits: list[tuple[str, str, FitValue]] = []
+        self.alerts: list[tuple[str, AlertValue]] = []
+        self.errors: list[tuple[str, str]] = []
+        self.states: dict[str, dict[str, Any]] = {}
+
+
+class SqlStore(Store):
+    """The SQLAlchemy 2 store, for SQLite and PostgreSQL.
+
+    ``bind`` is an Engine, or a Connection inside an outer transaction (tests join sessions into
+    it with savepoints and roll everything back at the end).
+    """
+
+    def __init__(self, bind: Engine | Connection) -> None:
+        options: dict[str, Any] = {"expire_on_commit": False}
+        if isinstance(bind, Connection):
+            options["join_transaction_mode"] = "create_savepoint"
+        self._sessions = sessionmaker(bind=bind, **options)
+        self._site_ids: dict[tuple[str, str], int] = {}
+
+    @contextmanager
+    def _session(self, what: str) -> Iterator[Session]:
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except StoreError:
+            session.rollback()
+            raise
+        except IntegrityError as error:
+            session.rollback()
+            raise StoreError(f"{what}: conflicts with stored data ({error.orig})") from error
+        except SQLAlchemyError as error:
+            session.rollback()
+            raise StoreError(f"{what}: database error ({error})") from error
+        finally:
+            session.close()
+
+    # -- projects and tokens -----------------------------------------------------------------
+
+    def _project_id(self, session: Session, name: str, create: bool) -> int:
+        found = session.scalar(select(ProjectRow.id).where(ProjectRow.name == name))
+        if found is not None:
+            return found
+        if not create:
+            raise NotFound(f"no project named {name!r}")
+        row = ProjectRow(name=name)
+        session.add(row)
+        session.flush()
+        return row.id
+
+    def ensure_project(self, name: str) -> int:
+        """The project's id, creating the project when new."""
+        with self._session("ensure project") as session:
+            return self._project_id(session, name, create=True)
+
+    def create_token(self, project: str, label: str = "") -> str:
+        """Create an API token for the project; the plain token is returned once, never stored."""
+        token = "apm_" + secrets.token_urlsafe(32)
+        with self._session("create token") as session:
+            project_id = self._project_id(session, project, create=True)
+            session.add(ApiTokenRow(project_id=project_id, token_hash=hash_token(token), label=label))
+        return token
+
+    def project_for_token(self, token: str) -> str | None:
+        """The name of the project a valid, unrevoked token belongs to, else None."""
+        with self._session("check token") as session:
+            return session.scalar(
+                select(ProjectRow.name)
+                .join(ApiTokenRow, ApiTokenRow.project_id == ProjectRow.id)
+                .where(ApiTokenRow.token_hash == hash_token(token), ApiTokenRow.revoked_at.is_(None))
+            )
+
+    # -- runs and sites ----------------------------------------------------------------------
+
+    def create_run(self, project: str, start: RunStart, run_id: str | None = None) -> str:
+        run_id = run_id or str(uuid.uuid4())
+        with self._session("create run") as session:
+            project_id = self._project_id(session, project, create=True)
+            session.add(
+                RunRow(
+                    id=run_id,
+                    project_id=project_id,
+                    name=start.name,
+                    mlflow_run_id=start.mlflow_run_id,
+                    config=dict(start.config),
+                    processed_step=-1,
+                )
+            )
+            session.flush()
+            self._add_sites(session, run_id, start.sites)
+        return run_id
+
+    def set_mlflow_run_id(self, run_id: str, mlflow_run_id: str) -> None:
+        """Remember which MLflow run mirrors this run."""
+        with self._session("set mlflow run") as session:
+            self._run_row(session, run_id).mlflow_run_id = mlflow_run_id
+
+    def _run_row(self, session: Session, run_id: str) -> RunRow:
+        row = session.get(RunRow, run_id)
+        if row is None:
+            raise NotFound(f"no run with id {run_id!r}")
+        return row
+
+    def _add_sites(self, session: Session, run_id: str, sites: Sequence[SiteInfo]) -> None:
+        known = {
+            name: position
+            for name, position in session.execute(
+                select(SiteRow.name, SiteRow.position).where(SiteRow.run_id == run_id)
+            )
+        }
+        position = max(known.values(), default=-1) + 1
+        for site in sites:
+            if site.name in known:
+                continue
+            session.add(
+                SiteRow(
+                    run_id=run_id,
+                    name=site.name,
+                    position=position,
+                    kind=site.kind,
+                    mode=site.mode,
+                    units=site.units,
+                )
+            )
+            known[site.name] = position
+            position += 1
+
+    def add_sites(self, run_id: str, sites: Sequence[SiteInfo]) -> None:
+        with self._session("add sites") as session:
+            self._run_row(session, run_id)
+            self._add_sites(session, run_id, sites)
+
+    def run(self, run_id: str) -> RunInfo:
+        with self._session("read run") as session:
+            row = self._run_row(session, run_id)
+            project = session.get(ProjectRow, row.project_id)
+            return _run_info(row, project.name if project else "")
+
+    def runs(self, project: str | None = None) -> list[RunInfo]:
+        with self._session("list runs") as session:
+            query = select(RunRow, ProjectRow.name).join(ProjectRow)
+            if project is not None:
+                query = query.where(ProjectRow.name == project)
+            query = query.order_by(RunRow.created_at.desc())
+            return [_run_info(row, name) for row, name in session.execute(query)]
+
+    def sites(self, run_id: str) -> dict[str, SiteInfo]:
+        with self._session("read sites") as session:
+            rows = session.scalars(
+                select(SiteRow).where(SiteRow.run_id == run_id).order_by(SiteRow.position)
+            )
+            return {
+                r.name: SiteInfo(name=r.name, kind=r.kind, mode=r.mode, units=r.units)  # type: ignore[arg-type]
+                for r in rows
+            }
+
+    def _site_id_map(self, session: Session, run_id: str) -> dict[str, int]:
+        return {
+            name: site_id
+            for name, site_id in session.execute(
+                select(SiteRow.name, SiteRow.id).where(SiteRow.run_id == run_id)
+            )
+        }
+
+    def _site_id(self, ids: Mapping[str, int], name: str, run_id: str) -> int:
+        try:
+            return ids[name]
+        except KeyError:
+            raise NotFound(f"run {run_id!r} has no site named {name!r}") from None
+
+    def finish_run(self, run_id: str, status: str = "finished") -> None:
+        with self._session("finish run") as session:
+            row = self._run_row(session, run_id)
+            row.status = status
+            row.finished_at = utcnow()
+
+    # -- summaries and probes ----------------------------------------------------------------
+
+    def save_summary(self, run_id: str, summary: StepSummary) -> None:
+        with self._session(f"save summary of step {summary.step}") as session:
+            self._run_row(session, run_id)
+            ids = self._site_id_map(session, run_id)
+            if summary.loss is not None or summary.sample_indices is not None:
+                session.add(
+                    StepRow(
+                        run_id=run_id,
+                        step=summary.step,
+                        source=summary.source,
+                        loss=summary.loss,
+                        sample_indices=summary.sample_indices,
+                    )
+                )
+            for site in summary.sites:
+                session.add(
+                    SummaryRow(
+                        run_id=run_id,
+                        site_id=self._site_id(ids, site.site, run_id),
+                        step=summary.step,
+                        source=summary.source,
+                        rows=site.rows,
+                        payload=site.model_dump(mode="json", exclude={"site"}),
+                    )
+                )
+
+    def step_summaries(self, run_id: str, source: str) -> Iterator[StepSummary]:
+        with self._session("read summaries") as session:
+            names = {site_id: name for name, site_id in self._site_id_map(session, run_id).items()}
+            steps = {
+                row.step: row
+                for row in session.scalars(
+                    select(StepRow).where(StepRow.run_id == run_id, StepRow.source == source)
+                )
+            }
+            rows = session.execute(
+                select(SummaryRow.step, SummaryRow.site_id, SummaryRow.payload)
+                .where(SummaryRow.run_id == run_id, SummaryRow.source == source)
+                .order_by(SummaryRow.step, SummaryRow.site_id)
+            ).all()
+        grouped: dict[int, list[SiteSummary]] = {}
+        for step, site_id, payload in rows:
+            grouped.setdefault(step, []).append(
+                SiteSummary.model_validate({**payload, "site": names[site_id]})
+            )
+        for step, sites in grouped.items():
+            extra = steps.get(step)
+            yield StepSummary(
+                step=step,
+                source=source,  # type: ignore[arg-type]
+                sites=sites,
+                loss=extra.loss if extra else None,
+                sample_indices=extra.sample_indices if extra else None,
+            )
+
+    def save_probe(self, run_id: str, probe: ProbeRecord) -> None:
+        with self._session(f"save probe of step {probe.step}") as session:
+            self._run_row(session, run_id)
+            ids = self._site_id_map(session, run_id)
+            for site in probe.sites:
+                site_id = self._site_id(ids, site.site, run_id)
+                for eta, changed in zip(site.etas, site.changed, strict=True):
+                    session.add(
+                        ProbeRow(
+                            run_id=run_id,
+                            site_id=site_id,
+                            step=probe.step,
+                            kind=probe.kind,
+                            lr=probe.lr,
+                            eta=eta,
+                            rows=site.rows,
+                            changed=changed,
+                        )
+                    )
+
+    # -- plugin results ----------------------------------------------------------------------
+
+    def plugin_states(self, run_id: str) -> dict[str, dict[str, Any]]:
+        with self._session("read plugin states") as session:
+            return {
+                row.plugin: dict(row.state)
+                for row in session.scalars(
+                    select(PluginStateRow).where(PluginStateRow.run_id == run_id)
+                )
+            }
+
+    def save_outcome(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
+        with self._session(f"save plugin results of step {step}") as session:
+            self._run_row(session, run_id)
+            ids = self._site_id_map(session, run_id)
+
+            def site_id(name: str | None) -> int | None:
+                return None if name is None else self._site_id(ids, name, run_id)
+
+            measure_rows = [
+                MeasureRow(
+                    run_id=run_id,
+                    site_id=site_id(m.site),
+                    step=step,
+                    source=m.source,
+                    name=m.name,
+                    value=m.value,
+                    plugin=plugin,
+                    plugin_version=version,
+                )
+                for plugin, version, m in outcome.measures
+            ] + [
+                MeasureRow(
+                    run_id=run_id,
+                    site_id=site_id(m.site),
+                    step=at_step,
+                    source=m.source,
+                    name=m.name,
+                    value=m.value,
+                    plugin=plugin,
+                    plugin_version=version,
+                )
+                for plugin, version, at_step, m in outcome.backfill
+            ]
+            session.add_all(measure_rows)
+            for plugin, version, fit in outcome.fits:
+                session.add(
+                    FitRow(
+                        run_id=run_id,
+                        site_id=site_id(fit.site),
+                        step=step,
+                        mu=fit.mu,
+                        sigma=fit.sigma,
+                        residual=fit.residual,
+                        points=fit.points,
+                        ok=fit.ok,
+                        reason=fit.reason,
+                        plugin=plugin,
+                        plugin_version=version,
+                    )
+                )
+            for plugin, alert in outcome.alerts:
+                session.add(
+                    AlertRow(
+                        run_id=run_id,
+                        step=alert.step,
+                        kind=alert.kind,
+                        severity=alert.severity,
+                        site=alert.site,
+                        message=alert.message,
+                        evidence=alert.evidence,
+                        dedup_key=f"{alert.kind}:{alert.site or '*'}",
+                        plugin=plugin,
+                    )
+                )
+            for plugin, error in outcome.errors:
+                session.add(PluginErrorRow(run_id=run_id, plugin=plugin, step=step, error=error))
+            if outcome.states:
+                session.execute(
+                    delete(PluginStateRow).where(
+                        PluginStateRow.run_id == run_id,
+                        PluginStateRow.plugin.in_(list(outcome.states)),
+                    )
+                )
+                session.add_all(
+                    PluginStateRow(run_id=run_id, plugin=name, state=state)
+                    for name, state in outcome.states.items()
+                )
+
+    def last_alert_step(self, run_id: str, dedup_key: str) -> int | None:
+        """Step of the newest stored alert with this key (for cool-downs)."""
+        with self._session("read alerts") as session:
+            return session.scalar(
+                select(AlertRow.step)
+                .where(AlertRow.run_id == run_id, AlertRow.dedup_key == dedup_key)
+                .order_by(AlertRow.step.desc())
+                .limit(1)
+            )
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def measures(
+        self,
+        run_id: str,
+        name: str | None = None,
+        site: str | None = None,
+        step_min: int | None = None,
+        step_max: int | None = None,
+    ) -> list[MeasurePoint]:
+        with self._session("read measures") as session:
+            query = (
+                select(MeasureRow, SiteRow.name)
+                .outerjoin(SiteRow, SiteRow.id == MeasureRow.site_id)
+                .where(MeasureRow.run_id == run_id)
+            )
+            if name is not None:
+                query = query.where(MeasureRow.name == name)
+            if site is not None:
+                query = query.where(SiteRow.name == site)
+            if step_min is not None:
+                query = query.where(MeasureRow.step >= step_min)
+            if step_max is not None:
+                query = query.where(MeasureRow.step <= step_max)
+            query = query.order_by(MeasureRow.step, MeasureRow.id)
+            return [
+                MeasurePoint(
+                    step=row.step,
+                    name=row.name,
+                    site=site_name,
+                    source=row.source,
+                    value=row.value,
+                    plugin=row.plugin,
+                    plugin_version=row.plugin_version,
+                )
+                for row, site_name in session.execute(query)
+            ]
+
+    def fits(self, run_id: str) -> list[FitPoint]:
+        with self._session("read fits") as session:
+            query = (
+                select(FitRow, SiteRow.name)
+                .outerjoin(SiteRow, SiteRow.id == FitRow.site_id)
+                .where(FitRow.run_id == run_id)
+                .order_by(FitRow.step, FitRow.id)
+            )
+            return [
+                FitPoint(
+                    step=r.step,
+                    site=name,
+                    mu=r.mu,
+                    sigma=r.sigma,
+                    residual=r.residual,
+                    points=r.points,
+                    ok=r.ok,
+                    reason=r.reason,
+                )
+                for r, name in session.execute(query)
+            ]
+
+    def probes(self, run_id: str) -> list[ProbePoint]:
+        with self._session("read probes") as session:
+            query = (
+                select(ProbeRow, SiteRow.name)
+                .join(SiteRow, SiteRow.id == ProbeRow.site_id)
+                .where(ProbeRow.run_id == run_id)
+                .order_by(ProbeRow.step, ProbeRow.id)
+            )
+            return [
+                ProbePoint(
+                    step=r.step,
+                    site=name,
+                    kind=r.kind,
+                    lr=r.lr,
+                    eta=r.eta,
+                    rows=r.rows,
+                    changed=r.changed,
+                )
+                for r, name in session.execute(query)
+            ]
+
+    def alerts(self, run_id: str) -> list[AlertRecord]:
+        with self._session("read alerts") as session:
+            query = select(AlertRow).where(AlertRow.run_id == run_id).order_by(AlertRow.step)
+            return [
+                AlertRecord(
+                    id=r.id,
+                    step=r.step,
+                    kind=r.kind,
+                    severity=r.severity,
+                    site=r.site,
+                    message=r.message,
+                    evidence=dict(r.evidence),
+                    plugin=r.plugin,
+                    created_at=r.created_at,
+                )
+                for r in session.scalars(query)
+            ]
+
+    # -- ingest idempotency ------------------------------------------------------------------
+
+    def claim_batch(self, run_id: str, stream: str, seq: int, payload: dict[str, Any]) -> bool:
+        """Record a batch as received; False when (run, stream, seq) was already received."""
+        try:
+            with self._session("claim batch") as session:
+                self._run_row(session, run_id)
+                session.add(IngestBatchRow(run_id=run_id, stream=stream, seq=seq, payload=payload))
+        except StoreError as error:
+            if isinstance(error.__cause__, IntegrityError):
+                return False
+            raise
+        return True
+
+
+def _run_info(row: RunRow, project: str) -> RunInfo:
+    return RunInfo(
+        id=row.id,
+        project=project,
+        name=row.name,
+        status=row.status,
+        mlflow_run_id=row.mlflow_run_id,
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+        config=dict(row.config or {}),
+    )
