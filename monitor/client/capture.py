@@ -11,7 +11,8 @@ call from the root model's own ``forward`` is named ``model#k``.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +162,22 @@ class ModuleTracker:
         k = self._calls.get(owner, 0)
         self._calls[owner] = k + 1
         self.on_site(f"{owner}#{k}", mode, preactivation)
+
+    # -- probe forwards (APT probes and sweeps, monitor/client/apt.py) ------------------------
+    @contextmanager
+    def probing(self, on_site: SiteCallback) -> Iterator[None]:
+        """Report the sites of forwards inside this block to ``on_site``, armed, even without grad.
+
+        The training callback and flags are restored afterwards.
+        """
+        saved = (self.on_site, self.armed, self.require_grad)
+        self.on_site, self.armed, self.require_grad = on_site, True, False
+        try:
+            yield
+        finally:
+            self.on_site, self.armed, self.require_grad = saved
+
+    # -- end of probe forwards ----------------------------------------------------------------
 
     def close(self) -> None:
         """Remove every hook; leave the mode if a forward was interrupted."""

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber
 from monitor.client.capture import ModuleTracker, SiteFilter, rows_of
 from monitor.client.schedules import Schedule, as_schedule
 from monitor.client.summary import DEFAULT_SKETCH_K, SiteStats, site_stats, to_wire
@@ -48,6 +49,10 @@ class Monitor:
         name: str = "",
         on_alert: AlertCallback | None = None,
         config: dict[str, Any] | None = None,
+        apt_every: int | Schedule | None = None,
+        sweep_every: int | Schedule | None = None,
+        sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
+        probe_rows: int | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -65,6 +70,24 @@ class Monitor:
         self._pending: StepSummary | None = None
         self.tracker = ModuleTracker(model, self._record_site, sign_mode=sign_mode)
         self._step_hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        # -- APT probes and sweeps (apt.py): hooks exist only when some probe is scheduled ----
+        self.prober: AptProber | None = None
+        self._probe_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        if apt_every is not None or sweep_every is not None:
+            self.prober = AptProber(
+                model,
+                self.tracker,
+                self.site_filter,
+                apt=as_schedule(apt_every),
+                sweep=as_schedule(sweep_every),
+                etas=sweep_etas,
+                probe_rows=probe_rows,
+            )
+            self._probe_hooks = [
+                model.register_forward_pre_hook(self._capture_probe_inputs, with_kwargs=True),
+                optimizer.register_step_pre_hook(self._before_optimizer_step),
+            ]
+        # -- end of APT probes and sweeps ----------------------------------------------------
         start = RunStart(name=name, config=_plain_config(config or {}))
         self.run_id = transport.start_run(start)
         self.tracker.armed = self.schedule(self.step)
@@ -92,7 +115,46 @@ class Monitor:
         except Exception:
             logger.exception("apmon could not capture site %s; training continues", name)
 
+    # -- APT probes and sweeps (apt.py); a failing probe is logged, training goes on --------
+
+    def _capture_probe_inputs(self, _model: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.prober is None:
+            return
+        try:
+            self.prober.capture(self.step, args, kwargs)
+        except Exception:
+            logger.exception("apmon could not keep the inputs of step %d for probes", self.step)
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.prober is None:
+            return
+        try:
+            self.prober.before_step(self.step, optimizer)
+        except Exception:
+            logger.exception("apmon probe failed before step %d; training continues", self.step)
+
+    def _run_probes(self) -> None:
+        if self.prober is None:
+            return
+        try:
+            records = self.prober.after_step(self.step)
+            seen = {s.site for r in records for s in r.sites}
+            for name, info in self.prober.last_sites.items():
+                if name in seen and name not in self.sites:
+                    self.sites[name] = info
+                    self._new_sites.append(info)
+            if records and self._new_sites:  # the store must know a site before its probes
+                self.transport.add_sites(self._new_sites)
+                self._new_sites = []
+            for record in records:
+                self.transport.send_probe(record)
+        except Exception:
+            logger.exception("apmon probe failed after step %d; training continues", self.step)
+
+    # -- end of APT probes and sweeps ----------------------------------------------------------
+
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._run_probes()
         try:
             self._flush_pending()
             if self._stats:
@@ -157,6 +219,8 @@ class Monitor:
         self.closed = True
         self.tracker.close()
         self._step_hook.remove()
+        for hook in self._probe_hooks:
+            hook.remove()
         atexit.unregister(self._atexit)
         try:
             self._flush_pending()
@@ -211,7 +275,10 @@ def watch(
     Options: ``every`` (int k or a step -> bool schedule), ``include``/``exclude`` (site name
     patterns), ``sign_mode`` (also capture GELU/SiLU sites by preactivation sign), ``sketch_k``,
     ``name``, ``on_alert`` (called on the training thread; may raise to stop training),
-    ``config`` (logged with the run).
+    ``config`` (logged with the run); APT probes (see ``monitor.client.apt``): ``apt_every``
+    (int k or schedule; the thesis probes every 8 steps), ``sweep_every`` (sensitivity sweeps),
+    ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
+    (probe only the first rows of the batch; default the whole batch).
     """
     settings = settings or Settings()
     if transport is None:

@@ -1,0 +1,334 @@
+"""APT probes and learning-rate sensitivity sweeps: a step's own batch forwarded again, aside."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
+
+from monitor.client.capture import ModuleTracker, rows_of
+from monitor.client.schedules import Schedule
+from monitor.schema import ProbeRecord, SiteInfo, SiteMode, SiteProbe
+
+logger = logging.getLogger(__name__)
+
+
+def log_grid(low: float, high: float, points: int) -> tuple[float, ...]:
+    """``points`` learning rates evenly spaced in log between ``low`` and ``high`` (inclusive)."""
+    if not 0 < low <= high or points < 1:
+        raise ValueError(f"need 0 < low <= high and points >= 1, got {low}, {high}, {points}")
+    if points == 1:
+        return (low,)
+    step = (math.log(high) - math.log(low)) / (points - 1)
+    return tuple(math.exp(math.log(low) + i * step) for i in range(points))
+
+
+# The thesis grid (Section 3.2.3) is 1e-4 .. 1e2 with 50 points; 16 points over the same range
+# keep a sweep cheap and still give the transition fit several points inside the transition.
+THESIS_SWEEP_ETAS = log_grid(1e-4, 1e2, 50)
+DEFAULT_SWEEP_ETAS = log_grid(1e-4, 1e2, 16)
+# Thesis Appendix A.4, Table A.1: probing_step_size = 8.
+DEFAULT_APT_EVERY = 8
+
+
+def apt_temperature(d: float) -> float:
+    """Activation Pattern Temperature T = -ln(1 - D) of a change fraction D.
+
+    Thesis Definition 6, Eq. 3.16; infinite when every row changed.
+    """
+    if d >= 1.0:
+        return math.inf
+    return -math.log1p(-d)
+
+
+def changed_rows(before: torch.Tensor, after: torch.Tensor) -> int:
+    """Rows whose pattern differs between two boolean (rows, units) masks of the same rows."""
+    return int((before != after).any(dim=1).sum())
+
+
+@dataclass
+class SitePatterns:
+    """Patterns of one probe forward: per site its boolean (rows, units) mask, in call order."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    infos: dict[str, SiteInfo] = field(default_factory=dict)
+    nonfinite: bool = False
+
+
+@dataclass
+class StepBatch:
+    """The inputs of a training forward and the RNG state it started from (to replay dropout)."""
+
+    step: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    cpu_rng: torch.Tensor
+    cuda_rng: dict[int, torch.Tensor]
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(tree)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def take_rows(args: tuple[Any, ...], kwargs: dict[str, Any], rows: int | None) -> tuple[Any, Any]:
+    """The first ``rows`` samples of a batch.
+
+    Every tensor whose first dimension is the batch size (that of the first tensor input) is
+    cut; other values pass unchanged.
+    """
+    tensors = _tensors((args, kwargs))
+    if rows is None or not tensors or tensors[0].dim() == 0:
+        return args, kwargs
+    batch = tensors[0].shape[0]
+    if rows >= batch:
+        return args, kwargs
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value[:rows]
+        return value
+
+    return tree_map(cut, args), tree_map(cut, kwargs)
+
+
+def capture_batch(step: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepBatch:
+    """Keep references to a training forward's inputs and the RNG states it starts from.
+
+    The states kept are the CPU generator's and that of every CUDA device among the inputs.
+    """
+    devices = {t.device.index or 0 for t in _tensors((args, kwargs)) if t.is_cuda}
+    cuda = {d: torch.cuda.get_rng_state(d) for d in sorted(devices)}
+    return StepBatch(step, args, kwargs, torch.get_rng_state(), cuda)
+
+
+@contextmanager
+def replayed_rng(batch: StepBatch) -> Iterator[None]:
+    """Run a block from the RNG state of ``batch``'s training forward (same dropout masks).
+
+    Afterwards the generators are put back exactly where they were.
+    """
+    cpu = torch.get_rng_state()
+    cuda = {d: torch.cuda.get_rng_state(d) for d in batch.cuda_rng}
+    torch.set_rng_state(batch.cpu_rng)
+    for device, state in batch.cuda_rng.items():
+        torch.cuda.set_rng_state(state, device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        for device, state in cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
+SiteFilterFn = Callable[[str], bool]
+
+
+def probe_forward(
+    model: nn.Module,
+    tracker: ModuleTracker,
+    site_filter: SiteFilterFn,
+    batch: StepBatch,
+    args: Any,
+    kwargs: Any,
+    params: dict[str, torch.Tensor] | None = None,
+) -> SitePatterns:
+    """Forward without autograd from ``batch``'s RNG state; collect each site's pattern mask.
+
+    The mask of a site is preactivation > 0 per row.
+
+    ``params`` replaces parameters by name (``torch.func.functional_call``); the live parameters
+    are never written. Buffers are cloned and passed in, so batch norm runs in whatever mode the
+    model is in (training mode during training: batch statistics, as in the thesis) while its
+    running statistics and ``num_batches_tracked`` stay untouched.
+    """
+    found = SitePatterns()
+
+    def on_site(name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
+        if not site_filter(name):
+            return
+        rows, kind = rows_of(preactivation.detach())
+        if not found.nonfinite and not bool(torch.isfinite(rows).all()):
+            found.nonfinite = True
+        found.masks[name] = rows > 0
+        found.infos[name] = SiteInfo(name=name, kind=kind, mode=mode, units=int(rows.shape[1]))
+
+    state = {name: b.clone() for name, b in model.named_buffers()}
+    if params:
+        state.update(params)
+    with torch.no_grad(), replayed_rng(batch), tracker.probing(on_site):
+        functional_call(model, state, args, kwargs)
+    return found
+
+
+def site_probes(
+    before: SitePatterns, afters: Sequence[SitePatterns], etas: Sequence[float]
+) -> list[SiteProbe]:
+    """Per site, the rows whose pattern changed from ``before`` to each forward of ``afters``.
+
+    D = changed / rows. Sites missing from a forward, or seen with other row counts, are left
+    out (data-dependent control flow).
+    """
+    probes = []
+    for name, mask in before.masks.items():
+        if mask.shape[0] == 0:
+            continue
+        others = [after.masks.get(name) for after in afters]
+        if any(o is None or o.shape != mask.shape for o in others):
+            continue
+        changed = [changed_rows(mask, o) for o in others if o is not None]
+        probes.append(
+            SiteProbe(site=name, rows=int(mask.shape[0]), etas=list(etas), changed=changed)
+        )
+    return probes
+
+
+class AptProber:
+    """APT probes and sensitivity sweeps on scheduled steps (thesis Section 3.2).
+
+    Step t's own batch is forwarded twice more, with the same inputs and the same dropout
+    masks (the RNG state of the training forward is replayed): once before ``optimizer.step()``
+    (parameters theta_t) and once after it (theta_{t+1} = Opt(theta_t, eta_t)). Per site,
+    D = (rows whose pattern changed) / rows is the empirical P(D(eta_t)) of Definition 5 and
+    T = -ln(1 - D) the temperature of Definition 6.
+
+    A sweep measures D(eta) for trial rates eta with the step's update direction: with
+    delta = theta_{t+1} - theta_t (everything the optimizer did: momentum, Adam moments, weight
+    decay, all linear in the learning rate given the optimizer state), the trial parameters are
+    theta_t + (eta / eta_t) * delta. eta_t is the learning rate of the first parameter group;
+    other groups keep their ratio to it, as a learning-rate scheduler scales them, so the APT
+    probe is the sweep's point at eta = eta_t. The "before" forward is run rather than taken from
+    the training forward because it is exact also on a sub-batch (``probe_rows``) with batch norm
+    (batch statistics of the probe rows) and dropout (masks drawn for the probe rows' shape).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tracker: ModuleTracker,
+        site_filter: SiteFilterFn,
+        *,
+        apt: Schedule,
+        sweep: Schedule,
+        etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
+        probe_rows: int | None = None,
+    ) -> None:
+        if probe_rows is not None and probe_rows < 1:
+            raise ValueError(f"probe_rows must be >= 1, got {probe_rows}")
+        if not etas or any(not eta > 0 for eta in etas):
+            raise ValueError("sweep etas must be positive and not empty")
+        self.model = model
+        self.tracker = tracker
+        self.site_filter = site_filter
+        self.apt = apt
+        self.sweep = sweep
+        self.etas = tuple(float(eta) for eta in etas)
+        self.probe_rows = probe_rows
+        self.probing = False
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        self._batch: StepBatch | None = None
+        self._before: SitePatterns | None = None
+        self._params: dict[str, torch.Tensor] = {}
+        self._lr = 0.0
+        self.last_sites: dict[str, SiteInfo] = {}
+
+    def scheduled(self, step: int) -> bool:
+        """Whether step ``step`` is probed or swept."""
+        return self.apt(step) or self.sweep(step)
+
+    def capture(self, step: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook work: keep the inputs of a training forward of a scheduled step.
+
+        Only forwards with autograd on count; the last one before the optimizer step wins.
+        """
+        if self.probing or not torch.is_grad_enabled() or not self.scheduled(step):
+            return
+        self._batch = capture_batch(step, args, kwargs)
+
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Optimizer pre-hook work: the "before" forward; on sweep steps, copy the parameters."""
+        self._before = None
+        self._params = {}
+        batch = self._batch
+        if batch is None or batch.step != step:
+            return
+        self._lr = _reference_lr(optimizer)
+        if self._lr <= 0:
+            return
+        self._before = self._forward(batch)
+        if self.sweep(step):
+            self._params = {
+                self._names[id(p)]: p.detach().clone()
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if id(p) in self._names
+            }
+
+    def after_step(self, step: int) -> list[ProbeRecord]:
+        """Optimizer post-hook work: the APT probe and the sweep of this step, as wire records."""
+        batch, before, saved = self._batch, self._before, self._params
+        self._batch, self._before, self._params = None, None, {}
+        if batch is None or before is None or batch.step != step:
+            return []
+        self.last_sites = before.infos
+        records = []
+        if self.apt(step):
+            after = self._forward(batch)
+            records.append(
+                ProbeRecord(
+                    step=step,
+                    kind="apt",
+                    lr=self._lr,
+                    sites=site_probes(before, [after], [self._lr]),
+                    nonfinite=before.nonfinite or after.nonfinite,
+                )
+            )
+        if saved:
+            afters = [self._forward(batch, params) for params in self.trial_params(saved)]
+            records.append(
+                ProbeRecord(
+                    step=step,
+                    kind="sweep",
+                    lr=self._lr,
+                    sites=site_probes(before, afters, self.etas),
+                    nonfinite=before.nonfinite,
+                )
+            )
+        return records
+
+    def trial_params(self, before: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        """For each trial eta, theta_t + (eta / eta_t) * (theta_{t+1} - theta_t) by name."""
+        live = dict(self.model.named_parameters())
+        deltas = {name: live[name].detach() - p for name, p in before.items()}
+        for eta in self.etas:
+            factor = eta / self._lr
+            yield {name: torch.add(p, deltas[name], alpha=factor) for name, p in before.items()}
+
+    def _forward(
+        self, batch: StepBatch, params: dict[str, torch.Tensor] | None = None
+    ) -> SitePatterns:
+        args, kwargs = take_rows(batch.args, batch.kwargs, self.probe_rows)
+        self.probing = True
+        try:
+            return probe_forward(
+                self.model, self.tracker, self.site_filter, batch, args, kwargs, params
+            )
+        finally:
+            self.probing = False
+
+
+def _reference_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the first parameter group with a positive one (0 if none)."""
+    for group in optimizer.param_groups:
+        lr = float(group.get("lr", 0.0))
+        if lr > 0:
+            return lr
+    return 0.0
