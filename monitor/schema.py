@@ -94,8 +94,11 @@ class StepSummary(WireModel):
 
 
 class SiteProbe(WireModel):
-    """Pattern changes of one site on the probe rows: ``changed[i]`` rows of ``rows`` changed
-    their pattern when the step's update was applied with learning rate ``etas[i]``."""
+    """Pattern changes of one site on the probe rows.
+
+    ``changed[i]`` of ``rows`` rows changed their pattern when the step's update was applied
+    with learning rate ``etas[i]``.
+    """
 
     site: str = Field(min_length=1, max_length=512)
     rows: int = Field(ge=1)

@@ -1,5 +1,4 @@
-"""Embedded transport: the plugin host, SQL store and MLflow sink in the training process, on a
-background thread so that training never waits for them."""
+"""Embedded transport: plugin host, SQL store and MLflow sink in-process, on a background thread."""
 
 from __future__ import annotations
 
@@ -29,8 +28,11 @@ _STOP = object()
 
 
 class EmbeddedTransport:
-    """Runs the plugin host in-process. A fresh SQLite file is migrated on first use; any other
-    database must already be at the current schema (``apmon db upgrade``)."""
+    """Runs the plugin host in-process, so training never waits for it.
+
+    A fresh SQLite file is migrated on first use; any other database must already be at the
+    current schema (``apmon db upgrade``).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

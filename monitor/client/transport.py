@@ -9,8 +9,11 @@ from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSumm
 
 
 class Transport(Protocol):
-    """Ships a run's records. Every method returns at once: delivery happens in the background,
-    and no failure to deliver ever raises into the training loop."""
+    """Ships a run's records.
+
+    Every method returns at once: delivery happens in the background, and no failure to deliver
+    ever raises into the training loop.
+    """
 
     run_id: str
 

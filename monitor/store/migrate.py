@@ -1,5 +1,4 @@
-"""Schema migrations with Alembic, configured in code: upgrade, current revision, and the check
-that refuses an out-of-date schema."""
+"""Alembic migrations configured in code: upgrade, revisions, and the out-of-date schema check."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed models: the one metadata that Alembic migrates. ORM rows never leave the store."""
+"""SQLAlchemy 2 typed models: the one metadata Alembic migrates; ORM rows never leave the store."""
 
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ class MeasureRow(Base):
 
 
 class ProbeRow(Base):
-    """One point of an APT probe or sweep: ``changed`` of ``rows`` rows changed pattern at ``eta``."""
+    """One APT probe or sweep point: ``changed`` of ``rows`` rows changed pattern at ``eta``."""
 
     __tablename__ = "probes"
     __table_args__ = (Index(None, "run_id", "step"),)
@@ -204,9 +204,7 @@ class PluginStateRow(Base):
     """A plugin's JSON state for one run, so that any worker can process any batch."""
 
     __tablename__ = "plugin_states"
-    run_id: Mapped[str] = mapped_column(
-        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
-    )
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     plugin: Mapped[str] = mapped_column(String(128), primary_key=True)
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
@@ -231,9 +229,7 @@ class IngestBatchRow(Base):
     """
 
     __tablename__ = "ingest_batches"
-    run_id: Mapped[str] = mapped_column(
-        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
-    )
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     stream: Mapped[str] = mapped_column(String(64), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,195 @@
+"""The ``apmon`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from monitor.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+apmon watches which ReLU units are on or off for each input while a PyTorch model trains,
+and turns that into measures (pattern entropy, changes, APT temperature) and alerts.
+
+Settings come from APMON_* environment variables (APMON_DATABASE_URL, APMON_SERVER_URL,
+APMON_TOKEN, ...) and MLFLOW_TRACKING_URI; flags override them.
+"""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    if getattr(args, "database_url", None):
+        overrides["database_url"] = args.database_url
+    if getattr(args, "mlflow_uri", None) is not None:
+        overrides["mlflow_tracking_uri"] = args.mlflow_uri
+    return Settings(**overrides)
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL of the apmon database "
+        "(default: APMON_DATABASE_URL or sqlite:///apmon.db)",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train the demo CNN with the monitor on and print where the results are."""
+    from monitor.demo import describe_location, run_demo
+    from monitor.report import latest_site_table
+
+    settings = _settings(args)
+    result = run_demo(settings, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    print(f"\nTrained {result.steps} steps in {result.seconds:.1f} s", end="")
+    print(f", final loss {result.final_loss:.3f}")
+    print(f"apmon run:     {result.run_id}")
+    print(f"SQLite file:   {describe_location(settings.database_url)}")
+    if result.mlflow_run_id:
+        print(f"MLflow run:    {result.mlflow_run_id} (experiment {settings.mlflow_experiment!r})")
+        print(f"MLflow store:  {settings.mlflow_tracking_uri}")
+        print(f"Open the UI:   mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}")
+    print()
+    print(latest_site_table(settings, result.run_id))
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """Migrate the database to the current schema."""
+    from monitor.store import make_engine, upgrade
+    from monitor.store.migrate import current_revision
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    before = current_revision(engine)
+    upgrade(engine)
+    after = current_revision(engine)
+    where = engine.url.render_as_string(hide_password=True)
+    if before == after:
+        print(f"{where} is already at revision {after}")
+    else:
+        print(f"{where} upgraded from {before or 'an empty database'} to revision {after}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    """Print the database's schema revision and the one this apmon needs."""
+    from monitor.store import make_engine
+    from monitor.store.migrate import current_revision, head_revision
+
+    engine = make_engine(_settings(args).database_url)
+    current, head = current_revision(engine), head_revision()
+    print(f"database: {current or 'empty'}; needed: {head}")
+    return 0 if current == head else 1
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """List the measure plugins that load from the entry-point group."""
+    from monitor.measures import load_plugins
+
+    for plugin in load_plugins().describe():
+        print(f"{plugin['name']:<20} {plugin['version']:<8} {plugin['origin']}")
+    return 0
+
+
+def cmd_runs_list(args: argparse.Namespace) -> int:
+    """List stored runs."""
+    from monitor.store import open_store
+
+    store = open_store(_settings(args).database_url)
+    for run in store.runs():
+        print(f"{run.id}  {run.status:<9} {run.created_at:%Y-%m-%d %H:%M}  {run.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (every subcommand has its own --help)."""
+    parser = argparse.ArgumentParser(
+        prog="apmon", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a small CNN on scikit-learn's digits with the monitor on (embedded)",
+        description="Train a small CNN on scikit-learn's digits (no download) with apmon "
+        "watching, store results in a local SQLite file and MLflow store, and print a table "
+        "of per-site measures.",
+    )
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--mlflow-uri",
+        help="MLflow tracking URI (default MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    )
+    _add_store_flags(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    db = commands.add_parser("db", help="database schema: upgrade, current")
+    db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    up = db_commands.add_parser("upgrade", help="migrate the apmon database to the current schema")
+    _add_store_flags(up)
+    up.set_defaults(func=cmd_db_upgrade)
+    current = db_commands.add_parser("current", help="show the schema revision (exit 1 if old)")
+    _add_store_flags(current)
+    current.set_defaults(func=cmd_db_current)
+
+    plugins = commands.add_parser("plugins", help="list the measure plugins that load")
+    plugins.set_defaults(func=cmd_plugins)
+
+    runs = commands.add_parser("runs", help="list and manage stored runs")
+    runs_commands = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    listing = runs_commands.add_parser("list", help="list stored runs, newest first")
+    _add_store_flags(listing)
+    listing.set_defaults(func=cmd_runs_list)
+    _register_optional(commands, runs_commands)
+    return parser
+
+
+def _register_optional(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    runs_commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+) -> None:
+    """Subcommands that live with the parts they drive."""
+    try:
+        from monitor.runs_cli import register_runs_commands
+    except ImportError:
+        pass
+    else:
+        register_runs_commands(runs_commands)
+    try:
+        from monitor.service.cli import register_service_commands
+    except ImportError:
+        pass
+    else:
+        register_service_commands(commands)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``apmon`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from monitor.store import SchemaOutOfDate, StoreError
+
+    try:
+        return int(args.func(args))
+    except SchemaOutOfDate as error:
+        print(f"apmon: {error}", file=sys.stderr)
+        return 2
+    except StoreError as error:
+        print(f"apmon: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""``apmon demo``: a small CNN trained on scikit-learn's digits with the monitor on, embedded."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from monitor.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class DigitsCNN(nn.Module):
+    """Two conv sites and one dense site (the last through ``F.relu`` in ``forward``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.hidden = nn.Linear(32 * 4 * 4, 64)
+        self.classifier = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of 8x8 digit images."""
+        x = self.features(x).flatten(1)
+        return self.classifier(F.relu(self.hidden(x)))
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits (shipped with the package, no download), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return images, torch.tensor(digits.target, dtype=torch.int64)
+
+
+@dataclass
+class DemoResult:
+    """Where the demo's results went."""
+
+    run_id: str
+    mlflow_run_id: str | None
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+def run_demo(
+    settings: Settings,
+    steps: int = 300,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> DemoResult:
+    """Train the demo model for ``steps`` steps with the monitor on; return where results are."""
+    from monitor.client.handle import watch
+
+    torch.manual_seed(seed)
+    images, labels = load_digits_tensors()
+    model = DigitsCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    loss_value = float("nan")
+    with watch(
+        model, optimizer, settings=settings, name="apmon-demo", config={"steps": steps}
+    ) as mon:
+
+        @mon
+        def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        bar = tqdm(range(steps), desc="apmon demo", unit="step", disable=not progress)
+        for _ in bar:
+            index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
+            loss_value = float(train_step(images[index], labels[index]))
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+    transport = mon.transport
+    mlflow_run_id = getattr(getattr(transport, "mlflow", None), "run_id", None)
+    return DemoResult(
+        run_id=mon.run_id,
+        mlflow_run_id=mlflow_run_id,
+        steps=steps,
+        seconds=time.perf_counter() - started,
+        final_loss=loss_value,
+    )
+
+
+def describe_location(url: str) -> str:
+    """A SQLite URL as the file path a person can find; other URLs as they are."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix):
+        return str(Path(url[len(prefix) :]).resolve())
+    return url

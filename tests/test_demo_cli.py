@@ -1,0 +1,75 @@
+"""`apmon demo` and the CLI, run as a user runs them: a subprocess in a fresh directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from monitor.store import open_store
+
+DEMO_SITES = {"features.1#0", "features.3#0", "model#0"}
+
+
+def _apmon(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "monitor.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> None:
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("APMON_DATABASE_URL", None)
+    done = _apmon("demo", "--steps", "40", "--quiet", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "SQLite file:" in done.stdout and str(tmp_path / "apmon.db") in done.stdout
+    run_id = re.search(r"apmon run:\s+(\S+)", done.stdout).group(1)  # type: ignore[union-attr]
+    mlflow_run_id = re.search(r"MLflow run:\s+(\S+)", done.stdout).group(1)  # type: ignore[union-attr]
+    for site in DEMO_SITES:
+        assert site in done.stdout  # the closing table names every site
+
+    store = open_store(f"sqlite:///{tmp_path / 'apmon.db'}")
+    assert set(store.sites(run_id)) == DEMO_SITES
+    assert store.run(run_id).status == "finished"
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    for site in DEMO_SITES:
+        stored = store.measures(run_id, name="rel_entropy", site=site)
+        assert [m.step for m in stored] == list(range(40))
+        history = client.get_metric_history(
+            mlflow_run_id, f"ap/rel_entropy/{site.replace('#', ':')}"
+        )
+        assert sorted(m.step for m in history) == list(range(40))
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [m.value for m in stored]
+    assert client.get_run(mlflow_run_id).data.tags["apmon.run_id"] == run_id
+
+
+def test_commands_refuse_an_out_of_date_database_and_upgrade_fixes_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    refused = _apmon("runs", "list", "--database-url", url, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "apmon db upgrade" in refused.stderr
+    upgraded = _apmon("db", "upgrade", "--database-url", url, cwd=tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "upgraded from an empty database" in upgraded.stdout
+    assert _apmon("db", "current", "--database-url", url, cwd=tmp_path).returncode == 0
+    assert _apmon("runs", "list", "--database-url", url, cwd=tmp_path).returncode == 0
+
+
+def test_help_names_every_command(tmp_path: Path) -> None:
+    shown = _apmon("--help", cwd=tmp_path)
+    assert shown.returncode == 0
+    for command in ("demo", "db", "plugins", "runs"):
+        assert command in shown.stdout
+    listed = _apmon("plugins", cwd=tmp_path)
+    assert "entropy" in listed.stdout
