@@ -80,9 +80,9 @@ class PluginHost:
                 for at, measures in result.backfill.items()
                 for m in measures
             ]
-            outcome.alerts += [
-                (plugin.name, a) for a in result.alerts if self._past_cooldown(run_id, a)
-            ]
+            for alert in result.alerts:
+                if self._past_cooldown(run_id, alert, outcome):
+                    outcome.alerts.append((plugin.name, alert))
         self._store.save_outcome(run_id, step, outcome)
         for listener in self._listeners:
             try:
@@ -91,8 +91,12 @@ class PluginHost:
                 logger.exception("result listener %r failed at step %d", listener, step)
         return outcome
 
-    def _past_cooldown(self, run_id: str, alert: AlertValue) -> bool:
-        last = self._store.last_alert_step(run_id, f"{alert.kind}:{alert.site or '*'}")
+    def _past_cooldown(self, run_id: str, alert: AlertValue, outcome: PluginOutcome) -> bool:
+        key = f"{alert.kind}:{alert.site or '*'}"
+        # Alerts of this same event are not stored yet: dedupe against them too.
+        if any(f"{a.kind}:{a.site or '*'}" == key for _, a in outcome.alerts):
+            return False
+        last = self._store.last_alert_step(run_id, key)
         return last is None or alert.step - last >= self._cooldown
 
 

@@ -1,4 +1,4 @@
-"""All settings in one pydantic-settings class (environment prefix ``APMON_``), passed in, never global."""
+"""All settings in one pydantic-settings class (env prefix ``APMON_``), passed in, never global."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ class Settings(BaseSettings):
 
     database_url: str = Field(
         default="sqlite:///apmon.db",
-        description="SQLAlchemy URL of the apmon database (SQLite file embedded, PostgreSQL in production).",
+        description="SQLAlchemy URL of the apmon database "
+        "(SQLite file embedded, PostgreSQL in production).",
     )
     mlflow_tracking_uri: str = Field(
         default_factory=default_mlflow_uri,
@@ -40,4 +41,24 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     spool_dir: str = Field(
         default=".apmon-spool", description="Where the client keeps undelivered batches."
+    )
+    # -- monitoring service and its HTTP client (issue 5) -------------------------------------
+    mlflow_retry_max_seconds: float = Field(
+        default=30.0, gt=0, description="Longest wait between MLflow retries in the service."
+    )
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+    token_cache_seconds: float = Field(
+        default=10.0, ge=0, description="How long a worker trusts a checked token."
+    )
+    batch_max_records: int = Field(
+        default=32, ge=1, description="Client: summaries and probes per ingest batch."
+    )
+    batch_max_seconds: float = Field(
+        default=1.0, gt=0, description="Client: longest a record waits before its batch is sent."
+    )
+    request_timeout_seconds: float = Field(default=10.0, gt=0)
+    finish_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Client: how long finish waits for the service before leaving the spool.",
     )

@@ -10,7 +10,7 @@ import logging
 import re
 import time
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from monitor.schema import MeasureValue
@@ -59,7 +59,7 @@ class MlflowSink:
     def log_params(self, params: dict[str, object]) -> None:
         """Log run configuration as MLflow params."""
         self.client.log_batch(
-            self.run_id, params=[_param(k, v) for k, v in sorted(params.items())][:100]
+            self.run_id, params=[param(k, v) for k, v in sorted(params.items())][:100]
         )
 
     def __call__(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
@@ -91,7 +91,6 @@ class MlflowSink:
             self.client.set_terminated(self.run_id, status=status)
 
 
-def _param(key: str, value: object):  # noqa: ANN202 - mlflow's Param type
-    from mlflow.entities import Param
-
+def param(key: str, value: object) -> Param:
+    """An MLflow param, its key made safe and both cut to MLflow's length limits."""
     return Param(_UNSAFE.sub("_", key)[:250], str(value)[:6000])

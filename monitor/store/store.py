@@ -14,9 +14,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy import Connection, Engine, Transaction, delete, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from typing_extensions import override
 
 from monitor.schema import (
     AlertValue,
@@ -155,6 +156,7 @@ class SqlStore(Store):
         options: dict[str, Any] = {"expire_on_commit": False}
         if isinstance(bind, Connection):
             options["join_transaction_mode"] = "create_savepoint"
+        self._bind = bind
         self._sessions = sessionmaker(bind=bind, **options)
         self._site_ids: dict[tuple[str, str], int] = {}
 
@@ -199,7 +201,9 @@ class SqlStore(Store):
         token = "apm_" + secrets.token_urlsafe(32)
         with self._session("create token") as session:
             project_id = self._project_id(session, project, create=True)
-            session.add(ApiTokenRow(project_id=project_id, token_hash=hash_token(token), label=label))
+            session.add(
+                ApiTokenRow(project_id=project_id, token_hash=hash_token(token), label=label)
+            )
         return token
 
     def project_for_token(self, token: str) -> str | None:
@@ -208,11 +212,14 @@ class SqlStore(Store):
             return session.scalar(
                 select(ProjectRow.name)
                 .join(ApiTokenRow, ApiTokenRow.project_id == ProjectRow.id)
-                .where(ApiTokenRow.token_hash == hash_token(token), ApiTokenRow.revoked_at.is_(None))
+                .where(
+                    ApiTokenRow.token_hash == hash_token(token), ApiTokenRow.revoked_at.is_(None)
+                )
             )
 
     # -- runs and sites ----------------------------------------------------------------------
 
+    @override
     def create_run(self, project: str, start: RunStart, run_id: str | None = None) -> str:
         run_id = run_id or str(uuid.uuid4())
         with self._session("create run") as session:
@@ -266,17 +273,20 @@ class SqlStore(Store):
             known[site.name] = position
             position += 1
 
+    @override
     def add_sites(self, run_id: str, sites: Sequence[SiteInfo]) -> None:
         with self._session("add sites") as session:
             self._run_row(session, run_id)
             self._add_sites(session, run_id, sites)
 
+    @override
     def run(self, run_id: str) -> RunInfo:
         with self._session("read run") as session:
             row = self._run_row(session, run_id)
             project = session.get(ProjectRow, row.project_id)
             return _run_info(row, project.name if project else "")
 
+    @override
     def runs(self, project: str | None = None) -> list[RunInfo]:
         with self._session("list runs") as session:
             query = select(RunRow, ProjectRow.name).join(ProjectRow)
@@ -285,6 +295,7 @@ class SqlStore(Store):
             query = query.order_by(RunRow.created_at.desc())
             return [_run_info(row, name) for row, name in session.execute(query)]
 
+    @override
     def sites(self, run_id: str) -> dict[str, SiteInfo]:
         with self._session("read sites") as session:
             rows = session.scalars(
@@ -309,6 +320,7 @@ class SqlStore(Store):
         except KeyError:
             raise NotFound(f"run {run_id!r} has no site named {name!r}") from None
 
+    @override
     def finish_run(self, run_id: str, status: str = "finished") -> None:
         with self._session("finish run") as session:
             row = self._run_row(session, run_id)
@@ -317,6 +329,7 @@ class SqlStore(Store):
 
     # -- summaries and probes ----------------------------------------------------------------
 
+    @override
     def save_summary(self, run_id: str, summary: StepSummary) -> None:
         with self._session(f"save summary of step {summary.step}") as session:
             self._run_row(session, run_id)
@@ -343,6 +356,7 @@ class SqlStore(Store):
                     )
                 )
 
+    @override
     def step_summaries(self, run_id: str, source: str) -> Iterator[StepSummary]:
         with self._session("read summaries") as session:
             names = {site_id: name for name, site_id in self._site_id_map(session, run_id).items()}
@@ -372,6 +386,7 @@ class SqlStore(Store):
                 sample_indices=extra.sample_indices if extra else None,
             )
 
+    @override
     def save_probe(self, run_id: str, probe: ProbeRecord) -> None:
         with self._session(f"save probe of step {probe.step}") as session:
             self._run_row(session, run_id)
@@ -394,6 +409,7 @@ class SqlStore(Store):
 
     # -- plugin results ----------------------------------------------------------------------
 
+    @override
     def plugin_states(self, run_id: str) -> dict[str, dict[str, Any]]:
         with self._session("read plugin states") as session:
             return {
@@ -403,6 +419,7 @@ class SqlStore(Store):
                 )
             }
 
+    @override
     def save_outcome(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
         with self._session(f"save plugin results of step {step}") as session:
             self._run_row(session, run_id)
@@ -493,6 +510,7 @@ class SqlStore(Store):
 
     # -- queries -----------------------------------------------------------------------------
 
+    @override
     def measures(
         self,
         run_id: str,
@@ -529,6 +547,7 @@ class SqlStore(Store):
                 for row, site_name in session.execute(query)
             ]
 
+    @override
     def fits(self, run_id: str) -> list[FitPoint]:
         with self._session("read fits") as session:
             query = (
@@ -551,6 +570,7 @@ class SqlStore(Store):
                 for r, name in session.execute(query)
             ]
 
+    @override
     def probes(self, run_id: str) -> list[ProbePoint]:
         with self._session("read probes") as session:
             query = (
@@ -572,6 +592,7 @@ class SqlStore(Store):
                 for r, name in session.execute(query)
             ]
 
+    @override
     def alerts(self, run_id: str) -> list[AlertRecord]:
         with self._session("read alerts") as session:
             query = select(AlertRow).where(AlertRow.run_id == run_id).order_by(AlertRow.step)
@@ -603,6 +624,177 @@ class SqlStore(Store):
                 return False
             raise
         return True
+
+    # -- service support: run locks, ordered batch processing, lifecycle ---------------------
+    # (added for the monitoring service; the methods above keep their embedded-mode behaviour)
+
+    @contextmanager
+    def locked_run(self, run_id: str) -> Iterator[SqlStore]:
+        """One transaction that holds the run's row lock; yields a store bound to it.
+
+        Every write made through the yielded store commits together when the block ends, or not
+        at all. On PostgreSQL the lock is ``SELECT ... FOR NO KEY UPDATE`` (it serialises the
+        workers that process one run but, unlike FOR UPDATE, does not block other runs' or this
+        run's foreign-key checks); on SQLite a no-op UPDATE takes the database write lock first
+        thing, so the transaction never has to upgrade a stale read snapshot. Raises NotFound
+        when the run does not exist.
+        """
+        transaction: Transaction
+        if isinstance(self._bind, Engine):
+            connection, own = self._bind.connect(), True
+            transaction = connection.begin()
+        else:
+            connection, own = self._bind, False
+            transaction = connection.begin_nested()
+        try:
+            try:
+                if connection.dialect.name == "sqlite":
+                    connection.execute(
+                        update(RunRow)
+                        .where(RunRow.id == run_id)
+                        .values(processed_step=RunRow.processed_step)
+                    )
+                found = connection.execute(
+                    select(RunRow.id).where(RunRow.id == run_id).with_for_update(key_share=True)
+                ).first()
+                if found is None:
+                    raise NotFound(f"no run with id {run_id!r}")
+                yield SqlStore(connection)
+                transaction.commit()
+            except BaseException:
+                if transaction.is_active:
+                    transaction.rollback()
+                raise
+        except SQLAlchemyError as error:
+            raise StoreError(f"run {run_id!r}: database error ({error})") from error
+        finally:
+            if own:
+                connection.close()
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside ``locked_run``: undo this block's writes alone when it raises."""
+        if not isinstance(self._bind, Connection):
+            yield
+            return
+        nested = self._bind.begin_nested()
+        try:
+            yield
+        except BaseException:
+            if nested.is_active:
+                nested.rollback()
+            raise
+        nested.commit()
+
+    def batch_received(self, run_id: str, stream: str, seq: int) -> bool:
+        """Whether (run, stream, seq) was received before."""
+        with self._session("read batch") as session:
+            return session.get(IngestBatchRow, (run_id, stream, seq)) is not None
+
+    def save_batch(self, run_id: str, stream: str, seq: int, payload: dict[str, Any]) -> None:
+        """Keep a received batch until its turn comes (see ``ready_batches``)."""
+        with self._session(f"save batch {stream}/{seq}") as session:
+            session.add(IngestBatchRow(run_id=run_id, stream=stream, seq=seq, payload=payload))
+
+    def ready_batches(
+        self, run_id: str, include_gaps: bool = False
+    ) -> list[tuple[str, int, dict[str, Any]]]:
+        """Unprocessed batches whose turn has come, as (stream, seq, payload), in order.
+
+        A batch's turn comes when every lower seq of its stream has been processed, so the
+        plugins see a stream's records in the order the client sent them however the batches
+        arrived. ``include_gaps`` (at the end of a run) returns every unprocessed batch in seq
+        order, skipping seqs that never arrived.
+        """
+        with self._session("read pending batches") as session:
+            done = dict(
+                session.execute(
+                    select(IngestBatchRow.stream, func.max(IngestBatchRow.seq))
+                    .where(IngestBatchRow.run_id == run_id, IngestBatchRow.processed.is_(True))
+                    .group_by(IngestBatchRow.stream)
+                ).all()
+            )
+            pending = session.execute(
+                select(IngestBatchRow.stream, IngestBatchRow.seq, IngestBatchRow.payload)
+                .where(IngestBatchRow.run_id == run_id, IngestBatchRow.processed.is_(False))
+                .order_by(IngestBatchRow.stream, IngestBatchRow.seq)
+            ).all()
+        ready: list[tuple[str, int, dict[str, Any]]] = []
+        expected: dict[str, int] = {}
+        for stream, seq, payload in pending:
+            following = expected.get(stream, done.get(stream, -1) + 1)
+            if seq != following and not include_gaps:
+                expected[stream] = -1  # a gap: nothing later in this stream is ready yet
+                continue
+            expected[stream] = seq + 1
+            ready.append((stream, seq, dict(payload or {})))
+        return ready
+
+    def mark_batch_processed(self, run_id: str, stream: str, seq: int, last_step: int) -> None:
+        """Mark a batch done, drop its payload, and advance the run's processed step."""
+        with self._session(f"mark batch {stream}/{seq}") as session:
+            row = session.get(IngestBatchRow, (run_id, stream, seq))
+            if row is None:
+                raise NotFound(f"run {run_id!r} has no batch {stream}/{seq}")
+            row.processed = True
+            row.payload = None
+            run = self._run_row(session, run_id)
+            run.processed_step = max(run.processed_step, last_step)
+
+    def pending_batch_count(self, run_id: str | None = None) -> int:
+        """Received batches not yet processed (of one run, or of all runs)."""
+        with self._session("count pending batches") as session:
+            query = select(func.count()).where(IngestBatchRow.processed.is_(False))
+            if run_id is not None:
+                query = query.where(IngestBatchRow.run_id == run_id)
+            return int(session.scalar(query.select_from(IngestBatchRow)) or 0)
+
+    def runs_with_pending_batches(self) -> list[str]:
+        """Ids of runs that have received batches not yet processed."""
+        with self._session("list runs with pending batches") as session:
+            return list(
+                session.scalars(
+                    select(IngestBatchRow.run_id)
+                    .where(IngestBatchRow.processed.is_(False))
+                    .distinct()
+                )
+            )
+
+    def heartbeat(self, run_id: str) -> None:
+        """Record that the run's client is alive."""
+        with self._session("heartbeat") as session:
+            self._run_row(session, run_id).heartbeat_at = utcnow()
+
+    def record_error(self, run_id: str, source: str, step: int, error: str) -> None:
+        """Record a processing failure (a plugin, or ``source`` such as the ingest itself)."""
+        with self._session("record error") as session:
+            session.add(PluginErrorRow(run_id=run_id, plugin=source, step=step, error=error))
+
+    def errors(self, run_id: str) -> list[tuple[str, int, str]]:
+        """Recorded processing failures of a run as (source, step, error), oldest first."""
+        with self._session("read errors") as session:
+            return [
+                (r.plugin, r.step, r.error)
+                for r in session.scalars(
+                    select(PluginErrorRow)
+                    .where(PluginErrorRow.run_id == run_id)
+                    .order_by(PluginErrorRow.id)
+                )
+            ]
+
+    def claim_mlflow_run_id(self, run_id: str, mlflow_run_id: str) -> str:
+        """Set the run's MLflow run id unless one is set already; returns the id that holds.
+
+        Several workers may race to create the MLflow run of one apmon run: the first conditional
+        update wins, and a loser learns the winner's id (and should delete its own MLflow run).
+        """
+        with self._session("claim mlflow run") as session:
+            session.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id, RunRow.mlflow_run_id.is_(None))
+                .values(mlflow_run_id=mlflow_run_id)
+            )
+            return self._run_row(session, run_id).mlflow_run_id or mlflow_run_id
 
 
 def _run_info(row: RunRow, project: str) -> RunInfo:

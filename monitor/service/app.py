@@ -1,0 +1,185 @@
+"""The app factory: ``create_app(settings)`` builds the FastAPI app and everything it shares."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from monitor.measures import load_plugins
+from monitor.service.ingest import Ingestor, Processed
+from monitor.service.metrics import ServiceMetrics
+from monitor.service.routes import health, ingest, plugins, results, runs
+from monitor.service.state import Services, TokenCache
+from monitor.service.webhooks import WebhookSender, webhook_body
+from monitor.settings import Settings
+from monitor.sinks.mlflow_async import AsyncMlflowSink
+from monitor.store import NotFound, StoreError, make_engine, require_current_schema
+from monitor.store.store import SqlStore
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "v1"
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes with 413 before anything parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"request body is larger than the service accepts ({self.limit} bytes)"
+        response = JSONResponse({"detail": detail}, status.HTTP_413_CONTENT_TOO_LARGE)
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _after_commit(svc_ref: dict[str, Services]) -> object:
+    """The listener that hands committed results to metrics, webhooks and MLflow."""
+
+    def listener(processed: Processed) -> None:
+        svc = svc_ref["services"]
+        svc.metrics.site_summaries.inc(processed.site_summaries)
+        svc.metrics.step_summaries.inc(processed.step_summaries)
+        for _, outcome in processed.outcomes:
+            for plugin, _ in outcome.errors:
+                svc.metrics.plugin_errors.labels(plugin).inc()
+        alerts = processed.alerts
+        if alerts:
+            run = svc.store.run(processed.run_id)
+            for alert in alerts:
+                svc.metrics.alerts.labels(alert.kind).inc()
+                svc.webhooks.send(webhook_body(run.project, run.id, run.name, alert))
+        if svc.mlflow is not None:
+            svc.mlflow.add_outcomes(processed.run_id, processed.outcomes)
+            if processed.finished:
+                svc.mlflow.finish_run(processed.run_id)
+
+    return listener
+
+
+def create_app(settings: Settings, check_schema: bool = True) -> FastAPI:
+    """Build the service for ``settings``: engine, store, plugins, sinks, routes.
+
+    Refuses (SchemaOutOfDate, naming ``apmon db upgrade``) a database that is not at this
+    apmon's schema revision unless ``check_schema`` is False; /readyz reports the same check.
+    """
+    engine = make_engine(settings.database_url)
+    if check_schema:
+        require_current_schema(engine)
+    store = SqlStore(engine)
+    registry = load_plugins(only=settings.plugins)
+    mlflow_sink = None
+    if settings.mlflow_tracking_uri:
+
+        def resolve(run_id: str) -> str | None:
+            return store.run(run_id).mlflow_run_id
+
+        mlflow_sink = AsyncMlflowSink(
+            settings.mlflow_tracking_uri,
+            settings.mlflow_experiment,
+            resolve=resolve,
+            claim=store.claim_mlflow_run_id,
+            retry_max_seconds=settings.mlflow_retry_max_seconds,
+        )
+    ref: dict[str, Services] = {}
+    services = Services(
+        settings=settings,
+        engine=engine,
+        store=store,
+        registry=registry,
+        ingestor=Ingestor(
+            store,
+            registry,
+            settings.alert_cooldown_steps,
+            on_committed=[_after_commit(ref)],  # type: ignore[list-item]
+        ),
+        metrics=ServiceMetrics(),
+        webhooks=WebhookSender(settings.webhook_urls, settings.webhook_timeout_seconds),
+        mlflow=mlflow_sink,
+        tokens=TokenCache(settings.token_cache_seconds),
+    )
+    ref["services"] = services
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _sweep_pending(services)
+        yield
+        services.webhooks.close()
+        if services.mlflow is not None:
+            services.mlflow.close()
+        engine.dispose()
+
+    app = FastAPI(
+        title="apmon monitoring service",
+        version=API_VERSION,
+        description="Ingest of activation-pattern summaries and probes from training jobs, "
+        "measure plugins, alerts, and queries of the results. Every route except /healthz and "
+        "/readyz needs 'Authorization: Bearer <token>' (apmon tokens create --project P).",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    for router in (health.router, runs.router, ingest.router, results.router, plugins.router):
+        app.include_router(router)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_request: Request, error: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status.HTTP_404_NOT_FOUND)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_request: Request, error: StoreError) -> JSONResponse:
+        logger.error("database error: %s", error)
+        return JSONResponse(
+            {"detail": "the database is unavailable; retry later"},
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _sweep_pending(services: Services) -> None:
+    """At start-up, process batches left ready by a worker that died between requests."""
+    try:
+        for run_id in services.store.runs_with_pending_batches():
+            services.ingestor.drain(run_id)
+    except Exception:
+        logger.exception("start-up sweep of pending batches failed; ingest will retry it")
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for ``uvicorn --factory``: settings from APMON_* environment variables."""
+    return create_app(Settings())
