@@ -57,6 +57,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Render a stored run's figures to PNG files and attach them to its MLflow run."""
+    from pathlib import Path
+
+    from monitor.report import log_report_to_mlflow, render_report
+    from monitor.store import open_store
+
+    settings = _settings(args)
+    store = open_store(settings.database_url)
+    run_id = args.run_id
+    if run_id is None:
+        runs = store.runs()
+        if not runs:
+            print("apmon: no runs stored yet; train with monitor.watch(...) first", file=sys.stderr)
+            return 1
+        run_id = runs[0].id
+    run = store.run(run_id)
+    out_dir = Path(args.out) / run_id
+    files = render_report(store, run_id, out_dir)
+    for path in files:
+        print(path)
+    if run.mlflow_run_id and settings.mlflow_tracking_uri and not args.no_mlflow:
+        log_report_to_mlflow(settings.mlflow_tracking_uri, run.mlflow_run_id, files)
+        print(f"attached to MLflow run {run.mlflow_run_id} under apmon-report/")
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Migrate the database to the current schema."""
     from monitor.store import make_engine, upgrade
@@ -129,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_store_flags(demo)
     demo.set_defaults(func=cmd_demo)
+
+    report = commands.add_parser(
+        "report",
+        help="render a run's figures (heat maps, phase diagram, fits, alerts) to PNG and MLflow",
+        description="Render the figures of a stored run: layer x step heat maps, the "
+        "learning-rate phase diagram with the used learning rate, mu/sigma of the transition "
+        "fit, and the time line with alerts. Files go to OUT/RUN_ID/*.png and are attached to "
+        "the run's MLflow run as artifacts.",
+    )
+    report.add_argument("run_id", nargs="?", help="run id (default: the newest run)")
+    report.add_argument(
+        "--out", default="apmon-report", help="output folder (default apmon-report)"
+    )
+    report.add_argument("--no-mlflow", action="store_true", help="do not attach to MLflow")
+    report.add_argument("--mlflow-uri", help="MLflow tracking URI")
+    _add_store_flags(report)
+    report.set_defaults(func=cmd_report)
 
     db = commands.add_parser("db", help="database schema: upgrade, current")
     db_commands = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)

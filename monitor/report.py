@@ -1,13 +1,20 @@
-"""Text views of stored results (pure functions of stored data, as the plots are)."""
+"""Reports of stored runs: the closing table of the demo and the rendered figures."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monitor.settings import Settings
 from monitor.store.entities import MeasurePoint
+from monitor.store.store import Store
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TABLE_MEASURES = ("distinct", "max_freq", "entropy", "rel_entropy")
+HEATMAP_MEASURES = ("rel_entropy", "distinct", "jaccard_prev", "dead_fraction")
 
 
 def site_table(points: Sequence[MeasurePoint], measures: Sequence[str] = TABLE_MEASURES) -> str:
@@ -37,3 +44,56 @@ def latest_site_table(settings: Settings, run_id: str) -> str:
 
     store = open_store(settings.database_url)
     return site_table(store.measures(run_id))
+
+
+def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
+    """Render every figure of a stored run into ``out_dir``; returns the files written."""
+    import matplotlib.pyplot as plt
+
+    from monitor import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sites = list(store.sites(run_id))
+    measures = store.measures(run_id)
+    alerts = store.alerts(run_id)
+    probes = store.probes(run_id)
+    fits = store.fits(run_id)
+    names = {p.name for p in measures}
+    figures: dict[str, Figure] = {}
+    for measure in HEATMAP_MEASURES:
+        if measure in names:
+            figures[f"heatmap_{measure}"] = plots.site_step_heatmap(
+                measures, measure, sites, alerts=alerts
+            )
+    for measure, source in (("D", "apt"), ("T", "apt")):
+        if any(p.name == measure and p.source == source for p in measures):
+            figures[f"heatmap_apt_{measure}"] = plots.site_step_heatmap(
+                measures, measure, sites, source=source, alerts=alerts
+            )
+    if any(p.kind == "sweep" for p in probes):
+        figures["phase_diagram"] = plots.phase_diagram(probes, alerts)
+    if any(f.site is None and f.ok for f in fits):
+        figures["transition_fit"] = plots.transition_curves(fits, alerts)
+    losses = [
+        (summary.step, summary.loss)
+        for summary in store.step_summaries(run_id, "train")
+        if summary.loss is not None
+    ]
+    run_level = sorted({p.name for p in measures if p.site is None})
+    figures["timeline"] = plots.timeline(losses, measures, run_level[:4], alerts)
+    written = []
+    for name, figure in figures.items():
+        path = out_dir / f"{name}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def log_report_to_mlflow(tracking_uri: str, mlflow_run_id: str, files: Sequence[Path]) -> None:
+    """Attach rendered figures to the run's MLflow run under ``apmon-report/``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for path in files:
+        client.log_artifact(mlflow_run_id, str(path), artifact_path="apmon-report")
