@@ -283,11 +283,11 @@ def watch(
     settings = settings or Settings()
     if transport is None:
         if settings.server_url:
-            raise NotImplementedError(
-                "shipping to an apmon server is not available in this version; "
-                "unset APMON_SERVER_URL to run embedded"
-            )
-        from monitor.client.embedded import EmbeddedTransport
+            from monitor.client.http import HttpTransport
 
-        transport = EmbeddedTransport(settings)
+            transport = HttpTransport(settings)
+        else:
+            from monitor.client.embedded import EmbeddedTransport
+
+            transport = EmbeddedTransport(settings)
     return Monitor(model, optimizer, transport, **options)
