@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from monitor.settings import Settings
 
@@ -54,17 +55,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"Open the UI:   mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}")
     print()
     print(latest_site_table(settings, result.run_id))
+    if not args.no_report:
+        files = _render_and_attach(settings, result.run_id, Path(args.report_dir))
+        print(f"\nFigures:       {files[0].parent.resolve()}/ ({len(files)} PNG files", end="")
+        print(", also attached to the MLflow run)" if result.mlflow_run_id else ")")
     return 0
+
+
+def _render_and_attach(settings: Settings, run_id: str, out: Path) -> list[Path]:
+    """Render a run's figures into OUT/RUN_ID and attach them to its MLflow run, if any."""
+    from monitor.report import log_report_to_mlflow, render_report
+    from monitor.store import open_store
+
+    store = open_store(settings.database_url)
+    files = render_report(store, run_id, out / run_id)
+    mlflow_run_id = store.run(run_id).mlflow_run_id
+    if mlflow_run_id and settings.mlflow_tracking_uri:
+        log_report_to_mlflow(settings.mlflow_tracking_uri, mlflow_run_id, files)
+    return files
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Render a stored run's figures to PNG files and attach them to its MLflow run."""
-    from pathlib import Path
-
-    from monitor.report import log_report_to_mlflow, render_report
     from monitor.store import open_store
 
     settings = _settings(args)
+    if args.no_mlflow:
+        settings = settings.model_copy(update={"mlflow_tracking_uri": ""})
     store = open_store(settings.database_url)
     run_id = args.run_id
     if run_id is None:
@@ -73,14 +90,12 @@ def cmd_report(args: argparse.Namespace) -> int:
             print("apmon: no runs stored yet; train with monitor.watch(...) first", file=sys.stderr)
             return 1
         run_id = runs[0].id
-    run = store.run(run_id)
-    out_dir = Path(args.out) / run_id
-    files = render_report(store, run_id, out_dir)
+    mlflow_run_id = store.run(run_id).mlflow_run_id
+    files = _render_and_attach(settings, run_id, Path(args.out))
     for path in files:
         print(path)
-    if run.mlflow_run_id and settings.mlflow_tracking_uri and not args.no_mlflow:
-        log_report_to_mlflow(settings.mlflow_tracking_uri, run.mlflow_run_id, files)
-        print(f"attached to MLflow run {run.mlflow_run_id} under apmon-report/")
+    if mlflow_run_id and settings.mlflow_tracking_uri:
+        print(f"attached to MLflow run {mlflow_run_id} under apmon-report/")
     return 0
 
 
@@ -150,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--no-report", action="store_true", help="do not render the figures")
+    demo.add_argument(
+        "--report-dir", default="apmon-report", help="where figures go (default apmon-report)"
+    )
     demo.add_argument(
         "--mlflow-uri",
         help="MLflow tracking URI (default MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",

@@ -52,6 +52,10 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
         assert sorted(m.step for m in history) == list(range(40))
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == [m.value for m in stored]
     assert client.get_run(mlflow_run_id).data.tags["apmon.run_id"] == run_id
+    figures = sorted(p.name for p in (tmp_path / "apmon-report" / run_id).glob("*.png"))
+    assert figures == ["heatmap_distinct.png", "heatmap_rel_entropy.png", "timeline.png"]
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run_id, "apmon-report")}
+    assert artifacts == {f"apmon-report/{name}" for name in figures}
 
 
 def test_commands_refuse_an_out_of_date_database_and_upgrade_fixes_it(tmp_path: Path) -> None:
