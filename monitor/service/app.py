@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from monitor.measures import load_plugins
+from monitor.measures import PluginRegistry, load_plugins
 from monitor.service.ingest import Ingestor, Processed
 from monitor.service.metrics import ServiceMetrics
 from monitor.service.routes import health, ingest, plugins, results, runs
@@ -91,8 +92,12 @@ def _after_commit(svc_ref: dict[str, Services]) -> object:
     return listener
 
 
-def create_app(settings: Settings, check_schema: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings, check_schema: bool = True, registry: PluginRegistry | None = None
+) -> FastAPI:
     """Build the service for ``settings``: engine, store, plugins, sinks, routes.
+
+    ``registry`` replaces the plugins loaded from entry points (tests, embedding).
 
     Refuses (SchemaOutOfDate, naming ``apmon db upgrade``) a database that is not at this
     apmon's schema revision unless ``check_schema`` is False; /readyz reports the same check.
@@ -101,7 +106,8 @@ def create_app(settings: Settings, check_schema: bool = True) -> FastAPI:
     if check_schema:
         require_current_schema(engine)
     store = SqlStore(engine)
-    registry = load_plugins(only=settings.plugins)
+    if registry is None:
+        registry = load_plugins(only=settings.plugins)
     mlflow_sink = None
     if settings.mlflow_tracking_uri:
 
@@ -158,6 +164,15 @@ def create_app(settings: Settings, check_schema: bool = True) -> FastAPI:
     @app.exception_handler(NotFound)
     async def not_found(_request: Request, error: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status.HTTP_404_NOT_FOUND)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+        # The offending input is left out: it may be NaN or huge, and the client has it anyway.
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in error.errors()
+        ]
+        return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(StoreError)
     async def store_error(_request: Request, error: StoreError) -> JSONResponse:
