@@ -1,0 +1,176 @@
+"""Early-divergence detector: the transition width sigma leaving its recent band, and hard signs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from monitor.measures import Event, PluginResult, RunContext
+from monitor.schema import AlertValue, FitValue, ProbeRecord, StepSummary
+from plugins._robust import median_mad, push
+
+
+@dataclass(frozen=True)
+class DivergenceSettings:
+    """Thresholds of the detector (defaults chosen on the scenario suite, see benchmarks/scenarios).
+
+    ``window`` recent successful fits form the band; ``warmup`` of them are needed before sigma is
+    judged; sigma must exceed ``median * (1 + rise)`` *and* ``median + k * MAD`` to leave it.
+    ``position_rise`` is the same rule for z = (ln lr - mu) / sigma, the used learning rate's place
+    on the transition (Phi(z) is the model's D at the used rate): z above its band's median by more
+    than this many units. ``fail_after`` consecutive failed fits after a good one are a hard sign.
+    """
+
+    window: int = 12
+    warmup: int = 6
+    rise: float = 0.5
+    k: float = 4.0
+    position_rise: float = 1.5
+    fail_after: int = 2
+
+
+class DivergenceDetector:
+    """Alerts ``divergence`` on the sweep fits of the transition model and on hard signs.
+
+    Source: thesis Sec. 3.2.4 and Fig. 3.19: sigma "has always fallen in the long term - and a rapid
+    rise seems to imply a direct divergence"; SPEC "Detectors". Per sweep, for the site-mean fit and
+    each site's fit (from the ``transition_fit`` plugin):
+
+    - sigma rise: sigma > median_W(sigma) * (1 + rise) and sigma > median_W + k * MAD_W over the
+      last W successful fits of that site (robust band; median/MAD, Hampel 1974);
+    - transition position: z = (ln lr - mu) / sigma of the mean fit above
+      median_W(z) + position_rise
+      (the used rate moved far into the transition relative to the run's own recent history);
+
+    and hard signs on any event: non-finite activations (probe flag or non-finite rows in a
+    summary), D = 1 on every site of an APT probe (all probe rows changed pattern), and
+    ``fail_after`` consecutive sweeps whose mean fit failed after one succeeded. The alert carries
+    its evidence: the series around it, the threshold, the site.
+    """
+
+    name = "divergence"
+    version = "1.0"
+    requires: tuple[str, ...] = ("transition_fit",)
+
+    def __init__(self, settings: DivergenceSettings | None = None) -> None:
+        self.settings = settings or DivergenceSettings()
+
+    def process(
+        self,
+        event: Event,
+        context: RunContext,
+        state: dict[str, Any],
+        upstream: Mapping[str, PluginResult],
+    ) -> PluginResult:
+        """Alerts for one event; the recent sigma and z series live in ``state``."""
+        if isinstance(event, StepSummary):
+            bad = [s.site for s in event.sites if s.nonfinite_rows > 0]
+            if bad:
+                return self._hard(event.step, "non-finite activations", {"sites": bad})
+            return PluginResult()
+        if not isinstance(event, ProbeRecord):
+            return PluginResult()
+        if event.nonfinite:
+            return self._hard(event.step, "non-finite activations in a probe", {"kind": event.kind})
+        if event.kind == "apt":
+            saturated = [
+                s.site for s in event.sites if s.rows > 1 and s.changed and s.changed[0] == s.rows
+            ]
+            if event.sites and len(saturated) == len(event.sites):
+                return self._hard(
+                    event.step, "D = 1 on every site (all probe rows changed)", {"lr": event.lr}
+                )
+            return PluginResult()
+        fit_result = upstream.get("transition_fit")
+        if fit_result is None:
+            return PluginResult()
+        return self._on_fits(event, fit_result.fits, state)
+
+    def _hard(self, step: int, what: str, evidence: dict[str, object]) -> PluginResult:
+        return PluginResult(
+            alerts=[
+                AlertValue(
+                    kind="divergence",
+                    step=step,
+                    severity="critical",
+                    message=f"hard sign of divergence: {what}",
+                    evidence={"sign": what, **evidence},
+                )
+            ]
+        )
+
+    def _on_fits(
+        self, event: ProbeRecord, fits: list[FitValue], state: dict[str, Any]
+    ) -> PluginResult:
+        s = self.settings
+        alerts: list[AlertValue] = []
+        sigmas: dict[str, list[float]] = state.setdefault("sigma", {})
+        steps: dict[str, list[float]] = state.setdefault("steps", {})
+        for fit in fits:
+            key = fit.site or "*mean*"
+            if fit.site is None:
+                failures = 0 if fit.ok else state.get("failures", 0) + 1
+                state["failures"] = failures
+                if not fit.ok and failures == s.fail_after and state.get("ever_ok"):
+                    alerts += self._hard(
+                        event.step, "the transition fit no longer converges", {"reason": fit.reason}
+                    ).alerts
+                if fit.ok:
+                    state["ever_ok"] = True
+            if not fit.ok or fit.sigma is None or fit.mu is None:
+                continue
+            series = sigmas.get(key, [])
+            if len(series) >= s.warmup:
+                centre, mad = median_mad(series)
+                threshold = max(centre * (1 + s.rise), centre + s.k * mad)
+                if fit.sigma > threshold:
+                    alerts.append(
+                        AlertValue(
+                            kind="divergence",
+                            step=event.step,
+                            severity="warning",
+                            site=fit.site,
+                            message=(
+                                f"transition width sigma {fit.sigma:.3g} left its recent band "
+                                f"(threshold {threshold:.3g}, median {centre:.3g})"
+                            ),
+                            evidence={
+                                "signal": "sigma",
+                                "sigma": fit.sigma,
+                                "threshold": threshold,
+                                "median": centre,
+                                "series": series,
+                                "steps": steps.get(key, []),
+                            },
+                        )
+                    )
+            if fit.site is None:
+                z = (math.log(event.lr) - fit.mu) / fit.sigma
+                zs = state.get("z", [])
+                if len(zs) >= s.warmup:
+                    centre, _ = median_mad(zs)
+                    if z > centre + s.position_rise:
+                        alerts.append(
+                            AlertValue(
+                                kind="divergence",
+                                step=event.step,
+                                severity="warning",
+                                message=(
+                                    f"the used rate moved into the transition: z = {z:.3g} > "
+                                    f"{centre + s.position_rise:.3g}"
+                                ),
+                                evidence={
+                                    "signal": "position",
+                                    "z": z,
+                                    "threshold": centre + s.position_rise,
+                                    "series": zs,
+                                    "steps": steps.get(key, []),
+                                },
+                            )
+                        )
+                state["z"] = push(zs, z, s.window)
+            sigmas[key] = push(series, fit.sigma, s.window)
+            steps[key] = push(steps.get(key, []), float(event.step), s.window)
+        return PluginResult(alerts=alerts)
