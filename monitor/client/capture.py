@@ -37,7 +37,12 @@ PIECEWISE_LINEAR: dict[Callable[..., Any], str] = {
     F.leaky_relu: "relu",
     F.leaky_relu_: "relu",
     F.prelu: "relu",
+    F.rrelu: "relu",
+    F.rrelu_: "relu",
 }
+# ``nn.ReLU6`` calls ``F.hardtanh(x, 0.0, 6.0)``: a hardtanh whose lower bound is 0 is a ReLU6
+# site (pattern x > 0); other hardtanh calls are not ReLU-like and are left alone.
+HARDTANH = (F.hardtanh, F.hardtanh_)
 # Smooth activations, captured only in opt-in sign mode: the pattern of the preactivation sign.
 SMOOTH: dict[Callable[..., Any], str] = {
     F.gelu: "sign",
@@ -64,6 +69,17 @@ def rows_of(x: torch.Tensor) -> tuple[torch.Tensor, SiteKind]:
     return x.movedim(1, -1).reshape(-1, channels), "conv"
 
 
+def site_kind(x: torch.Tensor) -> SiteKind:
+    """Dense for (N, d) (and (d,)), sequence for (N, T, d), conv for (N, C, ...) with >= 4 dims.
+
+    A 3-dim input is read as a sequence; a Conv1d output (N, C, L) is therefore counted with
+    the last axis as units (name such a site in ``exclude`` if that is not wanted).
+    """
+    if x.dim() <= 2:
+        return "dense"
+    return "seq" if x.dim() == 3 else "conv"
+
+
 @dataclass(frozen=True)
 class SiteFilter:
     """Include/exclude sites by shell-style name patterns (``fnmatch``); exclude wins."""
@@ -82,8 +98,10 @@ SiteCallback = Callable[[str, SiteMode, torch.Tensor], None]
 
 
 class _ActivationMode(TorchFunctionMode):
-    """Calls ``on_site(name, mode, preactivation)`` for each activation call, before the call
-    (an in-place activation overwrites its input)."""
+    """Calls ``on_site(name, mode, preactivation)`` for each activation call.
+
+    The call is reported before it runs, because an in-place activation overwrites its input.
+    """
 
     def __init__(self, tracker: ModuleTracker, functions: dict[Callable[..., Any], str]) -> None:
         super().__init__()
@@ -98,24 +116,35 @@ class _ActivationMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         mode = self._functions.get(func)
+        if mode is None and func in HARDTANH and _lower_bound(args, kwargs) == 0:
+            mode = "relu"
         if mode is not None and args and isinstance(args[0], torch.Tensor):
             self._tracker.site_call(mode, args[0])  # type: ignore[arg-type]
         return func(*args, **(kwargs or {}))
 
 
+def _lower_bound(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> float:
+    """``min_val`` of a hardtanh call."""
+    if len(args) > 1:
+        return float(args[1])
+    return float((kwargs or {}).get("min_val", -1.0))
+
+
 class ModuleTracker:
     """Owns the hooks that track which module is running and the mode that sees activations.
 
-    Nothing happens unless ``armed`` is true when the root forward starts, so an unscheduled
-    step costs one attribute check per module call.
+    The root module always carries one pre-hook and one post-hook; the hooks on the other
+    modules, which name the sites, exist only while ``armed`` is true, so an unscheduled step
+    costs one attribute check per forward (STYLE.md 5).
     """
 
     def __init__(self, model: nn.Module, on_site: SiteCallback, sign_mode: bool) -> None:
-        self.armed = False
+        self._armed = False
         # Training captures skip forwards run without autograd (validation loops); probes, which
         # run under no_grad on purpose, clear this flag while they forward.
         self.require_grad = True
         self.on_site = on_site
+        self._model = model
         self._stack: list[str] = []
         self._calls: dict[str, int] = {}
         functions = dict(PIECEWISE_LINEAR)
@@ -123,38 +152,68 @@ class ModuleTracker:
             functions.update(SMOOTH)
         self._mode = _ActivationMode(self, functions)
         self._active = False
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        for path, module in model.named_modules():
-            name = path or ROOT_NAME
-            self._handles.append(module.register_forward_pre_hook(self._enter(name, module is model)))
-            self._handles.append(
-                module.register_forward_hook(self._leave(module is model), always_call=True)
-            )
+        self._handles: list[torch.utils.hooks.RemovableHandle] = [
+            model.register_forward_pre_hook(self._enter_root),
+            model.register_forward_hook(self._leave_root, always_call=True),
+        ]
+        self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _enter(self, name: str, is_root: bool) -> Callable[..., None]:
+    @property
+    def armed(self) -> bool:
+        """Whether the next forward is captured."""
+        return self._armed
+
+    @armed.setter
+    def armed(self, value: bool) -> None:
+        if value and not self._module_handles:
+            for path, module in self._model.named_modules():
+                if module is self._model:
+                    continue
+                self._module_handles.append(module.register_forward_pre_hook(self._enter(path)))
+                self._module_handles.append(
+                    module.register_forward_hook(self._leave, always_call=True)
+                )
+        elif not value and self._module_handles and not self._active:
+            self._remove_module_hooks()
+        self._armed = value
+
+    def _remove_module_hooks(self) -> None:
+        for handle in self._module_handles:
+            handle.remove()
+        self._module_handles.clear()
+
+    def _enter_root(self, _module: nn.Module, _args: Any) -> None:
+        if self._active:
+            self._stack.append(ROOT_NAME)
+            return
+        if not self._armed or (self.require_grad and not torch.is_grad_enabled()):
+            return
+        self._active = True
+        self._calls.clear()
+        self._stack.clear()
+        self._stack.append(ROOT_NAME)
+        self._mode.__enter__()
+
+    def _leave_root(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        if not self._active:
+            return
+        self._stack.pop()
+        if not self._stack:
+            self._active = False
+            self._mode.__exit__(None, None, None)
+            if not self._armed:
+                self._remove_module_hooks()
+
+    def _enter(self, name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any) -> None:
-            if is_root and not self._active:
-                if not self.armed or (self.require_grad and not torch.is_grad_enabled()):
-                    return
-                self._active = True
-                self._calls.clear()
-                self._stack.clear()
-                self._mode.__enter__()
             if self._active:
                 self._stack.append(name)
 
         return hook
 
-    def _leave(self, is_root: bool) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: Any, _output: Any) -> None:
-            if not self._active:
-                return
+    def _leave(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        if self._active and len(self._stack) > 1:
             self._stack.pop()
-            if is_root and not self._stack:
-                self._active = False
-                self._mode.__exit__(None, None, None)
-
-        return hook
 
     def site_call(self, mode: SiteMode, preactivation: torch.Tensor) -> None:
         """Name the call after the innermost running module and report it."""
@@ -184,6 +243,7 @@ class ModuleTracker:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._remove_module_hooks()
         if self._active:
             self._active = False
             self._mode.__exit__(None, None, None)

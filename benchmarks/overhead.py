@@ -1,0 +1,336 @@
+"""Training-step overhead of apmon's pattern capture, side by side with plain training and with the
+sources' counting method, on ResNet-20 (CIFAR shape) and an MLP.
+
+    python benchmarks/overhead.py                      # CPU, a few minutes
+    python benchmarks/overhead.py --device cuda        # the same table on a GPU
+
+Modes, each on its own copy of the same initial model and the same batch, run in interleaved
+blocks of ``--block`` steps (the order rotates every round, so load drift hits every mode alike):
+
+- plain: forward, backward, optimizer step;
+- every 1 / every 10: the same with ``Monitor(every=1)`` / ``Monitor(every=10)`` (exact counts,
+  wire summaries built at each step end; the transport only serialises them);
+- reference: every step, each site's preactivation counted as the sources do (Hartmann et al.
+  2021, Algorithm 1; thesis Algorithm 1 + 2): rows -> bool -> int64 words, multiply-xor hash,
+  ``% table``, ``index_add_`` into a fresh int32 table sized for <= 15% occupancy (the papers'
+  rule), then distinct, max_freq, entropy and weighted Jaccard to the previous step's table.
+
+Printed per model: median seconds per step, the median over rounds of each mode's time divided by
+the same round's plain time, added time, the reference's added time divided by ours, peak extra
+memory of the capture path per step (bytes allocated by the monitor's own tensor operations and
+alive at once, tracked op by op; on CUDA also ``max_memory_allocated`` minus plain), and the JSON
+bytes of one site's summary (raw and gzip), e.g. for the 64-unit conv sites of ResNet-20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import math
+import statistics
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models import ResNet20, mlp
+from reference_counting import pack_words, source_hash
+
+from monitor.client.capture import ModuleTracker, rows_of
+from monitor.client.handle import Monitor
+from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
+
+MODES = ("plain", "every 1", "every 10", "reference")
+
+
+class SerialisingTransport:
+    """Keeps nothing but the JSON size of each site summary; the client-side cost of shipping."""
+
+    run_id = "bench"
+
+    def __init__(self) -> None:
+        self.site_bytes: dict[str, tuple[int, int]] = {}
+        self.units: dict[str, int] = {}
+
+    def start_run(self, start: RunStart) -> str:
+        return self.run_id
+
+    def add_sites(self, sites: list[SiteInfo]) -> None:
+        for site in sites:
+            self.units[site.name] = site.units
+
+    def send_summary(self, summary: StepSummary) -> None:
+        for site in summary.sites:
+            raw = site.model_dump_json().encode()
+            self.site_bytes[site.site] = (len(raw), len(gzip.compress(raw)))
+
+    def send_probe(self, probe: ProbeRecord) -> None:
+        pass
+
+    def poll_alerts(self) -> list[AlertValue]:
+        return []
+
+    def finish(self, final_step: int) -> None:
+        pass
+
+
+class PeakMemory(TorchDispatchMode):
+    """Bytes of the tensors created by the operations run inside it and still alive: the peak
+    of that total is the extra memory of the code it wraps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in (*args, *(kwargs or {}).values())
+            if isinstance(a, torch.Tensor) and a.device.type != "meta"
+        }
+        for tensor in outputs:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() in inputs or tensor._base is not None:
+                continue  # a view or an in-place result: no new memory
+            nbytes = storage.nbytes()
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(tensor, self._free, nbytes)
+        return out
+
+
+class Stopwatch:
+    """Seconds spent inside the wrapped callbacks (the capture path's own time, which load on
+    the machine disturbs less than a whole step's)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, callback: Callable[..., Any], sync: Callable[[], None]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            sync()
+            start = time.perf_counter()
+            try:
+                return callback(*args)
+            finally:
+                sync()
+                self.seconds += time.perf_counter() - start
+
+        return run
+
+
+def tracked(callback: Callable[..., None], meter: PeakMemory) -> Callable[..., None]:
+    """Run a site callback inside the memory meter."""
+
+    def run(*args: Any) -> None:
+        with meter:
+            callback(*args)
+
+    return run
+
+
+class ReferenceCounter:
+    """The sources' per-site hash-table counting, every step (see module docstring)."""
+
+    def __init__(self, model: nn.Module, occupancy: float = 0.15) -> None:
+        self.occupancy = occupancy
+        self.previous: dict[str, torch.Tensor] = {}
+        self.values: dict[str, tuple[float, ...]] = {}
+        self.tracker = ModuleTracker(model, self.on_site, sign_mode=False)
+        self.tracker.armed = True
+
+    def on_site(self, name: str, mode: str, preactivation: torch.Tensor) -> None:
+        with torch.no_grad():
+            rows, _ = rows_of(preactivation.detach())
+            act = rows > 0
+            n = act.shape[0]
+            size = max(30000, math.ceil(n / self.occupancy))
+            counts = torch.zeros(size, dtype=torch.int32, device=act.device)
+            key = source_hash(pack_words(act)) % size
+            counts.index_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+            occupied = counts[counts > 0].double()
+            p = occupied / n
+            distinct = occupied.numel()
+            max_freq = float(p.max())
+            entropy = float(-(p * torch.log2(p)).sum())
+            jaccard = 1.0
+            previous = self.previous.get(name)
+            if previous is not None and previous.numel() == size:
+                jaccard = float(
+                    torch.minimum(previous, counts).sum() / torch.maximum(previous, counts).sum()
+                )
+            self.previous[name] = counts
+            self.values[name] = (distinct, max_freq, entropy, jaccard)
+
+
+def make_model(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """Model and a fixed batch of 128."""
+    if name == "resnet20":
+        return ResNet20(), torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    return mlp(), torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time every mode on one model; returns the figures."""
+    torch.manual_seed(0)
+    base, x, y = make_model(name)
+    device = torch.device(args.device)
+    x, y = x.to(device), y.to(device)
+    runs: dict[str, dict[str, Any]] = {}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for mode in MODES:
+        model = copy.deepcopy(base).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        run: dict[str, Any] = {"model": model, "opt": opt, "times": [], "watch": Stopwatch()}
+        if mode.startswith("every"):
+            transport = SerialisingTransport()
+            mon = Monitor(model, opt, transport, every=int(mode.split()[1]))
+            run.update(monitor=mon, transport=transport, callback=mon._record_site)
+            mon.tracker.on_site = run["watch"].wrap(mon._record_site, sync)
+            mon._step_hook.remove()
+            mon._step_hook = opt.register_step_post_hook(
+                run["watch"].wrap(mon._after_optimizer_step, sync)
+            )
+        elif mode == "reference":
+            ref = ReferenceCounter(model)
+            run.update(reference=ref, callback=ref.on_site)
+            ref.tracker.on_site = run["watch"].wrap(ref.on_site, sync)
+        runs[mode] = run
+
+    def step(run: dict[str, Any]) -> None:
+        run["opt"].zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(run["model"](x), y)
+        loss.backward()
+        run["opt"].step()
+
+    cuda_peak: dict[str, int] = {}
+    for mode, run in runs.items():  # warm-up, and the CUDA allocator's peak per mode
+        for _ in range(args.block):
+            step(run)
+        sync()
+        run["watch"].seconds = 0.0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step(run)
+            sync()
+            cuda_peak[mode] = torch.cuda.max_memory_allocated()
+    ratios: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(args.rounds):
+        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
+        block: dict[str, float] = {}
+        for mode in order:
+            run = runs[mode]
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.block):
+                step(run)
+            sync()
+            block[mode] = (time.perf_counter() - start) / args.block
+            run["times"].append(block[mode])
+        for mode in MODES:
+            ratios[mode].append(block[mode] / block["plain"])
+    for run in runs.values():  # one more step each, with the capture path's memory metered
+        if "callback" in run:
+            run["meter"] = PeakMemory()
+            tracker = run["monitor" if "monitor" in run else "reference"].tracker
+            tracker.on_site = tracked(run["callback"], run["meter"])
+            tracker.armed = True
+            step(run)
+            tracker.on_site = run["watch"].wrap(run["callback"], sync)
+    figures: dict[str, Any] = {"name": name, "modes": {}}
+    plain = statistics.median(runs["plain"]["times"])
+    for mode in MODES:
+        run = runs[mode]
+        median = statistics.median(run["times"])
+        figures["modes"][mode] = {
+            "seconds": median,
+            "ratio": statistics.median(ratios[mode]),
+            "added": median - plain,
+            "inside": run["watch"].seconds / (args.rounds * args.block),
+            "peak_bytes": run["meter"].peak if "meter" in run else 0,
+            "cuda_extra": cuda_peak.get(mode, 0) - cuda_peak.get("plain", 0),
+        }
+        if "monitor" in run:
+            run["monitor"].close()
+    transport = runs["every 1"]["transport"]
+    figures["site_bytes"] = transport.site_bytes
+    figures["units"] = transport.units
+    return figures
+
+
+def report(figures: dict[str, Any]) -> None:
+    """Print one model's table."""
+    modes = figures["modes"]
+    print(f"\n{figures['name']}: batch 128")
+    print(
+        f"{'mode':<10} {'s/step':>8} {'x plain':>8} {'added ms':>9} {'capture ms':>11}"
+        f" {'peak extra':>11}"
+    )
+    for mode, f in modes.items():
+        extra = f"{f['peak_bytes'] / 2**20:.1f} MiB" if mode != "plain" else "-"
+        print(
+            f"{mode:<10} {f['seconds']:8.4f} {f['ratio']:8.3f} {f['added'] * 1e3:9.1f}"
+            f" {f['inside'] * 1e3:11.1f} {extra:>11}"
+        )
+        if f["cuda_extra"]:
+            print(f"{'':<10} cuda max_memory_allocated - plain: {f['cuda_extra'] / 2**20:.1f} MiB")
+    ours = modes["every 1"]["added"]
+    ref = modes["reference"]["added"]
+    if ours > 0:
+        print(f"reference added time / apmon every-step added time: {ref / ours:.1f}x")
+    else:
+        print("apmon every-step added time is within noise (<= 0)")
+    inside = modes["every 1"]["inside"]
+    print(
+        "reference capture time / apmon every-step capture time: "
+        f"{modes['reference']['inside'] / inside:.1f}x"
+    )
+    sizes = figures["site_bytes"]
+    by_units: dict[int, list[tuple[int, int]]] = {}
+    for site, size in sizes.items():
+        by_units.setdefault(figures["units"][site], []).append(size)
+    for units, values in sorted(by_units.items()):
+        raw = max(v[0] for v in values)
+        packed = max(v[1] for v in values)
+        print(f"summary per site-step, {units}-unit sites: <= {raw} B JSON, <= {packed} B gzip")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default="resnet20,mlp")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--block", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    for name in args.models.split(","):
+        report(bench_model(name, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Fixed probe sets: the same rows every k steps, the basis of Jaccard, changes and diagrams.
+
+A probe evaluation runs under ``no_grad`` with the model in its current (training) mode, so batch
+norm normalises with the chunk's own statistics as in the sources (Hartmann et al. 2021, Sec. 2.2;
+thesis Sec. 3.1.2), but leaves no trace: every buffer (batch norm's running mean, running variance
+and batch counter) is saved and copied back, the CPU and CUDA random generators are restored,
+dropout layers are switched to eval for the probe (a fixed probe set needs fixed rows), and
+parameters and optimizer state are never touched. The set is forwarded in chunks of at most
+``chunk`` rows (or the DataLoader's batches) to bound memory; the per-site statistics of the
+chunks are merged exactly. With batch norm in training mode the chunking is part of the
+measurement (statistics are per chunk), so keep it fixed within a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
+from monitor.client.summary import SiteStats, measure, to_wire
+from monitor.schema import SiteInfo, SiteMode, StepSummary
+
+logger = logging.getLogger(__name__)
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+@dataclass
+class ProbeSet:
+    """A fixed probe set and how to chunk it.
+
+    ``data`` is a tensor of inputs (optionally with ``labels``), or an iterable such as a
+    DataLoader (not shuffled) yielding inputs or ``(inputs, labels, ...)`` tuples; labels are
+    used when ``use_labels`` is set. Tensors are split into chunks of ``chunk`` rows.
+    """
+
+    data: torch.Tensor | Iterable[Any]
+    labels: torch.Tensor | None = None
+    chunk: int = 256
+    use_labels: bool = True
+    device: torch.device | str | None = None
+
+    def chunks(self) -> Iterator[tuple[Any, torch.Tensor | None]]:
+        """(inputs, labels or None) per chunk, on ``device`` when one is set."""
+        if isinstance(self.data, torch.Tensor):
+            for start in range(0, self.data.shape[0], self.chunk):
+                labels = None
+                if self.labels is not None and self.use_labels:
+                    labels = self.labels[start : start + self.chunk]
+                yield self._to(self.data[start : start + self.chunk]), labels
+            return
+        for batch in self.data:
+            if isinstance(batch, (tuple, list)):
+                labels = batch[1] if self.use_labels and len(batch) > 1 else None
+                yield self._to(batch[0]), labels
+            else:
+                yield self._to(batch), None
+
+    def _to(self, x: Any) -> Any:
+        if self.device is not None and isinstance(x, torch.Tensor):
+            return x.to(self.device, non_blocking=True)
+        return x
+
+
+@contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Run a block that forwards ``model``; leave every buffer and random generator as it was.
+
+    Dropout layers are in eval mode inside the block.
+    """
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    dropouts = [m for m in model.modules() if isinstance(m, _DROPOUT) and m.training]
+    for module in dropouts:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in dropouts:
+            module.train()
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                saved = buffers.get(name)
+                if saved is not None:
+                    buf.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@dataclass
+class ProbeResult:
+    """Merged statistics of one probe-set evaluation, and the sites it met."""
+
+    stats: dict[str, SiteStats] = field(default_factory=dict)
+    sites: dict[str, SiteInfo] = field(default_factory=dict)
+
+
+def evaluate(
+    model: nn.Module,
+    tracker: ModuleTracker,
+    probe: ProbeSet,
+    site_filter: SiteFilter | None = None,
+) -> ProbeResult:
+    """Forward the probe set through ``model`` and return each site's exact statistics."""
+    result = ProbeResult()
+    labels: torch.Tensor | None = None
+
+    def on_site(name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
+        if site_filter is not None and not site_filter(name):
+            return
+        x = preactivation.detach()
+        kind = site_kind(x)
+        stats = measure(x, kind, labels)
+        if name not in result.sites:
+            result.sites[name] = SiteInfo(name=name, kind=kind, mode=mode, units=stats.units)
+        previous = result.stats.get(name)
+        result.stats[name] = stats if previous is None else previous.merge(stats)
+
+    with torch.no_grad(), untouched(model), tracker.probing(on_site):
+        for inputs, chunk_labels in probe.chunks():
+            labels = chunk_labels
+            model(inputs)
+    return result
+
+
+def probe_summary(step: int, result: ProbeResult, sketch_k: int) -> StepSummary:
+    """The wire record of a probe-set evaluation."""
+    return StepSummary(
+        step=step,
+        source="probe_set",
+        sites=[to_wire(name, stats, sketch_k) for name, stats in result.stats.items()],
+    )
