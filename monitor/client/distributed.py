@@ -63,3 +63,33 @@ def is_leader(group: Any = None) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return True
     return dist.get_rank(group) == 0
+
+
+class SilentTransport:
+    """The transport of a non-leader rank under ``merge_ranks``.
+
+    Its statistics reach the leader through ``all_gather_stats``, so it ships nothing and opens
+    no run of its own.
+    """
+
+    run_id = ""
+
+    def start_run(self, start: Any) -> str:
+        """Open nothing."""
+        return ""
+
+    def add_sites(self, sites: Any) -> None:
+        """Drop."""
+
+    def send_summary(self, summary: Any) -> None:
+        """Drop."""
+
+    def send_probe(self, probe: Any) -> None:
+        """Drop."""
+
+    def poll_alerts(self) -> list[Any]:
+        """No alerts on a non-leader rank."""
+        return []
+
+    def finish(self, final_step: int) -> None:
+        """Nothing to finish."""

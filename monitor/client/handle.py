@@ -19,9 +19,12 @@ import torch
 from torch import nn
 
 from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber
-from monitor.client.capture import ModuleTracker, SiteFilter, rows_of
+from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
+from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
+from monitor.client.probeset import ProbeSet, probe_summary
+from monitor.client.probeset import evaluate as evaluate_probe_set
 from monitor.client.schedules import Schedule, as_schedule
-from monitor.client.summary import DEFAULT_SKETCH_K, SiteStats, site_stats, to_wire
+from monitor.client.summary import DEFAULT_SKETCH_K, SiteStats, measure, to_wire
 from monitor.client.transport import Transport
 from monitor.schema import AlertValue, RunStart, SiteInfo, SiteMode, StepSummary
 from monitor.settings import Settings
@@ -53,6 +56,10 @@ class Monitor:
         sweep_every: int | Schedule | None = None,
         sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
         probe_rows: int | None = None,
+        probe_set: ProbeSet | torch.Tensor | None = None,
+        probe_every: int | Schedule = 100,
+        merge_ranks: bool = False,
+        process_group: Any = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -68,6 +75,17 @@ class Monitor:
         self._stats: dict[str, SiteStats] = {}
         self._new_sites: list[SiteInfo] = []
         self._pending: StepSummary | None = None
+        self._labels: torch.Tensor | None = None
+        # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
+        if probe_set is not None and not isinstance(probe_set, ProbeSet):
+            probe_set = ProbeSet(probe_set)
+        self.probe_set: ProbeSet | None = probe_set
+        self.probe_schedule = as_schedule(probe_every)
+        self.merge_ranks = merge_ranks
+        self.process_group = process_group
+        if merge_ranks and not is_leader(process_group):
+            self.transport = transport = SilentTransport()  # the leader ships for all ranks
+        # -- end of probe set and merging -----------------------------------------------------
         self.tracker = ModuleTracker(model, self._record_site, sign_mode=sign_mode)
         self._step_hook = optimizer.register_step_post_hook(self._after_optimizer_step)
         # -- APT probes and sweeps (apt.py): hooks exist only when some probe is scheduled ----
@@ -99,15 +117,12 @@ class Monitor:
         if not self.site_filter(name):
             return
         try:
+            x = preactivation.detach()
+            kind = site_kind(x)
             with torch.no_grad():
-                rows, kind = rows_of(preactivation.detach())
-                mask = rows > 0
-                nonfinite = 0
-                if not bool(torch.isfinite(rows).all()):
-                    nonfinite = int((~torch.isfinite(rows)).any(dim=1).sum())
-                stats = site_stats(mask, nonfinite_rows=nonfinite)
+                stats = measure(x, kind, self._labels)
             if name not in self.sites:
-                info = SiteInfo(name=name, kind=kind, mode=mode, units=int(rows.shape[1]))
+                info = SiteInfo(name=name, kind=kind, mode=mode, units=stats.units)
                 self.sites[name] = info
                 self._new_sites.append(info)
             previous = self._stats.get(name)
@@ -155,20 +170,58 @@ class Monitor:
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._run_probes()
+        self._run_probe_set()
         try:
             self._flush_pending()
-            if self._stats:
+            stats = self._stats
+            if self.merge_ranks and self.schedule(self.step):
+                stats = all_gather_stats(stats, self.process_group)
+                if not is_leader(self.process_group):
+                    stats = {}
+            if stats:
                 self._pending = StepSummary(
                     step=self.step,
                     source="train",
-                    sites=[to_wire(n, s, self.sketch_k) for n, s in self._stats.items()],
+                    sites=[to_wire(n, s, self.sketch_k) for n, s in stats.items()],
                 )
-                self._stats = {}
+            self._stats = {}
             self.step += 1
             self.tracker.armed = self.schedule(self.step)
         except Exception:
             logger.exception("apmon failed at the end of step %d; training continues", self.step)
         self._deliver_alerts()
+
+    # -- fixed probe set (probeset.py) ---------------------------------------------------------
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Labels (N,) of the next training forwards' batch, for per-class unit counts.
+
+        ``None`` stops them.
+        """
+        self._labels = None if labels is None else labels.detach()
+
+    def _run_probe_set(self) -> None:
+        if self.probe_set is None or not self.probe_schedule(self.step):
+            return
+        try:
+            result = evaluate_probe_set(self.model, self.tracker, self.probe_set, self.site_filter)
+            if self.merge_ranks:
+                stats = all_gather_stats(result.stats, self.process_group)
+                if not is_leader(self.process_group):
+                    return
+                result.stats = stats
+            for name, info in result.sites.items():
+                if name not in self.sites:
+                    self.sites[name] = info
+                    self._new_sites.append(info)
+            if self._new_sites:
+                self.transport.add_sites(self._new_sites)
+                self._new_sites = []
+            self.transport.send_summary(probe_summary(self.step, result, self.sketch_k))
+        except Exception:
+            logger.exception("apmon probe set failed at step %d; training continues", self.step)
+
+    # -- end of fixed probe set ---------------------------------------------------------------
 
     def _flush_pending(self) -> None:
         if self._new_sites:
@@ -275,7 +328,10 @@ def watch(
     Options: ``every`` (int k or a step -> bool schedule), ``include``/``exclude`` (site name
     patterns), ``sign_mode`` (also capture GELU/SiLU sites by preactivation sign), ``sketch_k``,
     ``name``, ``on_alert`` (called on the training thread; may raise to stop training),
-    ``config`` (logged with the run); APT probes (see ``monitor.client.apt``): ``apt_every``
+    ``config`` (logged with the run); a fixed probe set: ``probe_set`` (tensor, DataLoader or
+    ``ProbeSet``) evaluated every ``probe_every`` steps (int k or schedule; see
+    ``monitor.client.probeset``); ``merge_ranks`` (merge data-parallel ranks' statistics exactly,
+    rank 0 ships; ``process_group``); APT probes (see ``monitor.client.apt``): ``apt_every``
     (int k or schedule; the thesis probes every 8 steps), ``sweep_every`` (sensitivity sweeps),
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
     (probe only the first rows of the batch; default the whole batch).

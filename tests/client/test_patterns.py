@@ -20,7 +20,6 @@ from monitor.client.patterns import (
     mix64,
     pack_bits,
     pack_signs,
-    to_unsigned,
 )
 
 MASK64 = 2**64 - 1
