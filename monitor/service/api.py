@@ -31,7 +31,8 @@ class RunOut(ApiModel):
 
 class IngestOut(ApiModel):
     """The answer to an ingest: whether the batch was new, what got processed, and the alerts
-    raised by that processing (the client hands them to the user's ``on_alert``)."""
+    raised by that processing (the client hands them to the user's ``on_alert``).
+    """
 
     run_id: str
     stream: str

@@ -1,5 +1,6 @@
 """Ingest: validate a batch, keep it once, and feed every batch whose turn has come to the plugins,
-all in one transaction that holds the run's row lock."""
+all in one transaction that holds the run's row lock.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from monitor.host import PluginHost
 from monitor.measures import PluginRegistry
@@ -25,6 +27,17 @@ class BadBatch(ValueError):
 
 class RunClosed(RuntimeError):
     """The run is finished and takes no more records."""
+
+
+class _Poisoned(Exception):
+    """A batch that waited for its turn cannot be stored; its transaction is rolled back."""
+
+    def __init__(self, stream: str, seq: int, step: int, error: StoreError) -> None:
+        super().__init__(f"batch {stream}/{seq}: {error}")
+        self.stream, self.seq, self.step, self.error = stream, seq, step, error
+
+
+MAX_POISONED = 1000  # bound on set-aside batches per request (each costs one transaction)
 
 
 @dataclass
@@ -55,6 +68,7 @@ class IngestResult:
 
 
 Committed = Callable[[Processed], None]
+_T = TypeVar("_T")
 
 
 class Ingestor:
@@ -84,6 +98,28 @@ class Ingestor:
         Raises NotFound (unknown run or another project's), RunClosed, or BadBatch; on any of
         them nothing is stored.
         """
+        return self._retrying(run_id, lambda: self._ingest(project, run_id, batch))
+
+    def _retrying(self, run_id: str, attempt: Callable[[], _T]) -> _T:
+        """Run ``attempt``; when an earlier waiting batch turns out unstorable, set it aside
+        (recorded as an ingest error, marked processed) in its own transaction and try again.
+        """
+        for _ in range(MAX_POISONED):
+            try:
+                return attempt()
+            except _Poisoned as poisoned:
+                logger.warning("run %s: %s; set aside", run_id, poisoned)
+                with self._store.locked_run(run_id) as locked:
+                    locked.record_error(
+                        run_id,
+                        INGEST_SOURCE,
+                        poisoned.step,
+                        "".join(traceback.format_exception(poisoned.error)),
+                    )
+                    locked.mark_batch_processed(run_id, poisoned.stream, poisoned.seq, -1)
+        raise StoreError(f"run {run_id!r}: too many unstorable batches")
+
+    def _ingest(self, project: str, run_id: str, batch: IngestBatch) -> IngestResult:
         with self._store.locked_run(run_id) as locked:
             info = locked.run(run_id)
             if info.project != project:
@@ -94,11 +130,9 @@ class Ingestor:
                     raise RunClosed(f"run {run_id!r} is {info.status}; it takes no more batches")
                 _check_sites(locked.sites(run_id), batch)
                 locked.add_sites(run_id, batch.sites)
-                locked.save_batch(
-                    run_id, batch.stream, batch.seq, batch.model_dump(mode="json")
-                )
+                locked.save_batch(run_id, batch.stream, batch.seq, payload=None)
             processed = Processed(run_id, info.mlflow_run_id)
-            own = None if duplicate else (batch.stream, batch.seq)
+            own = None if duplicate else batch
             self._drain(locked, processed, own=own, include_gaps=False)
             pending = locked.pending_batch_count(run_id)
         self._committed(processed)
@@ -106,7 +140,11 @@ class Ingestor:
 
     def finish(self, project: str, run_id: str, final_step: int) -> Processed:
         """Process every waiting batch (skipping seqs that never came), run the end-of-run
-        plugins and close the run. Finishing a finished run does nothing."""
+        plugins and close the run. Finishing a finished run does nothing.
+        """
+        return self._retrying(run_id, lambda: self._finish(project, run_id, final_step))
+
+    def _finish(self, project: str, run_id: str, final_step: int) -> Processed:
         with self._store.locked_run(run_id) as locked:
             info = locked.run(run_id)
             if info.project != project:
@@ -123,6 +161,9 @@ class Ingestor:
 
     def drain(self, run_id: str) -> Processed:
         """Process whatever batches of the run are ready (a sweep after a worker died)."""
+        return self._retrying(run_id, lambda: self._drain_only(run_id))
+
+    def _drain_only(self, run_id: str) -> Processed:
         with self._store.locked_run(run_id) as locked:
             processed = Processed(run_id, locked.run(run_id).mlflow_run_id)
             self._drain(locked, processed, own=None, include_gaps=False)
@@ -136,47 +177,46 @@ class Ingestor:
         self,
         locked: SqlStore,
         processed: Processed,
-        own: tuple[str, int] | None,
+        own: IngestBatch | None,
         include_gaps: bool,
     ) -> None:
+        """Process every batch whose turn has come, in order. ``own`` is this request's new
+        batch, recorded without its payload: processed from memory when its turn has come,
+        else its payload is stored to wait. One pass suffices: the ready batches are contiguous,
+        so nothing else can become ready within this transaction.
+        """
         run_id = processed.run_id
         host = self._host(locked)
-        while True:
-            ready = locked.ready_batches(run_id, include_gaps=include_gaps)
-            if not ready:
-                return
-            for stream, seq, payload in ready:
-                batch = IngestBatch.model_validate(payload)
-                records = _in_step_order(batch)
-                last_step = max((r.step for r in records), default=-1)
-                outcomes: list[tuple[int, PluginOutcome]] = []
-                try:
-                    with locked.savepoint():
-                        for record in records:
-                            if isinstance(record, StepSummary):
-                                outcomes.append((record.step, host.handle_summary(run_id, record)))
-                            else:
-                                outcomes.append((record.step, host.handle_probe(run_id, record)))
-                except StoreError as error:
-                    if (stream, seq) == own:
-                        raise BadBatch(f"batch {stream}/{seq} cannot be stored: {error}") from error
-                    # A batch that waited for its turn and then fails is recorded, not retried
-                    # forever: it would block every later batch of its stream.
-                    logger.warning("run %s: batch %s/%s failed: %s", run_id, stream, seq, error)
-                    locked.record_error(
-                        run_id, INGEST_SOURCE, max(last_step, 0), "".join(
-                            traceback.format_exception(error)
-                        )
-                    )
-                    outcomes = []
-                locked.mark_batch_processed(run_id, stream, seq, last_step)
-                processed.outcomes += outcomes
-                processed.batches.append((stream, seq))
-                if outcomes:
-                    processed.step_summaries += len(batch.summaries)
-                    processed.site_summaries += sum(len(s.sites) for s in batch.summaries)
-            if include_gaps:
-                return
+        ready = locked.ready_batches(run_id, include_gaps=include_gaps)
+        own_key = None if own is None else (own.stream, own.seq)
+        if own is not None and own_key not in {(stream, seq) for stream, seq, _ in ready}:
+            locked.keep_batch_payload(run_id, own.stream, own.seq, own.model_dump(mode="json"))
+        for stream, seq, payload in ready:
+            if (stream, seq) == own_key and own is not None:
+                batch = own
+            else:
+                batch = IngestBatch.model_validate(payload or {"seq": seq, "stream": stream})
+            records = _in_step_order(batch)
+            last_step = max((r.step for r in records), default=-1)
+            outcomes: list[tuple[int, PluginOutcome]] = []
+            try:
+                for record in records:
+                    if isinstance(record, StepSummary):
+                        outcomes.append((record.step, host.handle_summary(run_id, record)))
+                    else:
+                        outcomes.append((record.step, host.handle_probe(run_id, record)))
+            except StoreError as error:
+                # The store has rolled the whole transaction back by now.
+                if (stream, seq) == own_key:
+                    raise BadBatch(f"batch {stream}/{seq} cannot be stored: {error}") from error
+                # A batch that waited for its turn and then fails is set aside, not retried
+                # forever: it would block every later batch of its stream.
+                raise _Poisoned(stream, seq, max(last_step, 0), error) from error
+            locked.mark_batch_processed(run_id, stream, seq, last_step)
+            processed.outcomes += outcomes
+            processed.batches.append((stream, seq))
+            processed.step_summaries += len(batch.summaries)
+            processed.site_summaries += sum(len(s.sites) for s in batch.summaries)
 
     def _committed(self, processed: Processed) -> None:
         for listener in self._on_committed:

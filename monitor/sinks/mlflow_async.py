@@ -1,6 +1,7 @@
 """The service's MLflow sink: a background thread that mirrors committed results into MLflow,
 batched (at most 1000 entries per ``log_batch``) and retried with backoff while MLflow is away,
-so ingest latency never depends on MLflow."""
+so ingest latency never depends on MLflow.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from mlflow.entities import Metric, RunTag
-from mlflow.tracking import MlflowClient
-
-from monitor.sinks.mlflow_sink import MAX_BATCH, metric_key, param
+from monitor.sinks.keys import MAX_BATCH, UNSAFE, metric_key
 from monitor.store.store import PluginOutcome
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ class _RunWork:
 
     name: str = ""
     params: dict[str, str] = field(default_factory=dict)
-    metrics: deque[Metric] = field(default_factory=deque)
+    metrics: deque[tuple[str, float, int, int]] = field(default_factory=deque)
     tags: dict[str, str] = field(default_factory=dict)
     terminate: bool = False
 
@@ -86,9 +88,9 @@ class AsyncMlflowSink:
             work = self._work.setdefault(run_id, _RunWork())
             for step, outcome in outcomes:
                 for _, _, measure in outcome.measures:
-                    work.metrics.append(Metric(metric_key(measure), measure.value, now, step))
+                    work.metrics.append((metric_key(measure), measure.value, now, step))
                 for _, _, at_step, measure in outcome.backfill:
-                    work.metrics.append(Metric(metric_key(measure), measure.value, now, at_step))
+                    work.metrics.append((metric_key(measure), measure.value, now, at_step))
                 for _, alert in outcome.alerts:
                     work.tags[f"apmon.alert.{alert.kind}"] = (
                         f"step {alert.step}: {alert.message}"
@@ -175,6 +177,10 @@ class AsyncMlflowSink:
             self._work[run_id] = work
 
     def _client_(self) -> MlflowClient:
+        # Imported here, on the sink's thread: mlflow takes seconds to import, and workers
+        # should be ready to ingest before it has.
+        from mlflow.tracking import MlflowClient
+
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self._uri)
         return self._client
@@ -200,10 +206,14 @@ class AsyncMlflowSink:
 
     def _send(self, run_id: str, work: _RunWork) -> None:
         """Send one run's work; on failure ``work`` still holds what was not sent."""
+        from mlflow.entities import Metric, Param, RunTag
+
         client = self._client_()
         mlflow_id = self._mlflow_id(run_id, work.name)
         if work.params:
-            params = [param(k, v) for k, v in sorted(work.params.items())]
+            params = [
+                Param(UNSAFE.sub("_", k)[:250], v[:6000]) for k, v in sorted(work.params.items())
+            ]
             for start in range(0, len(params), 100):
                 client.log_batch(mlflow_id, params=params[start : start + 100])
             work.params = {}
@@ -213,7 +223,7 @@ class AsyncMlflowSink:
                 client.log_batch(mlflow_id, tags=tags[start : start + 100])
             work.tags = {}
         while work.metrics:
-            batch = [work.metrics[i] for i in range(min(MAX_BATCH, len(work.metrics)))]
+            batch = [Metric(*work.metrics[i]) for i in range(min(MAX_BATCH, len(work.metrics)))]
             client.log_batch(mlflow_id, metrics=batch)
             self.sent_batches += 1
             for _ in batch:

@@ -7,28 +7,17 @@ Heavy per-site arrays (histograms, per-unit rates) stay in SQL only.
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from monitor.schema import MeasureValue
+from monitor.sinks.keys import MAX_BATCH, UNSAFE, metric_key
 from monitor.store.store import PluginOutcome
 
+__all__ = ["MAX_BATCH", "MlflowSink", "metric_key", "param"]
+
 logger = logging.getLogger(__name__)
-
-MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
-
-
-def metric_key(measure: MeasureValue) -> str:
-    """The MLflow key of a measure; characters MLflow refuses ('#' of site names) become ':'."""
-    prefix = "ap" if measure.source in ("train", "probe_set") else "apt"
-    source = "" if measure.source in ("train", "apt", "sweep") else f"{measure.source}/"
-    key = f"{prefix}/{source}{measure.name}" + (f"/{measure.site}" if measure.site else "")
-    return _UNSAFE.sub(":", key)
-
 
 class MlflowSink:
     """Mirrors one apmon run into one MLflow run; call ``flush`` to push buffered metrics."""
@@ -93,4 +82,4 @@ class MlflowSink:
 
 def param(key: str, value: object) -> Param:
     """An MLflow param, its key made safe and both cut to MLflow's length limits."""
-    return Param(_UNSAFE.sub("_", key)[:250], str(value)[:6000])
+    return Param(UNSAFE.sub("_", key)[:250], str(value)[:6000])

@@ -7,6 +7,8 @@ translates database errors into ``StoreError``; callers only ever see plain enti
 from __future__ import annotations
 
 import abc
+import copy
+import json
 import hashlib
 import secrets
 import uuid
@@ -14,7 +16,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Transaction, delete, func, select, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Engine,
+    Transaction,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import override
@@ -152,13 +165,22 @@ class SqlStore(Store):
     it with savepoints and roll everything back at the end).
     """
 
-    def __init__(self, bind: Engine | Connection) -> None:
+    def __init__(self, bind: Engine | Connection, savepoints: bool = True) -> None:
         options: dict[str, Any] = {"expire_on_commit": False}
         if isinstance(bind, Connection):
-            options["join_transaction_mode"] = "create_savepoint"
+            # ``savepoints=False`` (``locked_run``): sessions join the caller's transaction
+            # without a SAVEPOINT each, and any failure rolls the whole transaction back.
+            options["join_transaction_mode"] = "create_savepoint" if savepoints else "rollback_only"
         self._bind = bind
         self._sessions = sessionmaker(bind=bind, **options)
         self._site_ids: dict[tuple[str, str], int] = {}
+        # Read caches, only for a store bound to one connection (one transaction: a test's, or
+        # the service's ``locked_run``), where nothing else writes the run meanwhile. They are
+        # dropped when a savepoint rolls back and refreshed by this store's own writes.
+        self._cached = isinstance(bind, Connection)
+        self._site_id_cache: dict[str, dict[str, int]] = {}
+        self._sites_cache: dict[str, dict[str, SiteInfo]] = {}
+        self._states_cache: dict[str, dict[str, dict[str, Any]]] = {}
 
     @contextmanager
     def _session(self, what: str) -> Iterator[Session]:
@@ -250,6 +272,7 @@ class SqlStore(Store):
         return row
 
     def _add_sites(self, session: Session, run_id: str, sites: Sequence[SiteInfo]) -> None:
+        self._forget(run_id)
         known = {
             name: position
             for name, position in session.execute(
@@ -297,22 +320,47 @@ class SqlStore(Store):
 
     @override
     def sites(self, run_id: str) -> dict[str, SiteInfo]:
+        cached = self._sites_cache.get(run_id)
+        if cached is not None:
+            return dict(cached)
         with self._session("read sites") as session:
             rows = session.scalars(
                 select(SiteRow).where(SiteRow.run_id == run_id).order_by(SiteRow.position)
             )
-            return {
+            found = {
                 r.name: SiteInfo(name=r.name, kind=r.kind, mode=r.mode, units=r.units)  # type: ignore[arg-type]
                 for r in rows
             }
+        if self._cached:
+            self._sites_cache[run_id] = found
+        return dict(found)
 
     def _site_id_map(self, session: Session, run_id: str) -> dict[str, int]:
-        return {
+        cached = self._site_id_cache.get(run_id)
+        if cached is not None:
+            return cached
+        found = {
             name: site_id
             for name, site_id in session.execute(
                 select(SiteRow.name, SiteRow.id).where(SiteRow.run_id == run_id)
             )
         }
+        if self._cached and found:
+            self._site_id_cache[run_id] = found
+        return found
+
+    def _forget(self, run_id: str | None = None) -> None:
+        """Drop cached reads (of one run, or all)."""
+        for cache in (self._site_id_cache, self._sites_cache, self._states_cache):
+            if run_id is None:
+                cache.clear()
+            else:
+                cache.pop(run_id, None)
+
+    def _check_run(self, session: Session, run_id: str) -> None:
+        """NotFound unless the run exists (a run with cached sites is known to exist)."""
+        if run_id not in self._site_id_cache:
+            self._run_row(session, run_id)
 
     def _site_id(self, ids: Mapping[str, int], name: str, run_id: str) -> int:
         try:
@@ -332,8 +380,19 @@ class SqlStore(Store):
     @override
     def save_summary(self, run_id: str, summary: StepSummary) -> None:
         with self._session(f"save summary of step {summary.step}") as session:
-            self._run_row(session, run_id)
+            self._check_run(session, run_id)
             ids = self._site_id_map(session, run_id)
+            rows = [
+                {
+                    "run_id": run_id,
+                    "site_id": self._site_id(ids, site.site, run_id),
+                    "step": summary.step,
+                    "source": summary.source,
+                    "rows": site.rows,
+                    "payload": site.model_dump(mode="json", exclude={"site"}),
+                }
+                for site in summary.sites
+            ]
             if summary.loss is not None or summary.sample_indices is not None:
                 session.add(
                     StepRow(
@@ -344,17 +403,7 @@ class SqlStore(Store):
                         sample_indices=summary.sample_indices,
                     )
                 )
-            for site in summary.sites:
-                session.add(
-                    SummaryRow(
-                        run_id=run_id,
-                        site_id=self._site_id(ids, site.site, run_id),
-                        step=summary.step,
-                        source=summary.source,
-                        rows=site.rows,
-                        payload=site.model_dump(mode="json", exclude={"site"}),
-                    )
-                )
+            _insert_many(session, SummaryRow, rows)
 
     @override
     def step_summaries(self, run_id: str, source: str) -> Iterator[StepSummary]:
@@ -411,49 +460,46 @@ class SqlStore(Store):
 
     @override
     def plugin_states(self, run_id: str) -> dict[str, dict[str, Any]]:
+        cached = self._states_cache.get(run_id)
+        if cached is not None:
+            return copy.deepcopy(cached)  # plugins mutate their state in place
         with self._session("read plugin states") as session:
-            return {
+            found = {
                 row.plugin: dict(row.state)
                 for row in session.scalars(
                     select(PluginStateRow).where(PluginStateRow.run_id == run_id)
                 )
             }
+        if self._cached:
+            self._states_cache[run_id] = copy.deepcopy(found)
+        return found
 
     @override
     def save_outcome(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
         with self._session(f"save plugin results of step {step}") as session:
-            self._run_row(session, run_id)
+            self._check_run(session, run_id)
             ids = self._site_id_map(session, run_id)
 
             def site_id(name: str | None) -> int | None:
                 return None if name is None else self._site_id(ids, name, run_id)
 
             measure_rows = [
-                MeasureRow(
-                    run_id=run_id,
-                    site_id=site_id(m.site),
-                    step=step,
-                    source=m.source,
-                    name=m.name,
-                    value=m.value,
-                    plugin=plugin,
-                    plugin_version=version,
-                )
-                for plugin, version, m in outcome.measures
-            ] + [
-                MeasureRow(
-                    run_id=run_id,
-                    site_id=site_id(m.site),
-                    step=at_step,
-                    source=m.source,
-                    name=m.name,
-                    value=m.value,
-                    plugin=plugin,
-                    plugin_version=version,
-                )
-                for plugin, version, at_step, m in outcome.backfill
+                {
+                    "run_id": run_id,
+                    "site_id": site_id(m.site),
+                    "step": at_step,
+                    "source": m.source,
+                    "name": m.name,
+                    "value": m.value,
+                    "plugin": plugin,
+                    "plugin_version": version,
+                }
+                for plugin, version, at_step, m in [
+                    (plugin, version, step, m) for plugin, version, m in outcome.measures
+                ]
+                + outcome.backfill
             ]
-            session.add_all(measure_rows)
+            _insert_many(session, MeasureRow, measure_rows)
             for plugin, version, fit in outcome.fits:
                 session.add(
                     FitRow(
@@ -493,10 +539,16 @@ class SqlStore(Store):
                         PluginStateRow.plugin.in_(list(outcome.states)),
                     )
                 )
-                session.add_all(
-                    PluginStateRow(run_id=run_id, plugin=name, state=state)
-                    for name, state in outcome.states.items()
+                session.execute(
+                    insert(PluginStateRow),
+                    [
+                        {"run_id": run_id, "plugin": name, "state": state}
+                        for name, state in outcome.states.items()
+                    ],
                 )
+        cached = self._states_cache.get(run_id)
+        if cached is not None:
+            cached.update(copy.deepcopy(outcome.states))
 
     def last_alert_step(self, run_id: str, dedup_key: str) -> int | None:
         """Step of the newest stored alert with this key (for cool-downs)."""
@@ -659,7 +711,7 @@ class SqlStore(Store):
                 ).first()
                 if found is None:
                     raise NotFound(f"no run with id {run_id!r}")
-                yield SqlStore(connection)
+                yield SqlStore(connection, savepoints=False)
                 transaction.commit()
             except BaseException:
                 if transaction.is_active:
@@ -671,34 +723,37 @@ class SqlStore(Store):
             if own:
                 connection.close()
 
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Inside ``locked_run``: undo this block's writes alone when it raises."""
-        if not isinstance(self._bind, Connection):
-            yield
-            return
-        nested = self._bind.begin_nested()
-        try:
-            yield
-        except BaseException:
-            if nested.is_active:
-                nested.rollback()
-            raise
-        nested.commit()
-
     def batch_received(self, run_id: str, stream: str, seq: int) -> bool:
         """Whether (run, stream, seq) was received before."""
         with self._session("read batch") as session:
             return session.get(IngestBatchRow, (run_id, stream, seq)) is not None
 
-    def save_batch(self, run_id: str, stream: str, seq: int, payload: dict[str, Any]) -> None:
-        """Keep a received batch until its turn comes (see ``ready_batches``)."""
+    def save_batch(
+        self, run_id: str, stream: str, seq: int, payload: dict[str, Any] | None
+    ) -> None:
+        """Record a received batch; ``payload`` keeps it until its turn comes (see
+        ``ready_batches``); None when the caller processes it in this same transaction."""
         with self._session(f"save batch {stream}/{seq}") as session:
             session.add(IngestBatchRow(run_id=run_id, stream=stream, seq=seq, payload=payload))
 
+    def keep_batch_payload(
+        self, run_id: str, stream: str, seq: int, payload: dict[str, Any]
+    ) -> None:
+        """Store the payload of a recorded batch that has to wait for its turn."""
+        with self._session(f"keep batch {stream}/{seq}") as session:
+            session.execute(
+                update(IngestBatchRow)
+                .where(
+                    IngestBatchRow.run_id == run_id,
+                    IngestBatchRow.stream == stream,
+                    IngestBatchRow.seq == seq,
+                )
+                .values(payload=payload)
+            )
+
     def ready_batches(
         self, run_id: str, include_gaps: bool = False
-    ) -> list[tuple[str, int, dict[str, Any]]]:
+    ) -> list[tuple[str, int, dict[str, Any] | None]]:
         """Unprocessed batches whose turn has come, as (stream, seq, payload), in order.
 
         A batch's turn comes when every lower seq of its stream has been processed, so the
@@ -719,7 +774,7 @@ class SqlStore(Store):
                 .where(IngestBatchRow.run_id == run_id, IngestBatchRow.processed.is_(False))
                 .order_by(IngestBatchRow.stream, IngestBatchRow.seq)
             ).all()
-        ready: list[tuple[str, int, dict[str, Any]]] = []
+        ready: list[tuple[str, int, dict[str, Any] | None]] = []
         expected: dict[str, int] = {}
         for stream, seq, payload in pending:
             following = expected.get(stream, done.get(stream, -1) + 1)
@@ -727,19 +782,28 @@ class SqlStore(Store):
                 expected[stream] = -1  # a gap: nothing later in this stream is ready yet
                 continue
             expected[stream] = seq + 1
-            ready.append((stream, seq, dict(payload or {})))
+            ready.append((stream, seq, None if payload is None else dict(payload)))
         return ready
 
     def mark_batch_processed(self, run_id: str, stream: str, seq: int, last_step: int) -> None:
         """Mark a batch done, drop its payload, and advance the run's processed step."""
         with self._session(f"mark batch {stream}/{seq}") as session:
-            row = session.get(IngestBatchRow, (run_id, stream, seq))
-            if row is None:
+            marked = session.execute(
+                update(IngestBatchRow)
+                .where(
+                    IngestBatchRow.run_id == run_id,
+                    IngestBatchRow.stream == stream,
+                    IngestBatchRow.seq == seq,
+                )
+                .values(processed=True, payload=None)
+            )
+            if marked.rowcount != 1:  # type: ignore[attr-defined]
                 raise NotFound(f"run {run_id!r} has no batch {stream}/{seq}")
-            row.processed = True
-            row.payload = None
-            run = self._run_row(session, run_id)
-            run.processed_step = max(run.processed_step, last_step)
+            session.execute(
+                update(RunRow)
+                .where(RunRow.id == run_id, RunRow.processed_step < last_step)
+                .values(processed_step=last_step)
+            )
 
     def pending_batch_count(self, run_id: str | None = None) -> int:
         """Received batches not yet processed (of one run, or of all runs)."""
@@ -795,6 +859,44 @@ class SqlStore(Store):
                 .values(mlflow_run_id=mlflow_run_id)
             )
             return self._run_row(session, run_id).mlflow_run_id or mlflow_run_id
+
+
+def _insert_many(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> None:
+    """Insert many rows of one table in one statement.
+
+    A step writes hundreds of measure rows. On PostgreSQL they go as one
+    ``INSERT ... SELECT FROM unnest(arrays)``: one statement with one parameter per column,
+    whose SQL text is the same every time (so the server and SQLAlchemy cache it); elsewhere an
+    executemany.
+    """
+    if not rows:
+        return
+    dialect = session.get_bind().dialect
+    if dialect.name != "postgresql":
+        session.execute(insert(model), rows)
+        return
+    table = model.__table__
+    names = list(rows[0])
+    arrays, selects = [], []
+    for name in names:
+        column = table.c[name]
+        if isinstance(column.type, JSON):
+            arrays.append(f"CAST(:{name} AS TEXT[])")
+            selects.append(f"CAST({name} AS JSON)")
+        else:
+            arrays.append(f"CAST(:{name} AS {column.type.compile(dialect=dialect)}[])")
+            selects.append(name)
+    params: dict[str, list[Any]] = {}
+    for name in names:
+        values = [row[name] for row in rows]
+        if isinstance(table.c[name].type, JSON):
+            values = [None if v is None else json.dumps(v) for v in values]
+        params[name] = values
+    statement = (
+        f"INSERT INTO {table.name} ({', '.join(names)}) "
+        f"SELECT {', '.join(selects)} FROM unnest({', '.join(arrays)}) AS t({', '.join(names)})"
+    )
+    session.execute(text(statement), params)
 
 
 def _run_info(row: RunRow, project: str) -> RunInfo:

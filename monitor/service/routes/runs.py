@@ -49,7 +49,8 @@ def _create(svc: Services, project: str, start: RunStart, run_id: str) -> RunInf
 @router.post("", status_code=status.HTTP_201_CREATED, summary="Start a run (the service picks its id)")
 def start_run(start: RunStart, svc: Svc, project: Project) -> RunOut:
     """Create a run in the token's project; its MLflow run is created in the background (or the
-    client's own MLflow run is used when ``mlflow_run_id`` is given)."""
+    client's own MLflow run is used when ``mlflow_run_id`` is given).
+    """
     return run_out(_create(svc, project, start, str(uuid.uuid4())))
 
 
@@ -112,7 +113,8 @@ def heartbeat(run_id: RunId, svc: Svc, project: Project) -> Response:
 @router.post("/{run_id}/finish", responses=NOT_FOUND, summary="End the run")
 def finish_run(run_id: RunId, body: FinishIn, svc: Svc, project: Project) -> FinishOut:
     """Process every waiting batch, run end-of-run plugins (e.g. Jaccard against the final
-    measurement) and close the run; its MLflow run ends once its metrics are sent. Idempotent."""
+    measurement) and close the run; its MLflow run ends once its metrics are sent. Idempotent.
+    """
     try:
         processed = svc.ingestor.finish(project, run_id, body.final_step)
     except NotFound:

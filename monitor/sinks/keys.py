@@ -1,0 +1,18 @@
+"""MLflow metric keys of measures: few and readable (``ap/<measure>/<site>``, ``apt/T_mean``)."""
+
+from __future__ import annotations
+
+import re
+
+from monitor.schema import MeasureValue
+
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_key(measure: MeasureValue) -> str:
+    """The MLflow key of a measure; characters MLflow refuses ('#' of site names) become ':'."""
+    prefix = "ap" if measure.source in ("train", "probe_set") else "apt"
+    source = "" if measure.source in ("train", "apt", "sweep") else f"{measure.source}/"
+    key = f"{prefix}/{source}{measure.name}" + (f"/{measure.site}" if measure.site else "")
+    return UNSAFE.sub(":", key)
