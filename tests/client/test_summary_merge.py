@@ -1,0 +1,148 @@
+"""merge(a, b) == summary(a + b) for every field, and every field against brute force."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from monitor.client.handle import Monitor
+from monitor.client.patterns import mix64, pack_bits
+from monitor.client.summary import empty_stats, measure, to_wire
+from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
+
+
+class ListTransport:
+    run_id = "test"
+
+    def __init__(self) -> None:
+        self.summaries: list[StepSummary] = []
+
+    def start_run(self, start: RunStart) -> str:
+        return self.run_id
+
+    def add_sites(self, sites: list[SiteInfo]) -> None:
+        pass
+
+    def send_summary(self, summary: StepSummary) -> None:
+        self.summaries.append(summary)
+
+    def send_probe(self, probe: ProbeRecord) -> None:
+        pass
+
+    def poll_alerts(self) -> list[AlertValue]:
+        return []
+
+    def finish(self, final_step: int) -> None:
+        pass
+
+
+def make_input(kind: str, seed: int, units: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = {"dense": (24, units), "seq": (24, 5, units), "conv": (24, units, 3, 4)}[kind]
+    x = torch.randn(shape, generator=gen)
+    x = torch.where(x.abs() < 0.6, torch.zeros_like(x), x)  # ties at 0 count as off
+    x.view(-1)[7] = float("nan")
+    x.view(-1)[-3] = float("inf")
+    return x
+
+
+def rows_of(x: torch.Tensor, kind: str) -> torch.Tensor:
+    return x.movedim(1, -1).reshape(-1, x.shape[1]) if kind == "conv" else x.reshape(-1, x.shape[-1])
+
+
+def assert_same(a, b):
+    assert a.units == b.units
+    assert a.counts.as_dict() == b.counts.as_dict()
+    assert torch.equal(a.unit_on, b.unit_on)
+    assert a.nonfinite_rows == b.nonfinite_rows
+    assert a.class_rows == b.class_rows
+    assert a.class_unit_on.keys() == b.class_unit_on.keys()
+    for label in a.class_unit_on:
+        assert torch.equal(a.class_unit_on[label], b.class_unit_on[label])
+
+
+CASES = [("dense", 5), ("dense", 70), ("seq", 9), ("conv", 16), ("conv", 3), ("conv", 130)]
+
+
+@pytest.mark.parametrize(("kind", "units"), CASES)
+def test_merge_equals_summary_of_concatenation(kind, units):
+    x = make_input(kind, units, units)
+    labels = torch.tensor([3, 1, 4, 1, 5, 9] * 4)
+    whole = measure(x, kind, labels)
+    parts = [measure(x[i : i + 10], kind, labels[i : i + 10]) for i in (0, 10, 20)]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert_same(merged, whole)
+    assert_same(empty_stats(units).merge(whole), whole)
+    for k in (4, 256):
+        assert to_wire("s", merged, k) == to_wire("s", whole, k)
+
+
+@pytest.mark.parametrize(("kind", "units"), CASES)
+def test_every_field_against_brute_force(kind, units):
+    x = make_input(kind, units + 1, units)
+    labels = torch.tensor([0, 2, 2, 7] * 6)
+    stats = measure(x, kind, labels)
+    rows = rows_of(x, kind)
+    mask = rows > 0
+    per_sample = rows.shape[0] // 24
+    row_labels = labels.repeat_interleave(per_sample)
+    counter = Counter(tuple(r) for r in mask.tolist())
+    summary = to_wire("s", stats, sketch_k=10**6)
+    n = rows.shape[0]
+    assert summary.rows == n and summary.distinct == len(counter)
+    assert summary.unit_on == mask.sum(0).tolist()
+    assert summary.nonfinite_rows == int((~torch.isfinite(rows)).any(1).sum())
+    for label in (0, 2, 7):
+        chosen = mask[row_labels == label]
+        assert summary.class_rows[str(label)] == chosen.shape[0]
+        assert summary.class_unit_on[str(label)] == chosen.sum(0).tolist()
+    # the spectrum gives distinct, max_freq and entropy exactly
+    assert sorted(summary.spectrum) == sorted(Counter(counter.values()).items())
+    entropy = -sum(c * m / n * math.log2(c / n) for c, m in summary.spectrum)
+    brute = -sum(c / n * math.log2(c / n) for c in counter.values())
+    assert entropy == pytest.approx(brute, rel=1e-12)
+    assert max(c for c, _ in summary.spectrum) == max(counter.values())
+    # fingerprints are those of the packed patterns
+    fps = mix64(pack_bits(mask)[:, 0]) if units <= 64 else None
+    if fps is not None:
+        expected = Counter(v % 2**64 for v in fps.tolist())
+        assert dict(summary.patterns) == dict(expected)
+
+
+def test_exact_below_threshold_and_bottom_k_above():
+    x = make_input("conv", 0, 16)
+    stats = measure(x, "conv")
+    everything = sorted(stats.counts.as_dict().items())
+    distinct = len(everything)
+    exact = to_wire("s", stats, sketch_k=distinct)
+    assert exact.patterns_exact and exact.sketch_k is None and exact.patterns == everything
+    sketch = to_wire("s", stats, sketch_k=distinct - 1)
+    assert not sketch.patterns_exact and sketch.sketch_k == distinct - 1
+    assert sketch.patterns == everything[: distinct - 1]
+    small = to_wire("s", stats, sketch_k=8)
+    assert small.patterns == everything[:8] and small.distinct == distinct
+
+
+def test_gradient_accumulation_micro_batches_merge_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    x = torch.randn(12, 3, 8, 8)
+    labels = torch.randint(0, 4, (12,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    summaries = []
+    for chunks in (1, 3):
+        transport = ListTransport()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with Monitor(model, opt, transport) as monitor:
+            for xs, ys in zip(x.chunk(chunks), labels.chunk(chunks), strict=True):
+                monitor.set_labels(ys)
+                model(xs).sum().backward()
+            opt.step()
+        model.load_state_dict(state)
+        summaries.append(transport.summaries[0])
+    assert summaries[0] == summaries[1]
+    assert summaries[0].sites[0].class_rows is not None
