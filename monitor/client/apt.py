@@ -65,13 +65,18 @@ class SitePatterns:
 
 @dataclass
 class StepBatch:
-    """The inputs of a training forward and the RNG state it started from (to replay dropout)."""
+    """The inputs of a training forward and the state it ran in, for replaying it.
+
+    That state is the RNG state it started from (same dropout masks) and its autocast setting
+    (device type, dtype, enabled), so that probes compute as the training forward did.
+    """
 
     step: int
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     cpu_rng: torch.Tensor
     cuda_rng: dict[int, torch.Tensor]
+    autocast: tuple[str, torch.dtype, bool] = ("cpu", torch.bfloat16, False)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -105,9 +110,12 @@ def capture_batch(step: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> S
 
     The states kept are the CPU generator's and that of every CUDA device among the inputs.
     """
-    devices = {t.device.index or 0 for t in _tensors((args, kwargs)) if t.is_cuda}
+    tensors = _tensors((args, kwargs))
+    devices = {t.device.index or 0 for t in tensors if t.is_cuda}
     cuda = {d: torch.cuda.get_rng_state(d) for d in sorted(devices)}
-    return StepBatch(step, args, kwargs, torch.get_rng_state(), cuda)
+    kind = "cuda" if devices else "cpu"
+    autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
+    return StepBatch(step, args, kwargs, torch.get_rng_state(), cuda, autocast)
 
 
 @contextmanager
@@ -151,22 +159,36 @@ def probe_forward(
     running statistics and ``num_batches_tracked`` stay untouched.
     """
     found = SitePatterns()
+    state = {name: b.clone() for name, b in model.named_buffers()}
+    if params:
+        state.update(params)
+    device, dtype, enabled = batch.autocast
+    with (
+        torch.no_grad(),
+        torch.autocast(device, dtype=dtype, enabled=enabled),
+        replayed_rng(batch),
+        tracker.probing(pattern_collector(found, site_filter)),
+    ):
+        functional_call(model, state, args, kwargs)
+    return found
+
+
+def pattern_collector(
+    found: SitePatterns, site_filter: SiteFilterFn
+) -> Callable[[str, SiteMode, torch.Tensor], None]:
+    """A tracker callback that stores each site's pattern mask (and info) in ``found``."""
 
     def on_site(name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
         if not site_filter(name):
             return
-        rows, kind = rows_of(preactivation.detach())
-        if not found.nonfinite and not bool(torch.isfinite(rows).all()):
-            found.nonfinite = True
-        found.masks[name] = rows > 0
+        with torch.no_grad():
+            rows, kind = rows_of(preactivation.detach())
+            if not found.nonfinite and not bool(torch.isfinite(rows).all()):
+                found.nonfinite = True
+            found.masks[name] = rows > 0
         found.infos[name] = SiteInfo(name=name, kind=kind, mode=mode, units=int(rows.shape[1]))
 
-    state = {name: b.clone() for name, b in model.named_buffers()}
-    if params:
-        state.update(params)
-    with torch.no_grad(), replayed_rng(batch), tracker.probing(on_site):
-        functional_call(model, state, args, kwargs)
-    return found
+    return on_site
 
 
 def site_probes(
@@ -205,9 +227,13 @@ class AptProber:
     decay, all linear in the learning rate given the optimizer state), the trial parameters are
     theta_t + (eta / eta_t) * delta. eta_t is the learning rate of the first parameter group;
     other groups keep their ratio to it, as a learning-rate scheduler scales them, so the APT
-    probe is the sweep's point at eta = eta_t. The "before" forward is run rather than taken from
-    the training forward because it is exact also on a sub-batch (``probe_rows``) with batch norm
-    (batch statistics of the probe rows) and dropout (masks drawn for the probe rows' shape).
+    probe is the sweep's point at eta = eta_t.
+
+    When the probe rows are the whole batch, the "before" patterns are those of the training
+    forward itself (recorded through the tracker, as thesis Appendix A.4 does: one extra forward
+    per probe): same inputs, parameters, batch statistics and dropout masks as a replay. On a
+    sub-batch (``probe_rows``) a "before" forward on the probe rows is run instead, since batch
+    norm's batch statistics and the dropout masks depend on the rows forwarded.
     """
 
     def __init__(
@@ -239,6 +265,8 @@ class AptProber:
         self._params: dict[str, torch.Tensor] = {}
         self._lr = 0.0
         self.last_sites: dict[str, SiteInfo] = {}
+        self._training: SitePatterns | None = None
+        self._saved_tracker: tuple[Callable[..., None], bool] | None = None
 
     def scheduled(self, step: int) -> bool:
         """Whether step ``step`` is probed or swept."""
@@ -251,19 +279,48 @@ class AptProber:
         """
         if self.probing or not torch.is_grad_enabled() or not self.scheduled(step):
             return
+        self.release_tracker()
+        self._training = None
         self._batch = capture_batch(step, args, kwargs)
+        if take_rows(args, kwargs, self.probe_rows)[0] is args:
+            self._training = SitePatterns()
+            self._tee(pattern_collector(self._training, self.site_filter))
+
+    def _tee(self, collect: Callable[[str, SiteMode, torch.Tensor], None]) -> None:
+        """Arm the tracker for the coming training forward and send its sites to ``collect``.
+
+        The training callback still gets them if it was armed for this step anyway.
+        """
+        training, armed = self.tracker.on_site, self.tracker.armed
+        self._saved_tracker = (training, armed)
+
+        def both(name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
+            collect(name, mode, preactivation)
+            if armed:
+                training(name, mode, preactivation)
+
+        self.tracker.on_site = both
+        self.tracker.armed = True
+
+    def release_tracker(self) -> None:
+        """Give the tracker back its training callback and armed state."""
+        if self._saved_tracker is not None:
+            self.tracker.on_site, self.tracker.armed = self._saved_tracker
+            self._saved_tracker = None
 
     def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Optimizer pre-hook work: the "before" forward; on sweep steps, copy the parameters."""
+        self.release_tracker()
         self._before = None
         self._params = {}
-        batch = self._batch
+        batch, training = self._batch, self._training
+        self._training = None
         if batch is None or batch.step != step:
             return
         self._lr = _reference_lr(optimizer)
         if self._lr <= 0:
             return
-        self._before = self._forward(batch)
+        self._before = training if training is not None else self._forward(batch)
         if self.sweep(step):
             self._params = {
                 self._names[id(p)]: p.detach().clone()

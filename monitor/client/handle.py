@@ -102,7 +102,10 @@ class Monitor:
                 probe_rows=probe_rows,
             )
             self._probe_hooks = [
-                model.register_forward_pre_hook(self._capture_probe_inputs, with_kwargs=True),
+                # First in line: it may arm the tracker for this very forward.
+                model.register_forward_pre_hook(
+                    self._capture_probe_inputs, with_kwargs=True, prepend=True
+                ),
                 optimizer.register_step_pre_hook(self._before_optimizer_step),
             ]
         # -- end of APT probes and sweeps ----------------------------------------------------

@@ -422,3 +422,28 @@ def test_temperature_grid_and_row_helpers() -> None:
     assert args[0].shape == (4, 3) and args[1].shape == (3,)
     assert kwargs["mask"].shape == (4,) and kwargs["k"] == 2
     assert take_rows((x,), {}, None)[0][0] is x and take_rows((x,), {}, 50)[0][0] is x
+
+
+def test_probes_leave_pattern_summaries_alone() -> None:
+    """On full-batch probes the tracker is lent to the probe for the training forward: the
+    pattern summaries must be exactly those of a run without probes (same steps, same values)."""
+
+    def summaries(**probes: Any) -> list[StepSummary]:
+        torch.manual_seed(7)
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        recorder = Recorder()
+        with Monitor(model, optimizer, recorder, every=3, **probes):
+            for step in range(7):
+                x, y = batch(step)
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        if probes:
+            assert len(recorder.probes("apt")) == 4 and len(recorder.probes("sweep")) == 2
+        return [e for e in recorder.events if isinstance(e, StepSummary)]
+
+    plain = summaries()
+    probed = summaries(apt_every=2, sweep_every=5)
+    assert [s.step for s in plain] == [0, 3, 6]
+    assert [s.model_dump() for s in probed] == [s.model_dump() for s in plain]
