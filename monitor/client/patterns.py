@@ -98,18 +98,26 @@ def pack_signs(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, torch.Tens
     inner = 1
     for size in x.shape[unit_dim + 1 :]:
         inner *= size
-    mask = (x > 0).reshape(outer, units, inner).view(torch.uint8)
     nbytes = (units + 7) // 8
-    if units != nbytes * 8:
-        mask = torch.nn.functional.pad(mask, (0, 0, 0, nbytes * 8 - units))
+    positive = x.reshape(outer, units, inner) > 0
+    if units != nbytes * 8:  # pad the unit axis to whole bytes with "off"
+        padded_mask = torch.zeros(outer, nbytes * 8, inner, dtype=torch.bool, device=x.device)
+        padded_mask[:, :units] = positive
+        positive = padded_mask
     weights = _weights8(x.device).view(1, 1, 8, 1)
-    packed = (mask.view(outer, nbytes, 8, inner) * weights).sum(dim=2, dtype=torch.uint8)
-    row_bytes = packed.transpose(1, 2).reshape(outer * inner, nbytes)
+    packed = (positive.view(torch.uint8).view(outer, nbytes, 8, inner) * weights).sum(
+        dim=2, dtype=torch.uint8
+    )
     words = (nbytes + 7) // 8
-    padded = row_bytes
-    if nbytes != words * 8:
-        padded = torch.nn.functional.pad(row_bytes, (0, words * 8 - nbytes))
-    return row_bytes, _bytes_to_words(padded.contiguous())
+    rows = outer * inner
+    # one copy puts each row's bytes side by side, zero-padded to whole int64 words
+    if nbytes == words * 8:
+        buffer = torch.empty(outer, inner, words * 8, dtype=torch.uint8, device=x.device)
+    else:
+        buffer = torch.zeros(outer, inner, words * 8, dtype=torch.uint8, device=x.device)
+    buffer[:, :, :nbytes] = packed.transpose(1, 2)
+    flat = buffer.view(rows, words * 8)
+    return flat[:, :nbytes], _bytes_to_words(flat)
 
 
 def _bytes_to_words(padded: torch.Tensor) -> torch.Tensor:
@@ -200,6 +208,27 @@ def count_patterns(mask: torch.Tensor) -> PatternCounts:
     return count_words(words, mask.shape[1])
 
 
+def use_table(units: int, rows: int) -> bool:
+    """Whether ``rows`` patterns of ``units`` bits are counted in a table of all 2^units values."""
+    return units <= _DENSE_MAX_BITS and (1 << units) <= _DENSE_FACTOR * rows
+
+
+def pattern_table(values: torch.Tensor, units: int) -> torch.Tensor:
+    """Occurrences of every one of the 2^units patterns, indexed by the packed word."""
+    return torch.bincount(values, minlength=1 << units)
+
+
+def counts_from_table(table: torch.Tensor) -> PatternCounts:
+    """The histogram of the patterns that occur in a ``pattern_table``."""
+    unique = torch.nonzero(table).squeeze(1)
+    return PatternCounts(mix64(unique), table[unique])
+
+
+def unit_on_from_table(table: torch.Tensor, units: int) -> torch.Tensor:
+    """Per-unit on-counts from a ``pattern_table``: unit j is on in the values with bit j set."""
+    return torch.stack([table.view(-1, 2, 1 << j)[:, 1].sum() for j in range(units)])
+
+
 def count_words(words: torch.Tensor, units: int) -> PatternCounts:
     """Exact histogram of packed rows (rows, W) of ``units``-bit patterns."""
     rows = words.shape[0]
@@ -207,10 +236,8 @@ def count_words(words: torch.Tensor, units: int) -> PatternCounts:
         return empty_counts(words.device)
     if words.shape[1] == 1:
         values = words[:, 0]
-        if units <= _DENSE_MAX_BITS and (1 << units) <= _DENSE_FACTOR * rows:
-            table = torch.bincount(values, minlength=1 << units)
-            unique = torch.nonzero(table).squeeze(1)
-            counts = table[unique]
+        if use_table(units, rows):
+            return counts_from_table(pattern_table(values, units))
         else:
             unique, counts = torch.unique(values, return_counts=True)
         return PatternCounts(mix64(unique), counts)

@@ -39,6 +39,10 @@ import torch
 from monitor.client.patterns import (
     PatternCounts,
     count_words,
+    counts_from_table,
+    pattern_table,
+    unit_on_from_table,
+    use_table,
     empty_counts,
     merge_counts,
     pack_signs,
@@ -184,13 +188,14 @@ def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None)
         classes = len(label_values)
         per_sample = words.shape[0] // max(x.shape[0], 1)
         row_class = dense.repeat_interleave(per_sample)
-    on = _unit_on_counts(row_bytes, units, row_class, classes)
-    stats = SiteStats(
-        units=units,
-        counts=count_words(words, units),
-        unit_on=on.sum(dim=0),
-        nonfinite_rows=nonfinite,
-    )
+    rows = words.shape[0]
+    if row_class is None and words.shape[1] == 1 and use_table(units, rows):
+        table = pattern_table(words[:, 0], units)  # small d: one table gives counts and on-counts
+        counts, unit_on = counts_from_table(table), unit_on_from_table(table, units)
+    else:
+        on = _unit_on_counts(row_bytes, units, row_class, classes)
+        counts, unit_on = count_words(words, units), on.sum(dim=0)
+    stats = SiteStats(units=units, counts=counts, unit_on=unit_on, nonfinite_rows=nonfinite)
     if row_class is not None:
         rows = torch.bincount(row_class, minlength=classes).tolist()
         for i, label in enumerate(label_values):
@@ -230,7 +235,9 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
         keys, order = torch.topk(keys, sketch_k, largest=False, sorted=True)
     kept_fps = unsigned_order_key(keys).tolist()
     kept_counts = counts[order].tolist()
-    values, multiplicity = torch.unique(counts, return_counts=True)
+    by_count = torch.bincount(counts) if distinct else counts
+    values = torch.nonzero(by_count).squeeze(1)
+    multiplicity = by_count[values]
     summary = SiteSummary(
         site=name,
         rows=int(counts.sum()),
