@@ -40,14 +40,14 @@ from monitor.client.patterns import (
     PatternCounts,
     count_words,
     counts_from_table,
-    pattern_table,
-    unit_on_from_table,
-    use_table,
     empty_counts,
     merge_counts,
     pack_signs,
+    pattern_table,
     to_unsigned,
+    unit_on_from_table,
     unsigned_order_key,
+    use_table,
 )
 from monitor.schema import SiteKind, SiteSummary
 

@@ -51,7 +51,9 @@ def make_input(kind: str, seed: int, units: int) -> torch.Tensor:
 
 
 def rows_of(x: torch.Tensor, kind: str) -> torch.Tensor:
-    return x.movedim(1, -1).reshape(-1, x.shape[1]) if kind == "conv" else x.reshape(-1, x.shape[-1])
+    return (
+        x.movedim(1, -1).reshape(-1, x.shape[1]) if kind == "conv" else x.reshape(-1, x.shape[-1])
+    )
 
 
 def assert_same(a, b):
