@@ -197,9 +197,9 @@ def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None)
         counts, unit_on = count_words(words, units), on.sum(dim=0)
     stats = SiteStats(units=units, counts=counts, unit_on=unit_on, nonfinite_rows=nonfinite)
     if row_class is not None:
-        rows = torch.bincount(row_class, minlength=classes).tolist()
+        per_class = torch.bincount(row_class, minlength=classes).tolist()
         for i, label in enumerate(label_values):
-            stats.class_rows[label] = int(rows[i])
+            stats.class_rows[label] = int(per_class[i])
             stats.class_unit_on[label] = on[i]
     return stats
 
