@@ -46,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import ResNet20, mlp
 from reference_counting import pack_words, source_hash
 
+from monitor.client.apt import log_grid
 from monitor.client.capture import ModuleTracker, rows_of
 from monitor.client.handle import Monitor
+from monitor.client.schedules import every, never
 from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
 
 MODES = ("plain", "every 1", "every 10", "reference")
@@ -317,6 +319,151 @@ def report(figures: dict[str, Any]) -> None:
         print(f"summary per site-step, {units}-unit sites: <= {raw} B JSON, <= {packed} B gzip")
 
 
+# =============================================================================================
+# APT probes and sensitivity sweeps (monitor/client/apt.py), side by side with plain training.
+#
+#     python benchmarks/overhead.py --apt only                      # the MLP, CPU, ~3 minutes
+#     python benchmarks/overhead.py --apt only --apt-models resnet20 --device cuda
+#
+# Modes: plain; an APT probe every 8 steps (thesis Table A.1, probing_step_size); the same plus a
+# 16-point sensitivity sweep (1e-4..1e2) every 200 steps; and that on a sub-batch of
+# ``--probe-rows`` rows. Blocks of ``--apt-block`` steps (default 200: exactly one sweep per
+# block, the sweep falls on each block's first step) are interleaved, the order rotating each
+# round. "x plain" is the median over rounds of block time / the same round's plain block time;
+# "probe ms" is the time spent inside the probe hooks per step, and "x plain (probe ms)" is
+# 1 + probe ms / plain step: the same ratio, less disturbed by load on the machine.
+# =============================================================================================
+
+APT_WARMUP = 8
+
+
+class ProbeCounter(SerialisingTransport):
+    """Counts the probe records by kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: dict[str, int] = {}
+
+    def send_probe(self, probe: ProbeRecord) -> None:
+        self.kinds[probe.kind] = self.kinds.get(probe.kind, 0) + 1
+
+
+def apt_modes(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
+    """Monitor options per mode (None: plain training)."""
+    sweep = {"apt_every": 8, "sweep_every": every(200, offset=APT_WARMUP)}
+    modes: dict[str, dict[str, Any] | None] = {
+        "plain": None,
+        "apt 8": {"apt_every": 8},
+        "apt 8 + sweep 200": sweep,
+    }
+    if args.probe_rows:
+        modes[f"... rows {args.probe_rows}"] = {**sweep, "probe_rows": args.probe_rows}
+    return modes
+
+
+def bench_apt(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time plain training against APT probes and sweeps on one model."""
+    torch.manual_seed(0)
+    base, x, y = make_model(name)
+    device = torch.device(args.device)
+    x, y = x.to(device), y.to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    runs: dict[str, dict[str, Any]] = {}
+    for mode, options in apt_modes(args).items():
+        model = copy.deepcopy(base).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        run: dict[str, Any] = {"model": model, "opt": opt, "times": [], "watch": Stopwatch()}
+        if options is not None:
+            transport = ProbeCounter()
+            mon = Monitor(
+                model, opt, transport, every=never(), sweep_etas=log_grid(1e-4, 1e2, 16), **options
+            )
+            prober = mon.prober
+            assert prober is not None
+            for method in ("capture", "before_step", "after_step"):
+                setattr(prober, method, run["watch"].wrap(getattr(prober, method), sync))
+            run.update(monitor=mon, transport=transport)
+        runs[mode] = run
+
+    def step(run: dict[str, Any]) -> None:
+        run["opt"].zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(run["model"](x), y)
+        loss.backward()
+        run["opt"].step()
+
+    for run in runs.values():
+        for _ in range(APT_WARMUP):
+            step(run)
+        sync()
+        run["watch"].seconds = 0.0
+        if "transport" in run:
+            run["transport"].kinds.clear()
+    modes = list(runs)
+    ratios: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(args.apt_rounds):
+        order = modes[r % len(modes) :] + modes[: r % len(modes)]
+        block: dict[str, float] = {}
+        for mode in order:
+            run = runs[mode]
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.apt_block):
+                step(run)
+            sync()
+            block[mode] = (time.perf_counter() - start) / args.apt_block
+            run["times"].append(block[mode])
+        for mode in modes:
+            ratios[mode].append(block[mode] / block["plain"])
+    plain = statistics.median(runs["plain"]["times"])
+    figures: dict[str, Any] = {"name": name, "modes": {}}
+    for mode, run in runs.items():
+        inside = run["watch"].seconds / (args.apt_rounds * args.apt_block)
+        figures["modes"][mode] = {
+            "seconds": statistics.median(run["times"]),
+            "ratio": statistics.median(ratios[mode]),
+            "inside": inside,
+            "inside_ratio": 1 + inside / plain,
+            "records": dict(run["transport"].kinds) if "transport" in run else {},
+        }
+        if "monitor" in run:
+            run["monitor"].close()
+    return figures
+
+
+def report_apt(figures: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print one model's APT table."""
+    steps = args.apt_rounds * args.apt_block
+    print(f"\n{figures['name']}: APT probes and sweeps, batch 128, {steps} timed steps per mode")
+    print(
+        f"{'mode':<20} {'s/step':>8} {'x plain':>8} {'probe ms':>9} {'x plain (probe ms)':>19}"
+        f"  records"
+    )
+    for mode, f in figures["modes"].items():
+        records = ", ".join(f"{n} {k}" for k, n in sorted(f["records"].items())) or "-"
+        print(
+            f"{mode:<20} {f['seconds']:8.4f} {f['ratio']:8.3f} {f['inside'] * 1e3:9.2f}"
+            f" {f['inside_ratio']:19.3f}  {records}"
+        )
+
+
+def add_apt_arguments(parser: argparse.ArgumentParser) -> None:
+    """The APT section's options."""
+    parser.add_argument("--apt", choices=("on", "off", "only"), default="on")
+    parser.add_argument("--apt-models", default="mlp")
+    parser.add_argument("--apt-rounds", type=int, default=2)
+    parser.add_argument("--apt-block", type=int, default=200, help="steps per timed APT block")
+    parser.add_argument("--probe-rows", type=int, default=32, help="sub-batch mode (0: none)")
+
+
+# ---------------------------------------------------------------------------------------------
+# end of the APT section
+# ---------------------------------------------------------------------------------------------
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -324,12 +471,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=10, help="steps per timed block")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_apt_arguments(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
-    for name in args.models.split(","):
+    for name in args.models.split(",") if args.apt != "only" else []:
         report(bench_model(name, args))
+    for name in args.apt_models.split(",") if args.apt != "off" else []:
+        report_apt(bench_apt(name, args), args)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,9 @@ def pattern_collector(
             return
         with torch.no_grad():
             rows, kind = rows_of(preactivation.detach())
-            if not found.nonfinite and not bool(torch.isfinite(rows).all()):
+            # One reduction instead of an elementwise test: the sum is non-finite iff some value
+            # is (or, harmlessly, when finite preactivations sum past float range).
+            if not found.nonfinite and not math.isfinite(float(rows.sum())):
                 found.nonfinite = True
             found.masks[name] = rows > 0
         found.infos[name] = SiteInfo(name=name, kind=kind, mode=mode, units=int(rows.shape[1]))
@@ -362,12 +364,18 @@ class AptProber:
         return records
 
     def trial_params(self, before: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-        """For each trial eta, theta_t + (eta / eta_t) * (theta_{t+1} - theta_t) by name."""
+        """For each trial eta, theta_t + (eta / eta_t) * (theta_{t+1} - theta_t) by name.
+
+        The trials share one set of tensors, overwritten for each eta: use each before the next.
+        """
         live = dict(self.model.named_parameters())
         deltas = {name: live[name].detach() - p for name, p in before.items()}
+        trial = {name: torch.empty_like(p) for name, p in before.items()}
         for eta in self.etas:
             factor = eta / self._lr
-            yield {name: torch.add(p, deltas[name], alpha=factor) for name, p in before.items()}
+            for name, p in before.items():
+                torch.add(p, deltas[name], alpha=factor, out=trial[name])
+            yield trial
 
     def _forward(
         self, batch: StepBatch, params: dict[str, torch.Tensor] | None = None
