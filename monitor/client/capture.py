@@ -6,6 +6,15 @@ through ``__torch_function__``, so one ``TorchFunctionMode``, active only while 
 model's forward runs on a captured step, sees them all. The site's name is the path of the
 innermost module running at the call plus ``#k``, its k-th activation call in this forward; a
 call from the root model's own ``forward`` is named ``model#k``.
+
+Covered: ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.PReLU``, ``nn.RReLU``, ``nn.ReLU6`` (a hardtanh with
+lower bound 0), their in-place forms, and ``F.relu``/``F.relu_``/``torch.relu``/``torch.relu_``/
+``Tensor.relu``/``Tensor.relu_``/``F.leaky_relu``/``F.leaky_relu_``/``F.relu6``/``F.prelu``
+called anywhere in a forward; a module called twice (torchvision's BasicBlock ``relu``) gives
+``relu#0`` and ``relu#1``. In opt-in sign mode GELU, SiLU, ELU, Mish and sigmoid sites are added,
+marked ``mode="sign"``. The call is seen before it runs, so in-place forms report the
+preactivation. A call made inside another captured call (``F.relu6`` inside a captured op) is
+not seen twice: the mode is inactive while it handles a call.
 """
 
 from __future__ import annotations

@@ -91,6 +91,8 @@ def pack_signs(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, torch.Tens
     by the other axes in their original order (sample-major).
     """
     unit_dim = unit_dim % x.dim()
+    if unit_dim == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        x, unit_dim = x.permute(0, 2, 3, 1), 3  # a free view with the same row order
     units = x.shape[unit_dim]
     outer = 1
     for size in x.shape[:unit_dim]:

@@ -217,3 +217,10 @@ def test_a_collision_of_our_own_fingerprint_is_detected_and_counted_exactly(capl
 def test_empty_input():
     counts = count_patterns(torch.zeros(0, 10, dtype=torch.bool))
     assert counts.distinct == 0 and counts.rows == 0
+
+
+def test_channels_last_conv_packs_like_contiguous():
+    x = torch.randn(3, 16, 5, 4)
+    assert torch.equal(
+        pack_signs(x.to(memory_format=torch.channels_last), 1)[1], pack_signs(x, 1)[1]
+    )
