@@ -21,6 +21,9 @@ class DivergenceSettings:
     ``position_rise`` is the same rule for z = (ln lr - mu) / sigma, the used learning rate's place
     on the transition (Phi(z) is the model's D at the used rate): z above its band's median by more
     than this many units. ``fail_after`` consecutive failed fits after a good one are a hard sign.
+    A band must be left on ``persist`` consecutive sweeps, and D = 1 on every site must hold for
+    ``saturated_for`` consecutive APT probes, before either alerts (single sweeps and batches of
+    a few dozen rows are noisy).
     """
 
     window: int = 12
@@ -29,6 +32,8 @@ class DivergenceSettings:
     k: float = 4.0
     position_rise: float = 1.5
     fail_after: int = 2
+    persist: int = 2
+    saturated_for: int = 3
 
 
 class DivergenceDetector:
@@ -78,15 +83,25 @@ class DivergenceDetector:
             saturated = [
                 s.site for s in event.sites if s.rows > 1 and s.changed and s.changed[0] == s.rows
             ]
-            if event.sites and len(saturated) == len(event.sites):
+            run = state.get("saturated", 0) + 1 if saturated == [s.site for s in event.sites] else 0
+            state["saturated"] = run
+            if event.sites and run == self.settings.saturated_for:
                 return self._hard(
-                    event.step, "D = 1 on every site (all probe rows changed)", {"lr": event.lr}
+                    event.step,
+                    "D = 1 on every site (all probe rows changed)",
+                    {"lr": event.lr, "probes": run},
                 )
             return PluginResult()
         fit_result = upstream.get("transition_fit")
         if fit_result is None:
             return PluginResult()
         return self._on_fits(event, fit_result.fits, state)
+
+    def _persists(self, state: dict[str, Any], key: str, outside: bool) -> bool:
+        """Count consecutive out-of-band sweeps per series; True when the count reaches persist."""
+        runs: dict[str, int] = state.setdefault("outside", {})
+        runs[key] = runs.get(key, 0) + 1 if outside else 0
+        return runs[key] == self.settings.persist
 
     def _hard(self, step: int, what: str, evidence: dict[str, object]) -> PluginResult:
         return PluginResult(
@@ -125,7 +140,7 @@ class DivergenceDetector:
             if len(series) >= s.warmup:
                 centre, mad = median_mad(series)
                 threshold = max(centre * (1 + s.rise), centre + s.k * mad)
-                if fit.sigma > threshold:
+                if self._persists(state, key, fit.sigma > threshold):
                     alerts.append(
                         AlertValue(
                             kind="divergence",
@@ -151,7 +166,7 @@ class DivergenceDetector:
                 zs = state.get("z", [])
                 if len(zs) >= s.warmup:
                     centre, _ = median_mad(zs)
-                    if z > centre + s.position_rise:
+                    if self._persists(state, "*z*", z > centre + s.position_rise):
                         alerts.append(
                             AlertValue(
                                 kind="divergence",

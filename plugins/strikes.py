@@ -9,22 +9,28 @@ from typing import Any
 from monitor.measures import Event, PluginResult, RunContext
 from monitor.schema import AlertValue, ProbeRecord, StepSummary
 from plugins._robust import median_mad, push
+from plugins.apt import temperature
 
 
 @dataclass(frozen=True)
 class StrikeSettings:
     """Thresholds (defaults chosen on the scenario suite, see benchmarks/scenarios).
 
-    A site exceeds its baseline when D > median + max(k * MAD, min_rise) over its last ``window``
-    non-strike APT values (after ``warmup`` of them); a strike needs more than ``quorum`` of the
-    sites exceeding at once. ``min_rise`` keeps a site with a near-constant D from firing on noise.
+    Values are temperatures T = -ln(1 - D) (``plugins.apt.temperature``), which keep a site whose D
+    is already near 1 able to show a spike. A site exceeds its baseline when T > median +
+    max(k * MAD, min_rise) over its last ``window`` non-strike values (after ``warmup`` of them); a
+    strike needs more than ``quorum`` of the sites exceeding at once. ``min_rise`` keeps a site
+    with a near-constant T from firing on noise. The ``refractory`` steps after a strike are not
+    judged and stay out of the baseline: a bad step's update also disturbs the next batch's
+    patterns (the "pairs" of strikes in the source), which is its echo, not a second bad batch.
     """
 
     window: int = 30
     warmup: int = 10
     k: float = 5.0
-    min_rise: float = 0.05
+    min_rise: float = 1.0
     quorum: float = 0.5
+    refractory: int = 1
 
 
 class StrikeDetector:
@@ -32,7 +38,8 @@ class StrikeDetector:
 
     Source: Hartmann et al. 2021, Sec. 3.2 and 4: pattern changes that "strike from the lower to
     the top layers simultaneously" are "evidence for unfavorable batches"; SPEC "Detectors". Per APT
-    probe and site, D = changed / rows is compared with the site's robust baseline (median and
+    probe and site, D = changed / rows (as its temperature T) is compared with the site's robust
+    baseline (median and
     scaled MAD of its recent values, Hampel 1974); a strike is a step where more than ``quorum`` of
     the sites exceed it. Strike values are kept out of the baseline. The alert names the step, the
     sites, D and the thresholds, and the batch's sample indices when the step's training summary
@@ -82,6 +89,9 @@ class StrikeDetector:
 
     def _judge(self, event: ProbeRecord, state: dict[str, Any]) -> dict[str, Any] | None:
         s = self.settings
+        last = state.get("last_strike")
+        if last is not None and 0 < event.step - last <= s.refractory:
+            return None
         baselines: dict[str, list[float]] = state.setdefault("baseline", {})
         exceeded: dict[str, dict[str, float]] = {}
         values: dict[str, float] = {}
@@ -90,20 +100,22 @@ class StrikeDetector:
             if not site.changed:
                 continue
             d = site.changed[0] / site.rows
-            values[site.site] = d
+            t = temperature(d, site.rows)
+            values[site.site] = t
             series = baselines.get(site.site, [])
             if len(series) < s.warmup:
                 continue
             judged += 1
             centre, mad = median_mad(series)
             threshold = centre + max(s.k * mad, s.min_rise)
-            if d > threshold:
-                exceeded[site.site] = {"D": d, "threshold": threshold, "median": centre}
+            if t > threshold:
+                exceeded[site.site] = {"D": d, "T": t, "T_threshold": threshold, "T_median": centre}
         is_strike = judged > 0 and len(exceeded) > s.quorum * judged
         if not is_strike:
-            for site_name, d in values.items():
-                baselines[site_name] = push(baselines.get(site_name, []), d, s.window)
+            for site_name, t in values.items():
+                baselines[site_name] = push(baselines.get(site_name, []), t, s.window)
             return None
+        state["last_strike"] = event.step
         return {"step": event.step, "sites": exceeded, "judged": judged}
 
     @staticmethod
