@@ -129,7 +129,8 @@ class Ingestor:
                 if info.status != "running":
                     raise RunClosed(f"run {run_id!r} is {info.status}; it takes no more batches")
                 _check_sites(locked.sites(run_id), batch)
-                locked.add_sites(run_id, batch.sites)
+                if batch.sites:
+                    locked.add_sites(run_id, batch.sites)
                 locked.save_batch(run_id, batch.stream, batch.seq, payload=None)
             processed = Processed(run_id, info.mlflow_run_id)
             own = None if duplicate else batch

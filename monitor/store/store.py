@@ -181,6 +181,7 @@ class SqlStore(Store):
         self._site_id_cache: dict[str, dict[str, int]] = {}
         self._sites_cache: dict[str, dict[str, SiteInfo]] = {}
         self._states_cache: dict[str, dict[str, dict[str, Any]]] = {}
+        self._run_cache: dict[str, RunInfo] = {}
 
     @contextmanager
     def _session(self, what: str) -> Iterator[Session]:
@@ -262,6 +263,7 @@ class SqlStore(Store):
 
     def set_mlflow_run_id(self, run_id: str, mlflow_run_id: str) -> None:
         """Remember which MLflow run mirrors this run."""
+        self._run_cache.pop(run_id, None)
         with self._session("set mlflow run") as session:
             self._run_row(session, run_id).mlflow_run_id = mlflow_run_id
 
@@ -304,6 +306,8 @@ class SqlStore(Store):
 
     @override
     def run(self, run_id: str) -> RunInfo:
+        if run_id in self._run_cache:
+            return self._run_cache[run_id]
         with self._session("read run") as session:
             row = self._run_row(session, run_id)
             project = session.get(ProjectRow, row.project_id)
@@ -327,12 +331,15 @@ class SqlStore(Store):
             rows = session.scalars(
                 select(SiteRow).where(SiteRow.run_id == run_id).order_by(SiteRow.position)
             )
-            found = {
-                r.name: SiteInfo(name=r.name, kind=r.kind, mode=r.mode, units=r.units)  # type: ignore[arg-type]
-                for r in rows
-            }
+            ids: dict[str, int] = {}
+            found = {}
+            for r in rows:
+                found[r.name] = SiteInfo(name=r.name, kind=r.kind, mode=r.mode, units=r.units)  # type: ignore[arg-type]
+                ids[r.name] = r.id
         if self._cached:
             self._sites_cache[run_id] = found
+            if ids:
+                self._site_id_cache[run_id] = ids
         return dict(found)
 
     def _site_id_map(self, session: Session, run_id: str) -> dict[str, int]:
@@ -359,7 +366,7 @@ class SqlStore(Store):
 
     def _check_run(self, session: Session, run_id: str) -> None:
         """NotFound unless the run exists (a run with cached sites is known to exist)."""
-        if run_id not in self._site_id_cache:
+        if run_id not in self._site_id_cache and run_id not in self._run_cache:
             self._run_row(session, run_id)
 
     def _site_id(self, ids: Mapping[str, int], name: str, run_id: str) -> int:
@@ -370,6 +377,7 @@ class SqlStore(Store):
 
     @override
     def finish_run(self, run_id: str, status: str = "finished") -> None:
+        self._run_cache.pop(run_id, None)
         with self._session("finish run") as session:
             row = self._run_row(session, run_id)
             row.status = status
@@ -539,8 +547,9 @@ class SqlStore(Store):
                         PluginStateRow.plugin.in_(list(outcome.states)),
                     )
                 )
-                session.execute(
-                    insert(PluginStateRow),
+                _insert_many(
+                    session,
+                    PluginStateRow,
                     [
                         {"run_id": run_id, "plugin": name, "state": state}
                         for name, state in outcome.states.items()
@@ -707,11 +716,25 @@ class SqlStore(Store):
                         .values(processed_step=RunRow.processed_step)
                     )
                 found = connection.execute(
-                    select(RunRow.id).where(RunRow.id == run_id).with_for_update(key_share=True)
+                    select(
+                        RunRow.id,
+                        ProjectRow.name,
+                        RunRow.name,
+                        RunRow.status,
+                        RunRow.mlflow_run_id,
+                        RunRow.created_at,
+                        RunRow.finished_at,
+                        RunRow.config,
+                    )
+                    .join(ProjectRow, ProjectRow.id == RunRow.project_id)
+                    .where(RunRow.id == run_id)
+                    .with_for_update(of=RunRow, key_share=True)
                 ).first()
                 if found is None:
                     raise NotFound(f"no run with id {run_id!r}")
-                yield SqlStore(connection, savepoints=False)
+                locked = SqlStore(connection, savepoints=False)
+                locked._run_cache[run_id] = RunInfo(*found[:7], config=dict(found[7] or {}))
+                yield locked
                 transaction.commit()
             except BaseException:
                 if transaction.is_active:
@@ -852,6 +875,7 @@ class SqlStore(Store):
         Several workers may race to create the MLflow run of one apmon run: the first conditional
         update wins, and a loser learns the winner's id (and should delete its own MLflow run).
         """
+        self._run_cache.pop(run_id, None)
         with self._session("claim mlflow run") as session:
             session.execute(
                 update(RunRow)
