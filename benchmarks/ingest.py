@@ -95,8 +95,20 @@ def serve(database_url: str, workers: int, tmp: Path) -> tuple[subprocess.Popen[
         "PROMETHEUS_MULTIPROC_DIR": str(metrics),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--workers", str(workers), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "monitor.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+        ],
         cwd=REPO,
         env=env,
         start_new_session=True,
@@ -123,9 +135,13 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def load(url: str, token: str, payloads: list[list[bytes]], seconds: float) -> tuple[int, list[float], list[str]]:
-    """Each client posts its run's batches in order until time is up; returns steps stored,
-    request latencies and run ids."""
+def load(
+    url: str, token: str, payloads: list[list[bytes]], seconds: float
+) -> tuple[int, float, list[float], list[str]]:
+    """Each client posts its run's batches in order until time is up.
+
+    Returns steps stored, seconds under load, request latencies and run ids.
+    """
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     latencies: list[float] = []
     done = [0] * len(payloads)
@@ -159,7 +175,7 @@ def load(url: str, token: str, payloads: list[list[bytes]], seconds: float) -> t
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - begin
-    return sum(done), latencies, run_ids
+    return sum(done), elapsed, latencies, run_ids
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -168,7 +184,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def bench_service(
-    label: str, database_url: str, workers: int, payloads: list[list[bytes]], seconds: float, tmp: Path
+    label: str,
+    database_url: str,
+    workers: int,
+    payloads: list[list[bytes]],
+    seconds: float,
+    tmp: Path,
 ) -> tuple[Result, dict[int, dict[str, float]]]:
     engine = make_engine(database_url)
     upgrade(engine)
@@ -179,9 +200,7 @@ def bench_service(
         httpx_warm = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"})
         httpx_warm.get("/api/v1/plugins")  # first request per worker pays imports
         httpx_warm.close()
-        begin = time.monotonic()
-        steps, latencies, run_ids = load(url, token, payloads, seconds)
-        elapsed = time.monotonic() - begin
+        steps, elapsed, latencies, run_ids = load(url, token, payloads, seconds)
     finally:
         stop(process)
     measures = store.measures(run_ids[0])
@@ -193,8 +212,13 @@ def bench_service(
     rate = steps * len(SITES) / elapsed
     scalars = statistics.mean(len(v) for v in per_step.values()) if per_step else 0.0
     result = Result(
-        label, workers, rate, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3,
-        len(latencies), scalars,
+        label,
+        workers,
+        rate,
+        percentile(latencies, 0.5) * 1e3,
+        percentile(latencies, 0.99) * 1e3,
+        len(latencies),
+        scalars,
     )
     return result, per_step
 
@@ -210,9 +234,22 @@ def bench_mlflow(per_step: dict[int, dict[str, float]], seconds: float, tmp: Pat
     store.mkdir()
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
-        + ["--default-artifact-root", str(store / "artifacts"), "--workers", "1"],
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{store / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(store / "artifacts"),
+            "--workers",
+            "1",
+        ],
         cwd=tmp,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -266,8 +303,13 @@ def bench_mlflow(per_step: dict[int, dict[str, float]], seconds: float, tmp: Pat
         stop(process)
     scalars = statistics.mean(len(v) for v in per_step.values())
     return Result(
-        "MLflow server, log_batch", 1, done[0] * len(SITES) / elapsed,
-        percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3, len(latencies), scalars,
+        "MLflow server, log_batch",
+        1,
+        done[0] * len(SITES) / elapsed,
+        percentile(latencies, 0.5) * 1e3,
+        percentile(latencies, 0.99) * 1e3,
+        len(latencies),
+        scalars,
     )
 
 
@@ -276,13 +318,17 @@ CLIENTS = 4
 
 def main() -> None:
     global CLIENTS
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=15.0, help="load time per configuration")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="concurrent clients (runs)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip the direct MLflow path")
     args = parser.parse_args()
     CLIENTS = args.clients
-    pg_admin = os.environ.get("APMON_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    pg_admin = os.environ.get(
+        "APMON_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+    )
     steps = int(args.seconds * 120) + 50  # more than any configuration gets through
     print(f"preparing {CLIENTS} x {steps} one-step batches of {len(SITES)} sites ...", flush=True)
     payloads = [bodies(seed, steps) for seed in range(CLIENTS)]
@@ -312,23 +358,33 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print()
-    print(f"{len(SITES)}-site model, {ROWS} rows per site, one step per request, {CLIENTS} clients, "
-          f"{args.seconds:.0f} s per configuration, {os.cpu_count()} CPU cores")
-    header = f"{'path':<28}{'workers':>8}{'site-summ/s':>13}{'per worker':>12}{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}"
+    print(
+        f"{len(SITES)}-site model, {ROWS} rows per site, one step per request, {CLIENTS} clients, "
+        f"{args.seconds:.0f} s per configuration, {os.cpu_count()} CPU cores"
+    )
+    header = (
+        f"{'path':<28}{'workers':>8}{'site-summ/s':>13}{'per worker':>12}"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'requests':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
             f"{r.label:<28}{r.workers:>8}{r.site_summaries_per_s:>13.0f}"
-            f"{r.site_summaries_per_s / r.workers:>12.0f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}{r.requests:>10}"
+            f"{r.site_summaries_per_s / r.workers:>12.0f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}"
+            f"{r.requests:>10}"
         )
-    print(f"(each step: {results[0].scalars_per_step:.0f} scalars computed by the plugins and stored)")
+    print(
+        f"(each step: {results[0].scalars_per_step:.0f} scalars computed by the plugins and stored)"
+    )
     by = {(r.label, r.workers): r for r in results}
     pg1, pg2 = by[("PostgreSQL", 1)], by[("PostgreSQL", 2)]
     sq1 = by[("SQLite", 1)]
     print()
-    print(f"PostgreSQL 2 workers / 1 worker:      {pg2.site_summaries_per_s / pg1.site_summaries_per_s:.2f}x")
-    print(f"PostgreSQL / SQLite (1 worker):       {pg1.site_summaries_per_s / sq1.site_summaries_per_s:.2f}x")
+    scale = pg2.site_summaries_per_s / pg1.site_summaries_per_s
+    print(f"PostgreSQL 2 workers / 1 worker:      {scale:.2f}x")
+    versus = pg1.site_summaries_per_s / sq1.site_summaries_per_s
+    print(f"PostgreSQL / SQLite (1 worker):       {versus:.2f}x")
     direct = by.get(("MLflow server, log_batch", 1))
     if direct is not None:
         best = max(pg1, pg2, key=lambda r: r.site_summaries_per_s)
@@ -338,8 +394,10 @@ def main() -> None:
             f"p99 {best.p99_ms:.0f} ms vs {direct.p99_ms:.0f} ms"
         )
     target = pg1.site_summaries_per_s >= 500 and pg1.p99_ms < 100
-    print(f"target (>= 500 site-summaries/s per worker on PostgreSQL, p99 < 100 ms): "
-          f"{'met' if target else 'NOT met'} with 1 worker")
+    print(
+        f"target (>= 500 site-summaries/s per worker on PostgreSQL, p99 < 100 ms): "
+        f"{'met' if target else 'NOT met'} with 1 worker"
+    )
 
 
 if __name__ == "__main__":

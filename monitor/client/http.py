@@ -1,5 +1,7 @@
-"""HTTP transport: ships a run's records to the apmon service in batches from a background thread,
-spooling every batch to local disk until the service has acknowledged it.
+"""HTTP transport: batches to the apmon service, spooled on disk until acknowledged.
+
+A background thread ships a run's records in batches, and every batch stays in the local spool
+until the service has acknowledged it.
 
 Each batch carries its stream and an increasing ``seq``; the service stores a (run, stream, seq)
 once, so resending after a timeout, a crash or an outage is always safe. The run id is chosen
@@ -47,9 +49,12 @@ class _Transient(Exception):
 
 
 class HttpTransport:
-    """The Transport for ``APMON_SERVER_URL``: returns at once from every call; a background
-    thread batches records (``batch_max_records`` or ``batch_max_seconds``, whichever first),
-    writes each batch to ``spool_dir/<run id>/`` and sends it with retries and backoff."""
+    """The Transport for ``APMON_SERVER_URL``; every call returns at once.
+
+    A background thread batches records (``batch_max_records`` or ``batch_max_seconds``,
+    whichever comes first), writes each batch to ``spool_dir/<run id>/`` and sends it with
+    retries and backoff.
+    """
 
     def __init__(self, settings: Settings, client: httpx.Client | None = None) -> None:
         if not settings.server_url:
@@ -111,8 +116,11 @@ class HttpTransport:
                 return alerts
 
     def finish(self, final_step: int) -> None:
-        """Send everything, then end the run; waits at most ``finish_timeout_seconds`` for the
-        service, after which the spool stays on disk for the next transport to deliver."""
+        """Send everything, then end the run.
+
+        Waits at most ``finish_timeout_seconds`` for the service, after which the spool stays
+        on disk for the next transport to deliver.
+        """
         if self._thread is None:
             return
         self._queue.put(("finish", final_step))
@@ -205,8 +213,10 @@ class HttpTransport:
         self._sites, self._records, self._open_since = [], [], None
 
     def _deliver(self, spool: Path) -> bool:
-        """Send one spool directory's start, batches and finish, in that order, deleting each
-        file once the service has it. True when the run's finish was delivered."""
+        """Send one spool directory's start, batches and finish, in that order.
+
+        Each file is deleted once the service has it. True when the run's finish was delivered.
+        """
         run_id = spool.name
         start = spool / START_FILE
         if start.exists():

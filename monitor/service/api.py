@@ -30,8 +30,9 @@ class RunOut(ApiModel):
 
 
 class IngestOut(ApiModel):
-    """The answer to an ingest: whether the batch was new, what got processed, and the alerts
-    raised by that processing (the client hands them to the user's ``on_alert``).
+    """The answer to an ingest: was the batch new, what got processed, which alerts it raised.
+
+    The client hands the alerts to the user's ``on_alert``.
     """
 
     run_id: str

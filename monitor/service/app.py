@@ -35,6 +35,7 @@ class BodyLimit:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry: pass the request on with its body counted."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -42,8 +42,10 @@ Project = Annotated[str, Depends(require_project)]
 
 
 def project_run(svc: Services, project: str, run_id: str) -> RunInfo:
-    """The run when it belongs to ``project``; another project's run is 404, exactly like a
-    missing one, so ids of other projects cannot even be probed.
+    """The run when it belongs to ``project``, else 404.
+
+    Another project's run answers exactly like a missing one, so ids of other projects cannot
+    even be probed.
     """
     try:
         run = svc.store.run(run_id)

@@ -1,5 +1,6 @@
-"""Ingest: validate a batch, keep it once, and feed every batch whose turn has come to the plugins,
-all in one transaction that holds the run's row lock.
+"""Ingest: validate a batch, keep it once, and feed every batch whose turn has come to plugins.
+
+All of it happens in one transaction that holds the run's row lock.
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ class Ingestor:
         return self._retrying(run_id, lambda: self._ingest(project, run_id, batch))
 
     def _retrying(self, run_id: str, attempt: Callable[[], _T]) -> _T:
-        """Run ``attempt``; when an earlier waiting batch turns out unstorable, set it aside
-        (recorded as an ingest error, marked processed) in its own transaction and try again.
+        """Run ``attempt``, setting aside waiting batches that turn out unstorable.
+
+        Such a batch is recorded as an ingest error and marked processed in a transaction of its
+        own, and the attempt is made again.
         """
         for _ in range(MAX_POISONED):
             try:
@@ -140,8 +143,9 @@ class Ingestor:
         return IngestResult(duplicate=duplicate, processed=processed, pending=pending)
 
     def finish(self, project: str, run_id: str, final_step: int) -> Processed:
-        """Process every waiting batch (skipping seqs that never came), run the end-of-run
-        plugins and close the run. Finishing a finished run does nothing.
+        """Process every waiting batch, run the end-of-run plugins and close the run.
+
+        Seqs that never came are skipped. Finishing a finished run does nothing.
         """
         return self._retrying(run_id, lambda: self._finish(project, run_id, final_step))
 
@@ -181,10 +185,11 @@ class Ingestor:
         own: IngestBatch | None,
         include_gaps: bool,
     ) -> None:
-        """Process every batch whose turn has come, in order. ``own`` is this request's new
-        batch, recorded without its payload: processed from memory when its turn has come,
-        else its payload is stored to wait. One pass suffices: the ready batches are contiguous,
-        so nothing else can become ready within this transaction.
+        """Process every batch whose turn has come, in order.
+
+        ``own`` is this request's new batch, recorded without its payload: processed from memory
+        when its turn has come, else its payload is stored to wait. One pass suffices: the ready
+        batches are contiguous, so nothing else can become ready within this transaction.
         """
         run_id = processed.run_id
         host = self._host(locked)

@@ -1,4 +1,4 @@
-"""What every request handler of one app shares: settings, store, plugins, ingest, sinks, metrics."""
+"""What the request handlers of one app share: settings, store, plugins, ingest, sinks, metrics."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Alert webhooks: a JSON body with a Slack-compatible ``text`` field, sent from a background
-thread with a few retries, so a slow or dead webhook never slows ingest.
+"""Alert webhooks: JSON bodies with a Slack-compatible ``text`` field, posted in the background.
+
+A few retries, from a thread of their own, so a slow or dead webhook never slows ingest.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def webhook_body(project: str, run_id: str, run_name: str, alert: AlertValue) ->
 
 
 class WebhookSender:
-    """Posts alert bodies to every configured URL; undeliverable alerts are logged and dropped
-    (they stay stored in SQL and readable at /api/v1/runs/{id}/alerts).
+    """Posts alert bodies to every configured URL.
+
+    Undeliverable alerts are logged and dropped here; they stay stored in SQL and readable at
+    /api/v1/runs/{id}/alerts.
     """
 
     def __init__(self, urls: Sequence[str], timeout: float = 5.0) -> None:

@@ -1,5 +1,6 @@
-"""The service's MLflow sink: a background thread that mirrors committed results into MLflow,
-batched (at most 1000 entries per ``log_batch``) and retried with backoff while MLflow is away,
+"""The service's MLflow sink: a background thread that mirrors committed results into MLflow.
+
+Batched (at most 1000 entries per ``log_batch``) and retried with backoff while MLflow is away,
 so ingest latency never depends on MLflow.
 """
 
@@ -100,7 +101,9 @@ class AsyncMlflowSink:
                 work.metrics.popleft()
                 dropped += 1
             if dropped:
-                logger.warning("MLflow queue full: dropped %d oldest metrics of %s", dropped, run_id)
+                logger.warning(
+                    "MLflow queue full: dropped %d oldest metrics of %s", dropped, run_id
+                )
             self._lock.notify()
 
     def finish_run(self, run_id: str) -> None:
@@ -192,9 +195,7 @@ class AsyncMlflowSink:
             return known
         client = self._client_()
         found = client.get_experiment_by_name(self._experiment)
-        experiment_id = (
-            found.experiment_id if found else client.create_experiment(self._experiment)
-        )
+        experiment_id = found.experiment_id if found else client.create_experiment(self._experiment)
         created = client.create_run(
             experiment_id, run_name=name or None, tags={CREATED_TAG: "1", "apmon.run_id": run_id}
         ).info.run_id

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import abc
 import copy
-import json
 import hashlib
+import json
 import secrets
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -733,7 +733,16 @@ class SqlStore(Store):
                 if found is None:
                     raise NotFound(f"no run with id {run_id!r}")
                 locked = SqlStore(connection, savepoints=False)
-                locked._run_cache[run_id] = RunInfo(*found[:7], config=dict(found[7] or {}))
+                locked._run_cache[run_id] = RunInfo(
+                    id=found[0],
+                    project=found[1],
+                    name=found[2],
+                    status=found[3],
+                    mlflow_run_id=found[4],
+                    created_at=found[5],
+                    finished_at=found[6],
+                    config=dict(found[7] or {}),
+                )
                 yield locked
                 transaction.commit()
             except BaseException:
@@ -754,8 +763,11 @@ class SqlStore(Store):
     def save_batch(
         self, run_id: str, stream: str, seq: int, payload: dict[str, Any] | None
     ) -> None:
-        """Record a received batch; ``payload`` keeps it until its turn comes (see
-        ``ready_batches``); None when the caller processes it in this same transaction."""
+        """Record a received batch.
+
+        ``payload`` keeps it until its turn comes (see ``ready_batches``); None when the caller
+        processes it in this same transaction.
+        """
         with self._session(f"save batch {stream}/{seq}") as session:
             session.add(IngestBatchRow(run_id=run_id, stream=stream, seq=seq, payload=payload))
 

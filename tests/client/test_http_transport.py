@@ -18,16 +18,16 @@ from fastapi.testclient import TestClient
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
-from live_server import free_port, live_server, model_sites, step_summaries  # noqa: E402
+from live_server import free_port, live_server, model_sites, step_summaries
 
-from monitor.client.handle import watch  # noqa: E402
-from monitor.client.http import HttpTransport  # noqa: E402
-from monitor.measures import Event, PluginRegistry, PluginResult, RunContext  # noqa: E402
-from monitor.schema import AlertValue, RunStart, StepSummary  # noqa: E402
-from monitor.service.app import create_app  # noqa: E402
-from monitor.settings import Settings  # noqa: E402
-from monitor.store import make_engine, upgrade  # noqa: E402
-from monitor.store.store import SqlStore  # noqa: E402
+from monitor.client.handle import watch
+from monitor.client.http import HttpTransport
+from monitor.measures import Event, PluginRegistry, PluginResult, RunContext
+from monitor.schema import AlertValue, RunStart, StepSummary
+from monitor.service.app import create_app
+from monitor.settings import Settings
+from monitor.store import make_engine, upgrade
+from monitor.store.store import SqlStore
 
 SITES = model_sites(4, units=8)
 REPO = Path(__file__).resolve().parents[2]

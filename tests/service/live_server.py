@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -90,8 +91,20 @@ def live_server(
     log = tmp_path / f"server-{port}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1"]
-            + ["--port", str(port), "--workers", str(workers), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "monitor.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--log-level",
+                "warning",
+            ],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -115,10 +128,8 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=15)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # stray workers of the group, if any
-    except ProcessLookupError:
-        pass
 
 
 # -- synthetic records ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The REST API in-process on a real SQLite file: auth, lifecycle, validation, idempotency, order."""
+"""The REST API in-process on a real SQLite file: auth, lifecycle, validation, idempotency."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ def batches(summaries: list[StepSummary], per_batch: int) -> list[IngestBatch]:
 
 
 def stored(service: Service, run_id: str) -> dict[tuple[int, str, str | None, str], float]:
-    return {(m["step"], m["name"], m["site"], m["source"]): m["value"] for m in service.measures(run_id)}
+    return {
+        (m["step"], m["name"], m["site"], m["source"]): m["value"] for m in service.measures(run_id)
+    }
 
 
 # -- health and auth ------------------------------------------------------------------------
@@ -119,7 +121,9 @@ def test_another_projects_token_sees_404_and_writes_nothing(service: Service) ->
     run_id = service.start("alpha")
     summaries = step_summaries(1, 2, SITES)
     for path in ("", "/measures", "/probes", "/fits", "/alerts", "/sites", "/errors"):
-        response = service.client.get(f"/api/v1/runs/{run_id}{path}", headers=service.headers("beta"))
+        response = service.client.get(
+            f"/api/v1/runs/{run_id}{path}", headers=service.headers("beta")
+        )
         assert response.status_code == 404, path
     response = service.ingest(run_id, IngestBatch(seq=0, summaries=summaries), project="beta")
     assert response.status_code == 404
@@ -135,7 +139,9 @@ def test_another_projects_token_sees_404_and_writes_nothing(service: Service) ->
     listed = service.client.get("/api/v1/runs", headers=service.headers("beta")).json()
     assert listed == []
     # The owner writes fine afterwards: nothing of the refused batch was kept.
-    assert service.ingest(run_id, IngestBatch(seq=0, summaries=summaries)).json()["duplicate"] is False
+    assert (
+        service.ingest(run_id, IngestBatch(seq=0, summaries=summaries)).json()["duplicate"] is False
+    )
 
 
 # -- ingest ---------------------------------------------------------------------------------
@@ -167,7 +173,11 @@ class StepRecorder:
     requires: tuple[str, ...] = ()
 
     def process(
-        self, event: Event, context: RunContext, state: dict[str, Any], upstream: Mapping[str, PluginResult]
+        self,
+        event: Event,
+        context: RunContext,
+        state: dict[str, Any],
+        upstream: Mapping[str, PluginResult],
     ) -> PluginResult:
         if not isinstance(event, StepSummary):
             return PluginResult()
@@ -206,7 +216,9 @@ def test_bad_input_gets_a_clear_4xx_and_stores_nothing(service: Service) -> None
     h = service.headers()
 
     def post_raw(body: bytes) -> Any:
-        return service.client.post(url, content=body, headers={**h, "Content-Type": "application/json"})
+        return service.client.post(
+            url, content=body, headers={**h, "Content-Type": "application/json"}
+        )
 
     wrong_type = json.loads(json.dumps(good))
     wrong_type["summaries"][0]["step"] = "seven"
@@ -221,7 +233,7 @@ def test_bad_input_gets_a_clear_4xx_and_stores_nothing(service: Service) -> None
     r = post_raw(b'{"seq": 0, "summaries": [')
     assert r.status_code == 422 and "JSON" in json.dumps(r.json()["detail"])
 
-    r = service.client.post(f"/api/v1/runs/no-such-run/batches", json=good, headers=h)
+    r = service.client.post("/api/v1/runs/no-such-run/batches", json=good, headers=h)
     assert r.status_code == 404 and "no-such-run" in r.json()["detail"]
 
     unknown_site = json.loads(json.dumps(good))
@@ -256,9 +268,12 @@ def test_finished_run_takes_no_more_batches_and_finish_is_idempotent(service: Se
     summaries = step_summaries(6, 3, SITES)
     assert service.ingest(run_id, IngestBatch(seq=0, summaries=summaries[:2])).status_code == 200
     # seq 2 arrives, seq 1 never does: finish still processes it.
-    assert service.ingest(run_id, IngestBatch(seq=2, summaries=summaries[2:])).json()[
-        "pending_batches"
-    ] == 1
+    assert (
+        service.ingest(run_id, IngestBatch(seq=2, summaries=summaries[2:])).json()[
+            "pending_batches"
+        ]
+        == 1
+    )
     url = f"/api/v1/runs/{run_id}/finish"
     done = service.client.post(url, json={"final_step": 2}, headers=service.headers())
     assert done.status_code == 200 and done.json()["status"] == "finished"
@@ -288,7 +303,9 @@ def test_queries_filter_by_name_site_and_step_range(service: Service) -> None:
         service.ingest(run_id, batch)
     site = SITES[1].name
     got = service.measures(run_id, name="entropy", site=site, step_min=1, step_max=3)
-    assert [(m["step"], m["site"], m["name"]) for m in got] == [(s, site, "entropy") for s in (1, 2, 3)]
+    assert [(m["step"], m["site"], m["name"]) for m in got] == [
+        (s, site, "entropy") for s in (1, 2, 3)
+    ]
     sites = service.client.get(f"/api/v1/runs/{run_id}/sites", headers=service.headers()).json()
     assert [s["name"] for s in sites["sites"]] == [s.name for s in SITES]
 
@@ -301,7 +318,13 @@ class Exploder:
     version = "0.1"
     requires: tuple[str, ...] = ()
 
-    def process(self, event: Event, context: RunContext, state: dict[str, Any], upstream: Mapping[str, PluginResult]) -> PluginResult:
+    def process(
+        self,
+        event: Event,
+        context: RunContext,
+        state: dict[str, Any],
+        upstream: Mapping[str, PluginResult],
+    ) -> PluginResult:
         raise RuntimeError("boom")
 
 
@@ -312,10 +335,18 @@ class Alarm:
     version = "0.1"
     requires: tuple[str, ...] = ()
 
-    def process(self, event: Event, context: RunContext, state: dict[str, Any], upstream: Mapping[str, PluginResult]) -> PluginResult:
+    def process(
+        self,
+        event: Event,
+        context: RunContext,
+        state: dict[str, Any],
+        upstream: Mapping[str, PluginResult],
+    ) -> PluginResult:
         if not isinstance(event, StepSummary):
             return PluginResult()
-        return PluginResult(alerts=[AlertValue(kind="test_alarm", step=event.step, message=f"step {event.step}")])
+        return PluginResult(
+            alerts=[AlertValue(kind="test_alarm", step=event.step, message=f"step {event.step}")]
+        )
 
 
 def test_failing_plugin_is_recorded_and_skipped_and_alerts_are_deduplicated(tmp_path: Path) -> None:
@@ -325,7 +356,11 @@ def test_failing_plugin_is_recorded_and_skipped_and_alerts_are_deduplicated(tmp_
         service = Service(client, tokens)
         run_id = service.start()
         listed = client.get("/api/v1/plugins", headers=service.headers()).json()
-        assert {(p["name"], p["version"]) for p in listed} == {("exploder", "0.1"), ("alarm", "0.1"), ("entropy", "1.0")}
+        assert {(p["name"], p["version"]) for p in listed} == {
+            ("exploder", "0.1"),
+            ("alarm", "0.1"),
+            ("entropy", "1.0"),
+        }
         summaries = step_summaries(8, 7, SITES)
         raised = []
         for batch in batches(summaries, 1):
@@ -333,10 +368,14 @@ def test_failing_plugin_is_recorded_and_skipped_and_alerts_are_deduplicated(tmp_
             assert response.status_code == 200
             raised += [a["step"] for a in response.json()["alerts"]]
         assert raised == [0, 3, 6]  # cool-down of 3 steps
-        stored_alerts = client.get(f"/api/v1/runs/{run_id}/alerts", headers=service.headers()).json()
+        stored_alerts = client.get(
+            f"/api/v1/runs/{run_id}/alerts", headers=service.headers()
+        ).json()
         assert [a["step"] for a in stored_alerts] == [0, 3, 6]
         newer = client.get(
-            f"/api/v1/runs/{run_id}/alerts", params={"after_id": stored_alerts[0]["id"]}, headers=service.headers()
+            f"/api/v1/runs/{run_id}/alerts",
+            params={"after_id": stored_alerts[0]["id"]},
+            headers=service.headers(),
         ).json()
         assert [a["step"] for a in newer] == [3, 6]
         errors = client.get(f"/api/v1/runs/{run_id}/errors", headers=service.headers()).json()

@@ -51,18 +51,32 @@ def test_start_script_migrates_once_then_serves(empty_pg_url: str, tmp_path: Pat
 
     token = subprocess.run(
         [sys.executable, "-m", "monitor.cli", "tokens", "create", "--project", "deployed"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout.strip()
     assert token.startswith("apm_")
 
     port = free_port()
-    serve_env = {**env, "APMON_HOST": "127.0.0.1", "APMON_PORT": str(port), "APMON_WORKERS": "2",
-                 "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    serve_env = {
+        **env,
+        "APMON_HOST": "127.0.0.1",
+        "APMON_PORT": str(port),
+        "APMON_WORKERS": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            ["sh", str(START), "serve"], cwd=REPO, env=serve_env, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            ["sh", str(START), "serve"],
+            cwd=REPO,
+            env=serve_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         server = LiveServer(process, f"http://127.0.0.1:{port}", log)

@@ -110,7 +110,9 @@ def test_two_workers_concurrent_duplicates_reordering_and_a_killed_worker(
 
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
             for run_id in runs:
-                done = send(client, "POST", f"/api/v1/runs/{run_id}/finish", {"final_step": STEPS - 1})
+                done = send(
+                    client, "POST", f"/api/v1/runs/{run_id}/finish", {"final_step": STEPS - 1}
+                )
                 assert done.status_code == 200 and done.json()["status"] == "finished"
             reference = embedded_measures(tmp_path, SITES, runs[ids[0]], final_step=STEPS - 1)
             for run_id, summaries in runs.items():

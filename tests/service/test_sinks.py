@@ -32,11 +32,17 @@ class Alarm:
     requires: tuple[str, ...] = ()
 
     def process(
-        self, event: Event, context: RunContext, state: dict[str, Any], upstream: Mapping[str, PluginResult]
+        self,
+        event: Event,
+        context: RunContext,
+        state: dict[str, Any],
+        upstream: Mapping[str, PluginResult],
     ) -> PluginResult:
         if not isinstance(event, StepSummary):
             return PluginResult()
-        alert = AlertValue(kind="test_alarm", step=event.step, message=f"odd at {event.step}", site=SITES[0].name)
+        alert = AlertValue(
+            kind="test_alarm", step=event.step, message=f"odd at {event.step}", site=SITES[0].name
+        )
         return PluginResult(alerts=[alert])
 
 
@@ -87,14 +93,25 @@ def test_mlflow_away_then_back_gets_every_metric_once_in_batches(
     summaries = step_summaries(21, 100, SITES)
     with TestClient(app) as client:
         run = client.post(
-            "/api/v1/runs", json={"name": "mirror", "sites": [s.model_dump() for s in SITES], "config": {"lr": 0.1}},
+            "/api/v1/runs",
+            json={
+                "name": "mirror",
+                "sites": [s.model_dump() for s in SITES],
+                "config": {"lr": 0.1},
+            },
             headers=headers,
         ).json()
         for seq, start in enumerate(range(0, 100, 10)):
             batch = IngestBatch(seq=seq, summaries=summaries[start : start + 10])
-            response = client.post(f"/api/v1/runs/{run['id']}/batches", json=batch.model_dump(mode="json"), headers=headers)
+            response = client.post(
+                f"/api/v1/runs/{run['id']}/batches",
+                json=batch.model_dump(mode="json"),
+                headers=headers,
+            )
             assert response.status_code == 200  # ingest does not wait for MLflow
-        finish = client.post(f"/api/v1/runs/{run['id']}/finish", json={"final_step": 99}, headers=headers)
+        finish = client.post(
+            f"/api/v1/runs/{run['id']}/finish", json={"final_step": 99}, headers=headers
+        )
         assert finish.status_code == 200
         wait_for(lambda: services.mlflow.failures >= 2)  # MLflow is away: retried, not dropped
         assert services.mlflow.depth > 1000
@@ -137,7 +154,9 @@ def test_a_users_own_mlflow_run_receives_the_metrics_and_stays_open(
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
     own = mlflow.create_run(mlflow.create_experiment("mine")).info.run_id
-    app = create_app(Settings(database_url=db_url, mlflow_tracking_uri=mlflow_uri), registry=registry())
+    app = create_app(
+        Settings(database_url=db_url, mlflow_tracking_uri=mlflow_uri), registry=registry()
+    )
     services = app.state.services
     headers = {"Authorization": f"Bearer {services.store.create_token('own')}"}
     with TestClient(app) as client:
@@ -147,7 +166,9 @@ def test_a_users_own_mlflow_run_receives_the_metrics_and_stays_open(
             headers=headers,
         ).json()
         batch = IngestBatch(seq=0, summaries=step_summaries(22, 2, SITES))
-        client.post(f"/api/v1/runs/{run['id']}/batches", json=batch.model_dump(mode="json"), headers=headers)
+        client.post(
+            f"/api/v1/runs/{run['id']}/batches", json=batch.model_dump(mode="json"), headers=headers
+        )
         client.post(f"/api/v1/runs/{run['id']}/finish", json={"final_step": 1}, headers=headers)
         assert services.mlflow.flush(timeout=120)
     data = mlflow.get_run(own)
@@ -159,7 +180,7 @@ def test_a_users_own_mlflow_run_receives_the_metrics_and_stays_open(
 class Receiver(BaseHTTPRequestHandler):
     bodies: list[dict[str, Any]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         length = int(self.headers["Content-Length"])
         Receiver.bodies.append(json.loads(self.rfile.read(length)))
         self.send_response(200)
@@ -182,7 +203,9 @@ def receiver() -> Iterator[str]:
         server.server_close()
 
 
-def test_alerts_reach_the_webhook_once_per_cooldown_with_a_slack_text(db_url: str, receiver: str) -> None:
+def test_alerts_reach_the_webhook_once_per_cooldown_with_a_slack_text(
+    db_url: str, receiver: str
+) -> None:
     settings = Settings(
         database_url=db_url, mlflow_tracking_uri="", webhook_urls=[receiver], alert_cooldown_steps=5
     )
@@ -191,14 +214,22 @@ def test_alerts_reach_the_webhook_once_per_cooldown_with_a_slack_text(db_url: st
     headers = {"Authorization": f"Bearer {services.store.create_token('hooked')}"}
     with TestClient(app) as client:
         run = client.post(
-            "/api/v1/runs", json={"name": "hooked-run", "sites": [s.model_dump() for s in SITES]}, headers=headers
+            "/api/v1/runs",
+            json={"name": "hooked-run", "sites": [s.model_dump() for s in SITES]},
+            headers=headers,
         ).json()
         batch = IngestBatch(seq=0, summaries=step_summaries(23, 12, SITES))
-        response = client.post(f"/api/v1/runs/{run['id']}/batches", json=batch.model_dump(mode="json"), headers=headers)
+        response = client.post(
+            f"/api/v1/runs/{run['id']}/batches", json=batch.model_dump(mode="json"), headers=headers
+        )
         assert [a["step"] for a in response.json()["alerts"]] == [0, 5, 10]
         wait_for(lambda: len(Receiver.bodies) == 3, timeout=30)
     assert [b["alert"]["step"] for b in Receiver.bodies] == [0, 5, 10]
     first = Receiver.bodies[0]
     assert first["run_id"] == run["id"] and first["project"] == "hooked"
-    assert "test_alarm" in first["text"] and "hooked-run" in first["text"] and "step 0" in first["text"]
+    assert (
+        "test_alarm" in first["text"]
+        and "hooked-run" in first["text"]
+        and "step 0" in first["text"]
+    )
     assert services.webhooks.delivered == 3 and services.webhooks.failed == 0

@@ -1,4 +1,4 @@
-"""Queries of a run's results: measures (by name, site, step range), probes, fits, alerts, errors."""
+"""Queries of a run's results: measures (by name, site, steps), probes, fits, alerts, errors."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Response, status
 
@@ -18,10 +18,14 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
 RunId = Annotated[
     str,
-    Path(min_length=1, max_length=36, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run id"),
+    Path(
+        min_length=1, max_length=36, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run id"
+    ),
 ]
 Svc = Annotated[Services, Depends(services)]
-NOT_FOUND = {404: {"description": "No such run in the token's project."}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such run in the token's project."}
+}
 
 
 def run_out(run: RunInfo) -> RunOut:
@@ -46,10 +50,14 @@ def _create(svc: Services, project: str, start: RunStart, run_id: str) -> RunInf
     return run
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, summary="Start a run (the service picks its id)")
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, summary="Start a run (the service picks its id)"
+)
 def start_run(start: RunStart, svc: Svc, project: Project) -> RunOut:
-    """Create a run in the token's project; its MLflow run is created in the background (or the
-    client's own MLflow run is used when ``mlflow_run_id`` is given).
+    """Create a run in the token's project.
+
+    Its MLflow run is created in the background, or the client's own MLflow run is used when
+    ``mlflow_run_id`` is given.
     """
     return run_out(_create(svc, project, start, str(uuid.uuid4())))
 
@@ -59,7 +67,9 @@ def start_run(start: RunStart, svc: Svc, project: Project) -> RunOut:
     summary="Start a run with a client-chosen id (idempotent)",
     responses={201: {"description": "Created."}, **NOT_FOUND},
 )
-def put_run(run_id: RunId, start: RunStart, svc: Svc, project: Project, response: Response) -> RunOut:
+def put_run(
+    run_id: RunId, start: RunStart, svc: Svc, project: Project, response: Response
+) -> RunOut:
     """Create the run unless it exists; a client that spools its start can retry it safely."""
     try:
         existing = svc.store.run(run_id)
@@ -112,8 +122,10 @@ def heartbeat(run_id: RunId, svc: Svc, project: Project) -> Response:
 
 @router.post("/{run_id}/finish", responses=NOT_FOUND, summary="End the run")
 def finish_run(run_id: RunId, body: FinishIn, svc: Svc, project: Project) -> FinishOut:
-    """Process every waiting batch, run end-of-run plugins (e.g. Jaccard against the final
-    measurement) and close the run; its MLflow run ends once its metrics are sent. Idempotent.
+    """Process every waiting batch, run end-of-run plugins, close the run. Idempotent.
+
+    End-of-run plugins do e.g. Jaccard against the final measurement; the MLflow run ends once
+    its metrics are sent.
     """
     try:
         processed = svc.ingestor.finish(project, run_id, body.final_step)
