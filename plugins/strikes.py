@@ -28,7 +28,7 @@ class StrikeSettings:
     window: int = 30
     warmup: int = 10
     k: float = 5.0
-    min_rise: float = 1.0
+    min_rise: float = 0.7
     quorum: float = 0.5
     refractory: int = 1
 

@@ -149,7 +149,7 @@ def test_strike_in_most_sites_alerts_with_the_batch_indices(summary_first: bool)
     centre = statistics.median(baseline)
     mad = 1.4826 * statistics.median(abs(t - centre) for t in baseline)
     assert sites["a"]["T_median"] == pytest.approx(centre)
-    assert sites["a"]["T_threshold"] == pytest.approx(centre + max(5 * mad, 1.0))
+    assert sites["a"]["T_threshold"] == pytest.approx(centre + max(5 * mad, 0.7))
     assert sites["a"]["D"] == 50 / 64
 
 
