@@ -8,7 +8,9 @@ dropout layers are switched to eval for the probe (a fixed probe set needs fixed
 parameters and optimizer state are never touched. The set is forwarded in chunks of at most
 ``chunk`` rows (or the DataLoader's batches) to bound memory; the per-site statistics of the
 chunks are merged exactly. With batch norm in training mode the chunking is part of the
-measurement (statistics are per chunk), so keep it fixed within a run.
+measurement (statistics are per chunk), so keep it fixed within a run. ``Monitor`` evaluates the
+set at the end of each scheduled optimizer step, so the measurement of step s sees the
+parameters after step s's update, and ships it as ``StepSummary(source="probe_set")``.
 """
 
 from __future__ import annotations
