@@ -20,11 +20,11 @@ from monitor.schema import IngestBatch, RunStart, StepSummary
 from monitor.store import make_engine
 from monitor.store.store import SqlStore
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 SITES = model_sites(20, units=16)
-RUNS = 6
-STEPS = 24
+RUNS = 4
+STEPS = 18
 PER_BATCH = 3
 
 
@@ -114,10 +114,8 @@ def test_two_workers_concurrent_duplicates_reordering_and_a_killed_worker(
                     client, "POST", f"/api/v1/runs/{run_id}/finish", {"final_step": STEPS - 1}
                 )
                 assert done.status_code == 200 and done.json()["status"] == "finished"
-            reference = embedded_measures(tmp_path, SITES, runs[ids[0]], final_step=STEPS - 1)
             for run_id, summaries in runs.items():
                 expected = embedded_measures(tmp_path, SITES, summaries, final_step=STEPS - 1)
-                assert expected.keys() == reference.keys()
                 got = client.get(f"/api/v1/runs/{run_id}/measures").json()
                 assert len(got) == len(expected)  # every measure exactly once
                 stored = {(m["step"], m["name"], m["site"], m["source"]): m["value"] for m in got}
