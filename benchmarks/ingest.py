@@ -329,7 +329,7 @@ def main() -> None:
     pg_admin = os.environ.get(
         "APMON_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
     )
-    steps = int(args.seconds * 120) + 50  # more than any configuration gets through
+    steps = int(args.seconds * 40) + 50  # more than any configuration gets through per client
     print(f"preparing {CLIENTS} x {steps} one-step batches of {len(SITES)} sites ...", flush=True)
     payloads = [bodies(seed, steps) for seed in range(CLIENTS)]
     tmp = Path(tempfile.mkdtemp(prefix="apmon-bench-"))

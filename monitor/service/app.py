@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -115,12 +117,21 @@ def create_app(
         def resolve(run_id: str) -> str | None:
             return store.run(run_id).mlflow_run_id
 
+        def report(run_id: str, mlflow_run_id: str) -> None:
+            # On the sink's thread, after the run finished: never on the ingest path.
+            from monitor.report import log_report_to_mlflow, render_report
+
+            with tempfile.TemporaryDirectory(prefix="apmon-report-") as out:
+                files = render_report(store, run_id, Path(out))
+                log_report_to_mlflow(settings.mlflow_tracking_uri, mlflow_run_id, files)
+
         mlflow_sink = AsyncMlflowSink(
             settings.mlflow_tracking_uri,
             settings.mlflow_experiment,
             resolve=resolve,
             claim=store.claim_mlflow_run_id,
             retry_max_seconds=settings.mlflow_retry_max_seconds,
+            report=report,
         )
     ref: dict[str, Services] = {}
     services = Services(

@@ -34,6 +34,7 @@ class _RunWork:
     metrics: deque[tuple[str, float, int, int]] = field(default_factory=deque)
     tags: dict[str, str] = field(default_factory=dict)
     terminate: bool = False
+    reported: bool = False
 
 
 class AsyncMlflowSink:
@@ -42,7 +43,8 @@ class AsyncMlflowSink:
     ``resolve`` returns the MLflow run id stored for an apmon run (or None); ``claim`` stores a
     newly created one unless another worker got there first, returning the id that holds. So
     every apmon run maps to exactly one MLflow run however many workers log to it: a user's own
-    MLflow run when the client passed one, else one this sink creates.
+    MLflow run when the client passed one, else one this sink creates. ``report`` (apmon run
+    id, MLflow run id) attaches end-of-run artifacts before a finished run is closed.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class AsyncMlflowSink:
         claim: Callable[[str, str], str],
         retry_max_seconds: float = 30.0,
         max_pending_metrics: int = 1_000_000,
+        report: Callable[[str, str], None] | None = None,
     ) -> None:
         self._uri = tracking_uri
         self._experiment = experiment
@@ -60,6 +63,7 @@ class AsyncMlflowSink:
         self._claim = claim
         self._retry_max = retry_max_seconds
         self._max_pending = max_pending_metrics
+        self._report = report
         self._client: MlflowClient | None = None
         self._ids: dict[str, str] = {}
         self._work: dict[str, _RunWork] = {}
@@ -176,6 +180,7 @@ class AsyncMlflowSink:
                 work.params.update(newer.params)
                 work.tags.update(newer.tags)
                 work.terminate = work.terminate or newer.terminate
+                work.reported = work.reported or newer.reported
                 work.name = newer.name or work.name
             self._work[run_id] = work
 
@@ -229,6 +234,12 @@ class AsyncMlflowSink:
             self.sent_batches += 1
             for _ in batch:
                 work.metrics.popleft()
+        if work.terminate and self._report is not None and not work.reported:
+            try:  # figures are a convenience: a failure is logged, never retried forever
+                self._report(run_id, mlflow_id)
+            except Exception:
+                logger.exception("could not attach the report of run %s to MLflow", run_id)
+            work.reported = True
         if work.terminate:
             run = client.get_run(mlflow_id)
             if run.data.tags.get(CREATED_TAG) == "1":

@@ -75,8 +75,9 @@ def db_url(tmp_path: Path) -> str:
 
 
 def test_mlflow_away_then_back_gets_every_metric_once_in_batches(
-    tmp_path: Path, db_url: str, mlflow_template: Path
+    tmp_path: Path, db_url: str, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     mlflow_dir = tmp_path / "mlflow-not-yet"
     mlflow_dir.write_text("a file where the store's directory should be: MLflow cannot open it")
     mlflow_uri = f"sqlite:///{mlflow_dir / 'mlflow.db'}"
@@ -145,11 +146,15 @@ def test_mlflow_away_then_back_gets_every_metric_once_in_batches(
     experiment = mlflow.get_experiment(mirrored.info.experiment_id)
     assert experiment.name == "apmon"
     assert len(mlflow.search_runs([experiment.experiment_id])) == 1  # one MLflow run per run
+    # finish attached the report's figures before closing the MLflow run
+    figures = {Path(a.path).name for a in mlflow.list_artifacts(mlflow_run_id, "apmon-report")}
+    assert {"timeline.png", "heatmap_rel_entropy.png", "heatmap_distinct.png"} <= figures
 
 
 def test_a_users_own_mlflow_run_receives_the_metrics_and_stays_open(
-    tmp_path: Path, db_url: str, mlflow_template: Path
+    tmp_path: Path, db_url: str, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
