@@ -42,6 +42,7 @@ FINISH_FILE = "finish.json"
 REJECTED_DIR = "rejected"
 # 4xx answers that a retry cannot fix: the batch is moved aside (and logged), never resent.
 PERMANENT = {400, 405, 409, 413, 422}
+HEARTBEAT_SECONDS = 30.0  # a quiet run still says it is alive this often
 
 
 class _Transient(Exception):
@@ -82,6 +83,7 @@ class HttpTransport:
         self.done = threading.Event()  # set once the finish has been acknowledged
         self.delivered = 0
         self.rejected = 0
+        self._last_contact = time.monotonic()
 
     # -- Transport ---------------------------------------------------------------------------
 
@@ -155,6 +157,7 @@ class HttpTransport:
                 if not adopted:
                     self._adopt_orphans()
                     adopted = True
+                self._heartbeat()
                 backoff = 0.0
             except _Transient as error:
                 backoff = min(max(0.25, backoff * 2), 10.0)
@@ -164,6 +167,18 @@ class HttpTransport:
                 backoff = min(max(0.25, backoff * 2), 10.0)
                 next_try = time.monotonic() + backoff
                 logger.exception("apmon sender failed; retrying in %.2f s", backoff)
+
+    def _heartbeat(self) -> None:
+        """Tell the service the run is alive when nothing else did for HEARTBEAT_SECONDS."""
+        if time.monotonic() - self._last_contact < HEARTBEAT_SECONDS or self.done.is_set():
+            return
+        if (self.spool / START_FILE).exists():
+            return  # the run is not open on the service yet
+        self._last_contact = time.monotonic()
+        try:
+            self._client.post(f"/api/v1/runs/{self.run_id}/heartbeat")
+        except httpx.HTTPError as error:
+            raise _Transient(f"heartbeat: {error}") from error
 
     def _batch_wait(self) -> float:
         if self._open_since is None:
@@ -244,6 +259,7 @@ class HttpTransport:
         except httpx.HTTPError as error:
             raise _Transient(f"{type(error).__name__}: {error}") from error
         if response.status_code < 300:
+            self._last_contact = time.monotonic()
             for alert in response.json().get("alerts", []):
                 self._alerts.put(AlertValue.model_validate(alert))
             path.unlink(missing_ok=True)

@@ -232,3 +232,30 @@ def test_a_service_refusal_is_kept_aside_not_resent(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_env_server(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("APMON_SERVER_URL", raising=False)
+
+
+def test_a_quiet_run_sends_heartbeats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import text
+
+    import monitor.client.http as http_module
+
+    url, store = migrated_sqlite(tmp_path)
+    app = create_app(Settings(database_url=url, mlflow_tracking_uri=""))
+    token = store.create_token("quiet")
+    settings = client_settings(1, token, tmp_path)
+    monkeypatch.setattr(http_module, "HEARTBEAT_SECONDS", 0.1)
+    engine = make_engine(url)
+
+    def last_heartbeat(run_id: str) -> Any:
+        with engine.connect() as connection:
+            query = text("select heartbeat_at from runs where id = :id")
+            return connection.execute(query, {"id": run_id}).scalar()
+
+    with TestClient(app, base_url=settings.server_url or "") as http:
+        http.headers["Authorization"] = f"Bearer {token}"
+        transport = HttpTransport(settings, client=http)
+        run_id = transport.start_run(RunStart(name="quiet"))
+        # Nothing but the heartbeat endpoint ever sets heartbeat_at.
+        wait_for(lambda: store.runs("quiet") != [] and last_heartbeat(run_id) is not None)
+        transport.finish(0)
+    assert store.run(run_id).status == "finished"
