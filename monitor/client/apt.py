@@ -84,17 +84,22 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
+def batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The first dimension of the first tensor input (None without one)."""
+    tensors = _tensors((args, kwargs))
+    if not tensors or tensors[0].dim() == 0:
+        return None
+    return int(tensors[0].shape[0])
+
+
 def take_rows(args: tuple[Any, ...], kwargs: dict[str, Any], rows: int | None) -> tuple[Any, Any]:
     """The first ``rows`` samples of a batch.
 
     Every tensor whose first dimension is the batch size (that of the first tensor input) is
     cut; other values pass unchanged.
     """
-    tensors = _tensors((args, kwargs))
-    if rows is None or not tensors or tensors[0].dim() == 0:
-        return args, kwargs
-    batch = tensors[0].shape[0]
-    if rows >= batch:
+    batch = batch_size(args, kwargs)
+    if rows is None or batch is None or rows >= batch:
         return args, kwargs
 
     def cut(value: Any) -> Any:
@@ -193,22 +198,34 @@ def pattern_collector(
     return on_site
 
 
-def site_probes(
-    before: SitePatterns, afters: Sequence[SitePatterns], etas: Sequence[float]
-) -> list[SiteProbe]:
-    """Per site, the rows whose pattern changed from ``before`` to each forward of ``afters``.
+def count_changes(before: SitePatterns, after: SitePatterns) -> dict[str, int | None]:
+    """Per site of ``before``, the rows whose pattern differs in ``after``.
 
-    D = changed / rows. Sites missing from a forward, or seen with other row counts, are left
-    out (data-dependent control flow).
+    None where the site is missing from ``after`` or has other row counts (data-dependent
+    control flow).
+    """
+    counts: dict[str, int | None] = {}
+    for name, mask in before.masks.items():
+        other = after.masks.get(name)
+        counts[name] = (
+            None if other is None or other.shape != mask.shape else changed_rows(mask, other)
+        )
+    return counts
+
+
+def site_probes(
+    before: SitePatterns, changes: Sequence[dict[str, int | None]], etas: Sequence[float]
+) -> list[SiteProbe]:
+    """Wire records of the changed-row counts, one count per eta (D = changed / rows).
+
+    Sites without rows or without a count for every eta are left out.
     """
     probes = []
     for name, mask in before.masks.items():
-        if mask.shape[0] == 0:
+        counts = [change.get(name) for change in changes]
+        if mask.shape[0] == 0 or any(c is None for c in counts):
             continue
-        others = [after.masks.get(name) for after in afters]
-        if any(o is None or o.shape != mask.shape for o in others):
-            continue
-        changed = [changed_rows(mask, o) for o in others if o is not None]
+        changed = [int(c) for c in counts if c is not None]
         probes.append(
             SiteProbe(site=name, rows=int(mask.shape[0]), etas=list(etas), changed=changed)
         )
@@ -284,7 +301,8 @@ class AptProber:
         self.release_tracker()
         self._training = None
         self._batch = capture_batch(step, args, kwargs)
-        if take_rows(args, kwargs, self.probe_rows)[0] is args:
+        batch = batch_size(args, kwargs)
+        if self.probe_rows is None or batch is None or self.probe_rows >= batch:
             self._training = SitePatterns()
             self._tee(pattern_collector(self._training, self.site_filter))
 
@@ -346,18 +364,22 @@ class AptProber:
                     step=step,
                     kind="apt",
                     lr=self._lr,
-                    sites=site_probes(before, [after], [self._lr]),
+                    sites=site_probes(before, [count_changes(before, after)], [self._lr]),
                     nonfinite=before.nonfinite or after.nonfinite,
                 )
             )
         if saved:
-            afters = [self._forward(batch, params) for params in self.trial_params(saved)]
+            # Counted forward by forward, so one trial's masks are alive at a time.
+            changes = [
+                count_changes(before, self._forward(batch, params))
+                for params in self.trial_params(saved)
+            ]
             records.append(
                 ProbeRecord(
                     step=step,
                     kind="sweep",
                     lr=self._lr,
-                    sites=site_probes(before, afters, self.etas),
+                    sites=site_probes(before, changes, self.etas),
                     nonfinite=before.nonfinite,
                 )
             )

@@ -22,9 +22,12 @@ from torch import nn
 from monitor.client.apt import (
     DEFAULT_SWEEP_ETAS,
     THESIS_SWEEP_ETAS,
+    SitePatterns,
     apt_temperature,
     changed_rows,
+    count_changes,
     log_grid,
+    site_probes,
     take_rows,
 )
 from monitor.client.handle import Monitor
@@ -447,3 +450,17 @@ def test_probes_leave_pattern_summaries_alone() -> None:
     probed = summaries(apt_every=2, sweep_every=5)
     assert [s.step for s in plain] == [0, 3, 6]
     assert [s.model_dump() for s in probed] == [s.model_dump() for s in plain]
+
+
+def test_sites_missing_from_a_trial_are_left_out() -> None:
+    """Data-dependent control flow: a site that one trial forward did not reach has no D(eta)."""
+    ones = torch.ones(4, 3, dtype=torch.bool)
+    before = SitePatterns(masks={"a#0": ones, "b#0": ones})
+    flipped = ones.clone()
+    flipped[1, 2] = False
+    full = SitePatterns(masks={"a#0": flipped, "b#0": ones})
+    partial = SitePatterns(masks={"a#0": ones, "b#0": ones[:2]})
+    changes = [count_changes(before, full), count_changes(before, partial)]
+    assert changes == [{"a#0": 1, "b#0": 0}, {"a#0": 0, "b#0": None}]
+    (probe,) = site_probes(before, changes, [0.1, 1.0])
+    assert (probe.site, probe.rows, probe.etas, probe.changed) == ("a#0", 4, [0.1, 1.0], [1, 0])
