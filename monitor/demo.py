@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,18 @@ def run_demo(
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     loss_value = float("nan")
-    with watch(
-        model, optimizer, settings=settings, name="apmon-demo", config={"steps": steps}
-    ) as mon:
+    # A fixed probe set (the same 256 digits each time) is what Jaccard and changes compare.
+    # Its own generator: choosing it leaves the training batches as they are without it.
+    chosen = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed + 1))
+    probe_images = images[chosen[:256]]
+    options: dict[str, Any] = {
+        "apt_every": 8,  # APT probe every 8 steps, the thesis default (Table A.1)
+        "sweep_every": 25,  # learning-rate sensitivity sweep over 16 trial rates
+        "probe_set": probe_images,
+        "probe_every": 25,
+        "config": {"steps": steps, "batch_size": batch_size, "lr": 0.05},
+    }
+    with watch(model, optimizer, settings=settings, name="apmon-demo", **options) as mon:
 
         @mon
         def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

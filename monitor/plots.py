@@ -157,13 +157,20 @@ def transition_curves(fits: Sequence[FitPoint], alerts: Sequence[AlertRecord] = 
 def timeline(
     losses: Sequence[tuple[int, float]],
     points: Sequence[MeasurePoint],
-    measures: Sequence[str],
+    measures: Sequence[tuple[str, str]],
     alerts: Sequence[AlertRecord] = (),
 ) -> Figure:
-    """Loss and run-level measures over steps, one panel each, with the alerts marked."""
+    """Loss and run-level measures (name, source) over steps, one panel each, alerts marked."""
     panels = [("loss", list(losses))] + [
-        (name, [(p.step, p.value) for p in points if p.name == name and p.site is None])
-        for name in measures
+        (
+            f"{name} ({source})",
+            [
+                (p.step, p.value)
+                for p in points
+                if p.name == name and p.source == source and p.site is None
+            ],
+        )
+        for name, source in measures
     ]
     panels = [(name, series) for name, series in panels if series]
     figure, axes_list = plt.subplots(

@@ -14,7 +14,22 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 TABLE_MEASURES = ("distinct", "max_freq", "entropy", "rel_entropy")
-HEATMAP_MEASURES = ("rel_entropy", "distinct", "jaccard_prev", "dead_fraction")
+# (measure, source) of the layer x step heat maps and of the run-level time line panels.
+HEATMAPS = (
+    ("rel_entropy", "train"),
+    ("dead", "train"),
+    ("jaccard_init", "probe_set"),
+    ("jaccard_prev", "probe_set"),
+    ("jaccard_final", "probe_set"),
+    ("signed", "probe_set"),
+    ("D", "apt"),
+)
+TIMELINE = (
+    ("T_mean", "apt"),
+    ("sigma_mean", "sweep"),
+    ("rel_entropy_mean", "train"),
+    ("jaccard_init_mean", "probe_set"),
+)
 
 
 def site_table(points: Sequence[MeasurePoint], measures: Sequence[str] = TABLE_MEASURES) -> str:
@@ -58,16 +73,11 @@ def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
     alerts = store.alerts(run_id)
     probes = store.probes(run_id)
     fits = store.fits(run_id)
-    names = {p.name for p in measures}
+    present = {(p.name, p.source) for p in measures}
     figures: dict[str, Figure] = {}
-    for measure in HEATMAP_MEASURES:
-        if measure in names:
-            figures[f"heatmap_{measure}"] = plots.site_step_heatmap(
-                measures, measure, sites, alerts=alerts
-            )
-    for measure, source in (("D", "apt"), ("T", "apt")):
-        if any(p.name == measure and p.source == source for p in measures):
-            figures[f"heatmap_apt_{measure}"] = plots.site_step_heatmap(
+    for measure, source in HEATMAPS:
+        if (measure, source) in present:
+            figures[f"heatmap_{source}_{measure}"] = plots.site_step_heatmap(
                 measures, measure, sites, source=source, alerts=alerts
             )
     if any(p.kind == "sweep" for p in probes):
@@ -79,8 +89,8 @@ def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
         for summary in store.step_summaries(run_id, "train")
         if summary.loss is not None
     ]
-    run_level = sorted({p.name for p in measures if p.site is None})
-    figures["timeline"] = plots.timeline(losses, measures, run_level[:4], alerts)
+    panels = [panel for panel in TIMELINE if panel in present]
+    figures["timeline"] = plots.timeline(losses, measures, panels, alerts)
     written = []
     for name, figure in figures.items():
         path = out_dir / f"{name}.png"

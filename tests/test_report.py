@@ -84,7 +84,7 @@ def test_render_report_writes_every_figure(store: SqlStore, tmp_path: Path) -> N
     files = render_report(store, run_id, tmp_path / "out")
     names = {f.stem for f in files}
     assert names == {
-        "heatmap_rel_entropy",
+        "heatmap_train_rel_entropy",
         "heatmap_apt_D",
         "phase_diagram",
         "transition_fit",
