@@ -159,9 +159,7 @@ def _nonfinite_rows(x: torch.Tensor, unit_dim: int) -> int:
     low, high = torch.aminmax(x)
     if bool(torch.isfinite(low) & torch.isfinite(high)):
         return 0
-    bad = ~torch.isfinite(x)
-    dims = [unit_dim % x.dim()] if x.dim() > 1 else [0]
-    return int(bad.any(dim=dims[0]).sum()) if x.dim() > 1 else 1
+    return int((~torch.isfinite(x)).any(dim=unit_dim % x.dim()).sum())
 
 
 def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None) -> SiteStats:
