@@ -21,9 +21,10 @@ coefficient of variation of the residuals. At the default k = 256, ``tests/clien
 test_sketch_error.py`` checks |estimate - exact| <= 0.05 for the train-time and probe-set
 measurements of a convolutional and a dense net, against exact values from the full histograms.
 
-**Size.** At most ``4 + 2 * sketch_k + d + |spectrum|`` integers per site-step: for a 64-unit conv
-site at k = 256 the JSON is about 7-8 kB raw (fingerprints are 20-digit decimals) and 3-4 kB
-gzip-compressed; ``benchmarks/overhead.py`` prints the measured figures.
+**Size.** At most ``4 + 2 * sketch_k + d + 2 |spectrum|`` integers per site-step. For the 64-unit
+conv sites of ResNet-20 (8192 rows, all distinct) at k = 256 the JSON is about 6.4 kB raw
+(fingerprints are 20-digit decimals) and 3.0 kB gzip-compressed; a binary encoding would be
+256 x (8 + 4) bytes + on-counts, about 3.3 kB. ``benchmarks/overhead.py`` prints the figures.
 
 **Merging.** ``SiteStats`` holds the full exact histogram and only sums, so ``merge`` is exact
 across micro-batches, gradient-accumulation steps and data-parallel ranks; the sketch is taken
