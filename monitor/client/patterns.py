@@ -9,9 +9,11 @@ int64 words per row are a free ``view`` of those bytes: bit j of word w is unit 
 chained over the words for d > 64 (``fingerprint``). For d <= 64 this is a bijection of the packed
 word, so two distinct patterns never share a fingerprint. For d > 64 a pair of distinct patterns
 shares one with probability about 2^-64, so among n distinct patterns a collision has probability
-at most n^2 / 2^65 (3e-8 for 10^9 patterns). Even that cannot corrupt a count: ``count_words``
-checks every fingerprint group against its representative's words and, on a collision, recounts
-on the words themselves and gives the colliding patterns separate fingerprints.
+at most n^2 / 2^65 (3e-8 for a million patterns, 3e-6 for ten million). Within one measurement
+even that cannot corrupt a count: ``count_words`` checks every fingerprint group against its
+representative's words and, on a collision, recounts on the words themselves and gives the
+colliding patterns separate fingerprints. Between two measurements (Jaccard, changes), where only
+fingerprints are compared, the same n^2 / 2^65 bound over the union of their patterns applies.
 
 **Counting.** Distinct words are counted exactly: by ``bincount`` over all 2^d values when d is
 small (d <= 20 and 2^d <= 4 x rows), else by sorting (``torch.unique``). There is no fixed-size
