@@ -315,7 +315,10 @@ class AptProber:
         self._saved_tracker = (training, armed)
 
         def both(name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
-            collect(name, mode, preactivation)
+            try:  # this runs inside the user's training forward: never raise into it
+                collect(name, mode, preactivation)
+            except Exception:
+                logger.exception("apmon could not record site %s for a probe", name)
             if armed:
                 training(name, mode, preactivation)
 
