@@ -18,6 +18,7 @@ from live_server import model_sites, step_summaries
 from mlflow.tracking import MlflowClient
 
 from monitor.measures import Event, PluginRegistry, PluginResult, RunContext, load_plugins
+from monitor.report import render_report
 from monitor.schema import AlertValue, IngestBatch, StepSummary
 from monitor.service.app import create_app
 from monitor.settings import Settings
@@ -148,7 +149,8 @@ def test_mlflow_away_then_back_gets_every_metric_once_in_batches(
     assert len(mlflow.search_runs([experiment.experiment_id])) == 1  # one MLflow run per run
     # finish attached the report's figures before closing the MLflow run
     figures = {Path(a.path).name for a in mlflow.list_artifacts(mlflow_run_id, "apmon-report")}
-    assert {"timeline.png", "heatmap_rel_entropy.png", "heatmap_distinct.png"} <= figures
+    expected_figures = {f.name for f in render_report(services.store, run["id"], tmp_path / "ref")}
+    assert figures == expected_figures and figures
 
 
 def test_a_users_own_mlflow_run_receives_the_metrics_and_stays_open(
