@@ -1,7 +1,7 @@
 """Ingest throughput and latency of the apmon service, side by side with logging to MLflow.
 
 For a 20-site model it starts ``apmon serve`` on loopback for each of SQLite/PostgreSQL x 1/2
-workers, lets concurrent clients post one-step batches (20 site summaries each) to their own
+workers, lets concurrent clients post batches (default: one step, 20 site summaries) to their own
 runs for a fixed time, and reports sustained site-summaries per second (total and per worker)
 and p50/p99 request latency. Then it logs the same scalars the service computed, step by step,
 straight to an MLflow tracking server with MlflowClient.log_batch, and prints the ratios.
@@ -63,13 +63,16 @@ def site_summary(rng: random.Random, site: SiteInfo) -> SiteSummary:
     )
 
 
-def bodies(seed: int, steps: int) -> list[bytes]:
-    """Pre-serialised one-step batches, so the load generator spends little CPU per request."""
+def bodies(seed: int, requests: int, per_request: int) -> list[bytes]:
+    """Pre-serialised batches, so the load generator spends little CPU per request."""
     rng = random.Random(seed)
     out = []
-    for step in range(steps):
-        summary = StepSummary(step=step, sites=[site_summary(rng, s) for s in SITES], loss=1.0)
-        batch = IngestBatch(seq=step, sites=SITES if step == 0 else [], summaries=[summary])
+    for seq in range(requests):
+        summaries = [
+            StepSummary(step=step, sites=[site_summary(rng, s) for s in SITES], loss=1.0)
+            for step in range(seq * per_request, (seq + 1) * per_request)
+        ]
+        batch = IngestBatch(seq=seq, sites=SITES if seq == 0 else [], summaries=summaries)
         out.append(batch.model_dump_json().encode())
     return out
 
@@ -164,7 +167,7 @@ def load(
                 mine.append(time.perf_counter() - started)
                 if response.status_code != 200:
                     raise RuntimeError(f"ingest failed: {response.status_code} {response.text}")
-                done[index] += 1
+                done[index] += PER_REQUEST
         with lock:
             latencies.extend(mine)
 
@@ -314,24 +317,32 @@ def bench_mlflow(per_step: dict[int, dict[str, float]], seconds: float, tmp: Pat
 
 
 CLIENTS = 4
+PER_REQUEST = 1
 
 
 def main() -> None:
-    global CLIENTS
+    global CLIENTS, PER_REQUEST
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="load time per configuration")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="concurrent clients (runs)")
+    parser.add_argument(
+        "--steps-per-request", type=int, default=PER_REQUEST, help="steps in each ingest batch"
+    )
     parser.add_argument("--no-mlflow", action="store_true", help="skip the direct MLflow path")
     args = parser.parse_args()
     CLIENTS = args.clients
     pg_admin = os.environ.get(
         "APMON_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
     )
-    steps = int(args.seconds * 40) + 50  # more than any configuration gets through per client
-    print(f"preparing {CLIENTS} x {steps} one-step batches of {len(SITES)} sites ...", flush=True)
-    payloads = [bodies(seed, steps) for seed in range(CLIENTS)]
+    PER_REQUEST = args.steps_per_request
+    requests = int(args.seconds * 40 / PER_REQUEST) + 50  # more than any configuration sends
+    print(
+        f"preparing {CLIENTS} x {requests} batches of {PER_REQUEST} step(s) x {len(SITES)} sites",
+        flush=True,
+    )
+    payloads = [bodies(seed, requests, PER_REQUEST) for seed in range(CLIENTS)]
     tmp = Path(tempfile.mkdtemp(prefix="apmon-bench-"))
     schema = f"apmon_bench_{uuid.uuid4().hex[:8]}"
     admin = make_engine(pg_admin)
@@ -359,7 +370,8 @@ def main() -> None:
 
     print()
     print(
-        f"{len(SITES)}-site model, {ROWS} rows per site, one step per request, {CLIENTS} clients, "
+        f"{len(SITES)}-site model, {ROWS} rows per site, {PER_REQUEST} step(s) per request, "
+        f"{CLIENTS} clients, "
         f"{args.seconds:.0f} s per configuration, {os.cpu_count()} CPU cores"
     )
     header = (
