@@ -14,9 +14,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
-from monitor.client.capture import ModuleTracker, rows_of
+from monitor.client.capture import ModuleTracker
 from monitor.client.schedules import Schedule
-from monitor.schema import ProbeRecord, SiteInfo, SiteMode, SiteProbe
+from monitor.schema import ProbeRecord, SiteInfo, SiteKind, SiteMode, SiteProbe
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +49,48 @@ def apt_temperature(d: float) -> float:
     return -math.log1p(-d)
 
 
-def changed_rows(before: torch.Tensor, after: torch.Tensor) -> int:
-    """Rows whose pattern differs between two boolean (rows, units) masks of the same rows."""
-    return int((before != after).any(dim=1).sum())
+def unit_dim(x: torch.Tensor) -> int:
+    """The dimension of a site's units, as in ``capture.rows_of``.
+
+    It is 1 for dense (N, d) and conv (N, C, ...) inputs, the last for sequences (N, T, d) and
+    for a single row (d,).
+    """
+    return 1 if x.dim() == 2 or x.dim() >= 4 else x.dim() - 1
+
+
+def site_kind_of(x: torch.Tensor) -> SiteKind:
+    """Dense, sequence or conv, as in ``capture.rows_of``."""
+    return "dense" if x.dim() <= 2 else "seq" if x.dim() == 3 else "conv"
+
+
+def changed_rows(before: torch.Tensor, after: torch.Tensor, dim: int = 1) -> int:
+    """Rows whose pattern differs between two boolean masks of the same rows.
+
+    ``dim`` holds the units; a row is every index of the other dimensions (e.g. a sample and
+    position of a conv). Masks stay in the activation's own layout: no permuted copy of conv
+    activations.
+    """
+    return int((before != after).any(dim=dim).sum())
 
 
 @dataclass
 class SitePatterns:
-    """Patterns of one probe forward: per site its boolean (rows, units) mask, in call order."""
+    """Patterns of one probe forward, per site in call order.
+
+    Each site has its boolean mask (preactivation > 0, in the activation's layout) and the
+    dimension of its units.
+    """
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    dims: dict[str, int] = field(default_factory=dict)
     infos: dict[str, SiteInfo] = field(default_factory=dict)
     nonfinite: bool = False
+
+    def rows(self, name: str) -> int:
+        """Rows of a site: elements of its mask over its units."""
+        mask = self.masks[name]
+        units = mask.shape[self.dims.get(name, 1)] if mask.dim() else 1
+        return mask.numel() // units if units else 0
 
 
 @dataclass
@@ -187,13 +217,16 @@ def pattern_collector(
         if not site_filter(name):
             return
         with torch.no_grad():
-            rows, kind = rows_of(preactivation.detach())
+            x = preactivation.detach()
             # One reduction instead of an elementwise test: the sum is non-finite iff some value
             # is (or, harmlessly, when finite preactivations sum past float range).
-            if not found.nonfinite and not math.isfinite(float(rows.sum())):
+            if not found.nonfinite and not math.isfinite(float(x.sum())):
                 found.nonfinite = True
-            found.masks[name] = rows > 0
-        found.infos[name] = SiteInfo(name=name, kind=kind, mode=mode, units=int(rows.shape[1]))
+            found.masks[name] = x > 0
+        dim = unit_dim(x)
+        found.dims[name] = dim
+        units = int(x.shape[dim]) if x.dim() else 1
+        found.infos[name] = SiteInfo(name=name, kind=site_kind_of(x), mode=mode, units=units)
 
     return on_site
 
@@ -207,9 +240,9 @@ def count_changes(before: SitePatterns, after: SitePatterns) -> dict[str, int | 
     counts: dict[str, int | None] = {}
     for name, mask in before.masks.items():
         other = after.masks.get(name)
-        counts[name] = (
-            None if other is None or other.shape != mask.shape else changed_rows(mask, other)
-        )
+        dim = before.dims.get(name, 1)
+        same = other is not None and other.shape == mask.shape and mask.dim() > dim
+        counts[name] = changed_rows(mask, other, dim) if same and other is not None else None
     return counts
 
 
@@ -221,14 +254,13 @@ def site_probes(
     Sites without rows or without a count for every eta are left out.
     """
     probes = []
-    for name, mask in before.masks.items():
+    for name in before.masks:
         counts = [change.get(name) for change in changes]
-        if mask.shape[0] == 0 or any(c is None for c in counts):
+        rows = before.rows(name)
+        if rows == 0 or any(c is None for c in counts):
             continue
         changed = [int(c) for c in counts if c is not None]
-        probes.append(
-            SiteProbe(site=name, rows=int(mask.shape[0]), etas=list(etas), changed=changed)
-        )
+        probes.append(SiteProbe(site=name, rows=rows, etas=list(etas), changed=changed))
     return probes
 
 

@@ -29,7 +29,9 @@ from monitor.client.apt import (
     log_grid,
     site_probes,
     take_rows,
+    unit_dim,
 )
+from monitor.client.capture import rows_of
 from monitor.client.handle import Monitor
 from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
 
@@ -464,3 +466,21 @@ def test_sites_missing_from_a_trial_are_left_out() -> None:
     assert changes == [{"a#0": 1, "b#0": 0}, {"a#0": 0, "b#0": None}]
     (probe,) = site_probes(before, changes, [0.1, 1.0])
     assert (probe.site, probe.rows, probe.etas, probe.changed) == ("a#0", 4, [0.1, 1.0], [1, 0])
+
+
+@pytest.mark.parametrize("shape", [(7,), (9, 5), (4, 6, 5), (3, 4, 5, 6), (2, 3, 4, 2, 3)])
+def test_native_layout_counts_match_rows_of(shape: tuple[int, ...]) -> None:
+    """Changed rows counted in the activation's own layout equal those counted on the
+    (rows, units) view of ``capture.rows_of`` by a Python loop, for every site kind."""
+    g = torch.Generator().manual_seed(len(shape))
+    a = torch.randn(shape, generator=g)
+    b = a + 0.3 * torch.randn(shape, generator=g)
+    dim = unit_dim(a)
+    rows_a, _ = rows_of(a)
+    rows_b, _ = rows_of(b)
+    naive = sum(
+        1 for r, t in zip((rows_a > 0).tolist(), (rows_b > 0).tolist(), strict=True) if r != t
+    )
+    assert changed_rows(a > 0, b > 0, dim) == naive
+    patterns = SitePatterns(masks={"s#0": a > 0}, dims={"s#0": dim})
+    assert patterns.rows("s#0") == rows_a.shape[0]
