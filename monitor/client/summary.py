@@ -126,11 +126,11 @@ _byte_bits: dict[torch.device, torch.Tensor] = {}
 
 
 def _bits_of_bytes(device: torch.device) -> torch.Tensor:
-    """(256, 8) int64: bit k of byte value v."""
+    """(256, 8) float64: bit k of byte value v."""
     bits = _byte_bits.get(device)
     if bits is None:
         values = torch.arange(256, device=device).unsqueeze(1)
-        bits = (values >> torch.arange(8, device=device)) & 1
+        bits = ((values >> torch.arange(8, device=device)) & 1).to(torch.float64)
         _byte_bits[device] = bits
     return bits
 
@@ -141,16 +141,16 @@ def _unit_on_counts(
     """(classes, units) on-counts from a histogram of each byte position's values.
 
     A unit's on-count is the sum, over byte values with its bit set, of how often that value
-    occurs at its byte position.
+    occurs at its byte position: a (positions, 256) x (256, 8) product, done in float64, which is
+    exact for counts below 2^53.
     """
     nbytes = row_bytes.shape[1]
     index = row_bytes.to(torch.int64) + 256 * torch.arange(nbytes, device=row_bytes.device)
     if row_class is not None:
         index = index + (row_class * (256 * nbytes)).unsqueeze(1)
     hist = torch.bincount(index.reshape(-1), minlength=256 * nbytes * classes)
-    hist = hist.view(classes, nbytes, 256, 1)
-    on = (hist * _bits_of_bytes(row_bytes.device)).sum(dim=2)
-    return on.reshape(classes, nbytes * 8)[:, :units]
+    on = hist.view(classes * nbytes, 256).to(torch.float64) @ _bits_of_bytes(row_bytes.device)
+    return on.round().to(torch.int64).reshape(classes, nbytes * 8)[:, :units]
 
 
 def _nonfinite_rows(x: torch.Tensor, unit_dim: int) -> int:
