@@ -287,8 +287,7 @@ class Monitor:
 
 
 def _register_atexit(monitor: Monitor) -> Callable[[], None]:
-    """Close the run at interpreter exit if the user never did (decorator use), without keeping
-    the monitor alive."""
+    """Close the run at interpreter exit if the user never did, without keeping it alive."""
     ref = weakref.ref(monitor)
 
     def close() -> None:
@@ -325,8 +324,10 @@ def watch(
     transport: Transport | None = None,
     **options: Any,
 ) -> Monitor:
-    """Monitor a training job: ``with watch(model, opt):`` or ``@watch(model, opt)`` on the step
-    function. With no server configured, results go to a local SQLite file and MLflow store.
+    """Monitor a training job, as a context manager or as a decorator of the step function.
+
+    ``with watch(model, opt):`` or ``@watch(model, opt)``. With no server configured, results go
+    to a local SQLite file and MLflow store.
 
     Options: ``every`` (int k or a step -> bool schedule), ``include``/``exclude`` (site name
     patterns), ``sign_mode`` (also capture GELU/SiLU sites by preactivation sign), ``sketch_k``,
