@@ -1,4 +1,4 @@
-"""Bad-batch strike detector: APT D above each site's own recent baseline in most sites at once."""
+"""Bad-batch strike detector: a step whose patterns leave their own recent band in most sites."""
 
 from __future__ import annotations
 
@@ -6,48 +6,72 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from monitor.measures import Event, PluginResult, RunContext
-from monitor.schema import AlertValue, ProbeRecord, StepSummary
+from monitor.measures import Event, PluginResult, RunContext, RunFinished
+from monitor.schema import AlertValue, SiteSummary, StepSummary
 from plugins._robust import median_mad, push
 from plugins.apt import temperature
+from plugins.entropy import entropy_family
 
 
 @dataclass(frozen=True)
 class StrikeSettings:
     """Thresholds (defaults chosen on the scenario suite, see benchmarks/scenarios).
 
-    Values are temperatures T = -ln(1 - D) (``plugins.apt.temperature``), which keep a site whose D
-    is already near 1 able to show a spike. A site exceeds its baseline when T > median +
-    max(k * MAD, min_rise) over its last ``window`` non-strike values (after ``warmup`` of them); a
-    strike needs more than ``quorum`` of the sites exceeding at once. ``min_rise`` keeps a site
-    with a near-constant T from firing on noise. The ``refractory`` steps after a strike are not
-    judged and stay out of the baseline: a bad step's update also disturbs the next batch's
-    patterns (the "pairs" of strikes in the source), which is its echo, not a second bad batch.
+    Three statistics per site and step, each judged against the site's own last ``window``
+    non-strike values (after ``warmup`` of them) with a robust band: a value x leaves the band when
+    x - median > max(k * MAD, floor) (``T``, ``shift``: upward only) or |x - median| >
+    max(k * MAD, floor) (``rel_entropy``). The floors (``min_rise``, ``min_shift``,
+    ``min_entropy``) keep a site whose statistic is near-constant (MAD ~ 0) from firing on noise.
+
+    - ``T`` = -ln(1 - D), the APT temperature of the step's probe (``plugins.apt.temperature``);
+    - ``shift`` = (1/d) sum_u |on_u / rows - b_u|, the mean distance of the training batch's
+      per-unit on-rates from b, the on-rates of the last non-strike step (a batch of the wrong
+      scale or content turns other units on than the batches before it);
+    - ``rel_entropy`` of the training batch's patterns (``plugins.entropy.entropy_family``; a
+      constant image collapses the batch onto a few patterns).
+
+    A site is out of band when any of its statistics is; a strike needs more than ``quorum`` of
+    the judged sites out of band at once, and one statistic of one site beyond ``decisive`` times
+    its band (a corrupted batch lands far outside; several sites only just outside is how a
+    clean step's noise looks). The ``refractory`` steps after a strike are not judged: a
+    bad step's update also disturbs the next batches' patterns (the "pairs" of strikes in the
+    source), which is its echo, not a second bad batch. They do enter the baseline, which therefore
+    follows a network that the bad step moved to another regime instead of alerting on every
+    later step; the strike step itself never enters it.
     """
 
     window: int = 30
     warmup: int = 10
     k: float = 5.0
     min_rise: float = 0.7
+    min_shift: float = 0.05
+    min_entropy: float = 0.05
     quorum: float = 0.5
-    refractory: int = 1
+    decisive: float = 2.5
+    refractory: int = 2
+
+
+SIGNALS = ("T", "shift", "rel_entropy")
+TWO_SIDED = frozenset({"rel_entropy"})
 
 
 class StrikeDetector:
-    """Alerts ``bad_batch`` when the APT distance D spikes in most sites at the same step.
+    """Alerts ``bad_batch`` when most sites' patterns leave their own recent band at one step.
 
     Source: Hartmann et al. 2021, Sec. 3.2 and 4: pattern changes that "strike from the lower to
-    the top layers simultaneously" are "evidence for unfavorable batches"; SPEC "Detectors". Per APT
-    probe and site, D = changed / rows (as its temperature T) is compared with the site's robust
-    baseline (median and
-    scaled MAD of its recent values, Hampel 1974); a strike is a step where more than ``quorum`` of
-    the sites exceed it. Strike values are kept out of the baseline. The alert names the step, the
-    sites, D and the thresholds, and the batch's sample indices when the step's training summary
-    carried them (the summary may arrive just before or just after the probe).
+    the top layers simultaneously" are "evidence for unfavorable batches"; SPEC "Detectors". A step
+    is judged once its APT probe (D = changed / rows, as temperature T) and its training summary
+    (per-unit on-rates and relative entropy of the batch's own patterns) are both in, in either
+    order, or with what came when the next step's first event arrives. Each statistic is compared
+    with the site's robust baseline (median and scaled MAD of its recent values, Hampel 1974; see
+    ``StrikeSettings``); a strike is a step where more than ``quorum`` of the judged sites are out
+    of band. Strike values stay out of the baseline. The alert names the step, the sites with the
+    statistics that left their band and the thresholds, and the batch's sample indices when the
+    step's training summary carried them.
     """
 
     name = "strikes"
-    version = "1.0"
+    version = "2.0"
     requires: tuple[str, ...] = ()
 
     def __init__(self, settings: StrikeSettings | None = None) -> None:
@@ -60,63 +84,122 @@ class StrikeDetector:
         state: dict[str, Any],
         upstream: Mapping[str, PluginResult],
     ) -> PluginResult:
-        """A strike alert for an APT probe, or the pending one once its batch's indices arrive."""
+        """Gather a step's statistics; judge the step once both its events are in, or later."""
+        result = PluginResult()
+        if isinstance(event, RunFinished):
+            self._flush(state, result)
+            return result
         if isinstance(event, StepSummary):
             if event.source != "train":
-                return PluginResult()
-            pending = state.get("pending")
-            if pending is not None and pending["step"] == event.step:
-                state["pending"] = None
-                return PluginResult(alerts=[self._alert(pending, event.sample_indices)])
-            if event.sample_indices is not None:
-                state["indices"] = {"step": event.step, "indices": event.sample_indices}
-            return PluginResult()
-        if not isinstance(event, ProbeRecord) or event.kind != "apt":
-            return PluginResult()
-        result = PluginResult()
+                return result
+            kind = "summary"
+            values = self._summary_values(event.sites, state)
+        elif event.kind == "apt":
+            kind = "apt"
+            values = {
+                site.site: {
+                    "D": site.changed[0] / site.rows,
+                    "T": temperature(site.changed[0] / site.rows, site.rows),
+                }
+                for site in event.sites
+                if site.changed
+            }
+        else:
+            return result
         pending = state.get("pending")
-        if pending is not None and pending["step"] < event.step:
-            state["pending"] = None  # its summary never came: alert without indices
-            result.alerts.append(self._alert(pending, None))
-        strike = self._judge(event, state)
-        if strike is not None:
-            known = state.get("indices")
-            if known is not None and known["step"] == event.step:
-                result.alerts.append(self._alert(strike, known["indices"]))
-            else:
-                state["pending"] = strike
+        if pending is not None and pending["step"] != event.step:
+            self._flush(state, result)
+            pending = None
+        if pending is None:
+            pending = {"step": event.step, "have": [], "values": {}, "indices": None}
+        if kind == "summary":
+            pending["indices"] = event.sample_indices  # type: ignore[union-attr]
+        pending["have"] = sorted({*pending["have"], kind})
+        for site, stats in values.items():
+            pending["values"].setdefault(site, {}).update(stats)
+        state["pending"] = pending
+        if pending["have"] == ["apt", "summary"]:
+            self._flush(state, result)
         return result
 
-    def _judge(self, event: ProbeRecord, state: dict[str, Any]) -> dict[str, Any] | None:
+    def _summary_values(
+        self, sites: list[SiteSummary], state: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """Per site: rel_entropy, and the on-rates (the shift is taken against the baseline)."""
+        values: dict[str, dict[str, Any]] = {}
+        for site in sites:
+            if site.rows == 0:
+                continue
+            stats: dict[str, Any] = {}
+            if site.spectrum:
+                units = len(site.unit_on) or 1
+                stats["rel_entropy"] = entropy_family(site, units)["rel_entropy"]
+            if site.unit_on:
+                stats["on"] = [c / site.rows for c in site.unit_on]
+            if stats:
+                values[site.site] = stats
+        return values
+
+    def _flush(self, state: dict[str, Any], result: PluginResult) -> None:
+        pending = state.pop("pending", None)
+        if pending is None:
+            return
+        strike = self._judge(pending, state)
+        if strike is not None:
+            result.alerts.append(self._alert(strike, pending["indices"]))
+
+    def _judge(self, pending: dict[str, Any], state: dict[str, Any]) -> dict[str, Any] | None:
         s = self.settings
+        step = pending["step"]
         last = state.get("last_strike")
-        if last is not None and 0 < event.step - last <= s.refractory:
-            return None
-        baselines: dict[str, list[float]] = state.setdefault("baseline", {})
+        echo = last is not None and 0 < step - last <= s.refractory
+        baselines: dict[str, dict[str, list[float]]] = state.setdefault("baseline", {})
+        on_rates: dict[str, list[float]] = state.setdefault("on_rate", {})
+        floors = {"T": s.min_rise, "shift": s.min_shift, "rel_entropy": s.min_entropy}
         exceeded: dict[str, dict[str, float]] = {}
-        values: dict[str, float] = {}
+        values: dict[str, dict[str, float]] = {}
         judged = 0
-        for site in event.sites:
-            if not site.changed:
-                continue
-            d = site.changed[0] / site.rows
-            t = temperature(d, site.rows)
-            values[site.site] = t
-            series = baselines.get(site.site, [])
-            if len(series) < s.warmup:
-                continue
-            judged += 1
-            centre, mad = median_mad(series)
-            threshold = centre + max(s.k * mad, s.min_rise)
-            if t > threshold:
-                exceeded[site.site] = {"D": d, "T": t, "T_threshold": threshold, "T_median": centre}
-        is_strike = judged > 0 and len(exceeded) > s.quorum * judged
-        if not is_strike:
-            for site_name, t in values.items():
-                baselines[site_name] = push(baselines.get(site_name, []), t, s.window)
-            return None
-        state["last_strike"] = event.step
-        return {"step": event.step, "sites": exceeded, "judged": judged}
+        decisive = False
+        for site, stats in pending["values"].items():
+            current = {k: float(v) for k, v in stats.items() if k in SIGNALS}
+            rates = stats.get("on")
+            base = on_rates.get(site)
+            if rates is not None and base is not None and len(base) == len(rates):
+                distance = sum(abs(r - b) for r, b in zip(rates, base, strict=True))
+                current["shift"] = distance / len(rates)
+            values[site] = current
+            series = baselines.get(site, {})
+            out: dict[str, float] = {}
+            seen = False
+            for name, x in current.items():
+                history = series.get(name, [])
+                if len(history) < s.warmup:
+                    continue
+                seen = True
+                centre, mad = median_mad(history)
+                band = max(s.k * mad, floors[name])
+                deviation = abs(x - centre) if name in TWO_SIDED else x - centre
+                decisive = decisive or deviation > s.decisive * band
+                if deviation > band:
+                    out.update({name: x, f"{name}_median": centre, f"{name}_band": band})
+                    if name not in TWO_SIDED:
+                        out[f"{name}_threshold"] = centre + band
+            judged += seen
+            if out:
+                if "D" in stats:
+                    out["D"] = float(stats["D"])
+                exceeded[site] = out
+        if not echo and decisive and judged > 0 and len(exceeded) > s.quorum * judged:
+            state["last_strike"] = step
+            return {"step": step, "sites": exceeded, "judged": judged}
+        for site, current in values.items():
+            series = baselines.setdefault(site, {})
+            for name, x in current.items():
+                series[name] = push(series.get(name, []), x, s.window)
+            rates = pending["values"][site].get("on")
+            if rates is not None:
+                on_rates[site] = list(rates)
+        return None
 
     @staticmethod
     def _alert(strike: dict[str, Any], indices: list[int] | None) -> AlertValue:
@@ -126,8 +209,8 @@ class StrikeDetector:
             step=strike["step"],
             severity="warning",
             message=(
-                f"pattern-change strike at step {strike['step']}: APT D above baseline in "
-                f"{len(sites)} of {strike['judged']} sites"
+                f"pattern-change strike at step {strike['step']}: patterns out of their recent "
+                f"band in {len(sites)} of {strike['judged']} sites"
             ),
             evidence={"sites": sites, "judged": strike["judged"], "sample_indices": indices},
         )

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from monitor.schema import ProbeRecord, SiteProbe, StepSummary
+from monitor.client.summary import measure, to_wire
+from monitor.schema import ProbeRecord, SiteProbe, SiteSummary, StepSummary
 
 
 class MLP(nn.Module):
@@ -60,6 +61,15 @@ def rows_of(z: torch.Tensor) -> torch.Tensor:
     if z.dim() == 4:
         return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     return z
+
+
+def site_summaries(pre: list[torch.Tensor]) -> list[SiteSummary]:
+    """What the client sends for the training forward: each site's pattern summary (rows,
+    distinct, spectrum, per-unit on counts, sketch), measured by the client's own code."""
+    return [
+        to_wire(SITE_NAMES[i], measure(z, "conv" if z.dim() == 4 else "dense"))
+        for i, z in enumerate(pre)
+    ]
 
 
 def changed_rows(before: list[torch.Tensor], after: list[torch.Tensor]) -> list[int]:
@@ -200,7 +210,7 @@ def train(spec: RunSpec) -> Iterator[StepEvents]:
         summary = StepSummary(
             step=step,
             source="train",
-            sites=[],
+            sites=site_summaries(before),
             loss=value if math.isfinite(value) else None,
             sample_indices=[int(i) for i in idx],
         )

@@ -52,7 +52,6 @@ def test_divergence_target_every_diverging_run_alerted_with_median_lead_20(
     assert d["caught"] == d["diverging_runs"] and d["median_lead"] >= 20
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet: see the scenario table in the README")
 def test_strike_target_recall_09_and_better_than_the_loss_spike_rule(
     figures: dict[str, Any],
 ) -> None:
