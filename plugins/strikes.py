@@ -89,11 +89,12 @@ class StrikeDetector:
         if isinstance(event, RunFinished):
             self._flush(state, result)
             return result
+        indices: list[int] | None = None
         if isinstance(event, StepSummary):
             if event.source != "train":
                 return result
-            kind = "summary"
-            values = self._summary_values(event.sites, state)
+            kind, indices = "summary", event.sample_indices
+            values = self._summary_values(event.sites)
         elif event.kind == "apt":
             kind = "apt"
             values = {
@@ -106,6 +107,8 @@ class StrikeDetector:
             }
         else:
             return result
+        if event.step <= state.get("judged_step", -1):
+            return result  # a late duplicate of a step already judged
         pending = state.get("pending")
         if pending is not None and pending["step"] != event.step:
             self._flush(state, result)
@@ -113,7 +116,7 @@ class StrikeDetector:
         if pending is None:
             pending = {"step": event.step, "have": [], "values": {}, "indices": None}
         if kind == "summary":
-            pending["indices"] = event.sample_indices  # type: ignore[union-attr]
+            pending["indices"] = indices
         pending["have"] = sorted({*pending["have"], kind})
         for site, stats in values.items():
             pending["values"].setdefault(site, {}).update(stats)
@@ -122,17 +125,19 @@ class StrikeDetector:
             self._flush(state, result)
         return result
 
-    def _summary_values(
-        self, sites: list[SiteSummary], state: dict[str, Any]
-    ) -> dict[str, dict[str, Any]]:
-        """Per site: rel_entropy, and the on-rates (the shift is taken against the baseline)."""
+    @staticmethod
+    def _summary_values(sites: list[SiteSummary]) -> dict[str, dict[str, Any]]:
+        """Per site: rel_entropy, and the on-rates (the shift is taken against the baseline).
+
+        Without per-unit counts the entropy's ceiling is log2 n (``units`` = rows >= log2 n).
+        """
         values: dict[str, dict[str, Any]] = {}
         for site in sites:
             if site.rows == 0:
                 continue
             stats: dict[str, Any] = {}
             if site.spectrum:
-                units = len(site.unit_on) or 1
+                units = len(site.unit_on) or site.rows
                 stats["rel_entropy"] = entropy_family(site, units)["rel_entropy"]
             if site.unit_on:
                 stats["on"] = [c / site.rows for c in site.unit_on]
@@ -144,6 +149,7 @@ class StrikeDetector:
         pending = state.pop("pending", None)
         if pending is None:
             return
+        state["judged_step"] = pending["step"]
         strike = self._judge(pending, state)
         if strike is not None:
             result.alerts.append(self._alert(strike, pending["indices"]))

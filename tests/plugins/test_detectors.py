@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Iterator
@@ -345,3 +346,18 @@ def test_sites_only_just_out_of_band_are_not_a_strike() -> None:
     assert strike_run([*series[:40], just_out, *series[41:]])[0] == []
     loose = strike_run([*series[:40], just_out, *series[41:]], StrikeSettings(decisive=1.0))[0]
     assert [a.step for a in loose] == [40] and set(strike_sites(loose[0])) == {"a", "b", "c"}
+
+
+def test_a_late_event_of_a_step_already_judged_is_ignored() -> None:
+    series = d_series(45, 11)
+    series[40] = [50, 60, 64]
+    detector, state = StrikeDetector(), dict[str, Any]()
+    alerts: list[AlertValue] = []
+    for step, changed in enumerate(series):
+        summary = StepSummary(step=step, sites=[], sample_indices=[step])
+        for event in (apt(step, changed), summary):
+            alerts += detector.process(event, CTX, state, {}).alerts
+    before = json.dumps(state, sort_keys=True)
+    assert detector.process(apt(40, series[40]), CTX, state, {}).alerts == []
+    assert json.dumps(state, sort_keys=True) == before
+    assert [a.step for a in alerts] == [40]
