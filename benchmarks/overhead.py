@@ -250,12 +250,14 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         for mode in order:
             run = runs[mode]
             sync()
+            inside = run["watch"].seconds
             start = time.perf_counter()
             for _ in range(args.block):
                 step(run)
             sync()
             block[mode] = (time.perf_counter() - start) / args.block
             run["times"].append(block[mode])
+            run.setdefault("inside", []).append((run["watch"].seconds - inside) / args.block)
         for mode in MODES:
             ratios[mode].append(block[mode] / block["plain"])
     for run in runs.values():  # one more step each, with the capture path's memory metered
@@ -275,7 +277,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "seconds": median,
             "ratio": statistics.median(ratios[mode]),
             "added": median - plain,
-            "inside": run["watch"].seconds / (args.rounds * args.block),
+            "inside": statistics.median(run["inside"]),  # median over blocks, as the times
             "peak_bytes": run["meter"].peak if "meter" in run else 0,
             "cuda_extra": cuda_peak.get(mode, 0) - cuda_peak.get("plain", 0),
         }
