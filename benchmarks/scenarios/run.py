@@ -97,7 +97,7 @@ def divergence_specs(quick: bool) -> list[tuple[str, bool, RunSpec]]:
                     RunSpec(model, data, seed, steps, ramp(base, 100, 1.015)),
                 ),
                 ("ramp x1.03/step", True, RunSpec(model, data, seed, steps, ramp(base, 100, 1.03))),
-                ("healthy constant", False, RunSpec(model, data, seed, steps, lambda s, b=base: b)),
+                ("healthy constant", False, RunSpec(model, data, seed, steps, ramp(base, 0, 1.0))),
                 (
                     "healthy capped ramp",
                     False,
@@ -131,7 +131,7 @@ def bad_batch_specs(quick: bool) -> list[tuple[str, list[int], RunSpec]]:
                     "digits",
                     seed,
                     steps,
-                    lambda s, b=BASE[model]: b,
+                    ramp(BASE[model], 0, 1.0),
                     sweep_every=0,
                     corrupt={s: corruption for s in injected},
                 )
