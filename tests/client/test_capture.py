@@ -10,41 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from memory_transport import ListTransport
 from torch import nn
 
 from monitor.client.capture import ModuleTracker
 from monitor.client.handle import Monitor
-from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
-
-
-class ListTransport:
-    """A real in-memory transport: keeps every record it is given."""
-
-    run_id = "test"
-
-    def __init__(self) -> None:
-        self.sites: list[SiteInfo] = []
-        self.summaries: list[StepSummary] = []
-        self.probes: list[ProbeRecord] = []
-        self.finished: int | None = None
-
-    def start_run(self, start: RunStart) -> str:
-        return self.run_id
-
-    def add_sites(self, sites: list[SiteInfo]) -> None:
-        self.sites.extend(sites)
-
-    def send_summary(self, summary: StepSummary) -> None:
-        self.summaries.append(summary)
-
-    def send_probe(self, probe: ProbeRecord) -> None:
-        self.probes.append(probe)
-
-    def poll_alerts(self) -> list[AlertValue]:
-        return []
-
-    def finish(self, final_step: int) -> None:
-        self.finished = final_step
 
 
 class EveryForm(nn.Module):

@@ -8,39 +8,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from memory_transport import ListTransport
 from torch import nn
 
 from monitor.client.distributed import all_gather_stats, merge_all
 from monitor.client.handle import Monitor
 from monitor.client.summary import measure, to_wire
-from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
+from monitor.schema import StepSummary
 
 WORLD = 2
-
-
-class ListTransport:
-    run_id = "test"
-
-    def __init__(self) -> None:
-        self.summaries: list[StepSummary] = []
-
-    def start_run(self, start: RunStart) -> str:
-        return self.run_id
-
-    def add_sites(self, sites: list[SiteInfo]) -> None:
-        pass
-
-    def send_summary(self, summary: StepSummary) -> None:
-        self.summaries.append(summary)
-
-    def send_probe(self, probe: ProbeRecord) -> None:
-        pass
-
-    def poll_alerts(self) -> list[AlertValue]:
-        return []
-
-    def finish(self, final_step: int) -> None:
-        pass
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from memory_transport import ListTransport
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -13,33 +14,6 @@ from monitor.client.capture import ModuleTracker
 from monitor.client.handle import Monitor
 from monitor.client.probeset import ProbeSet, evaluate
 from monitor.client.summary import measure, to_wire
-from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
-
-
-class ListTransport:
-    run_id = "test"
-
-    def __init__(self) -> None:
-        self.sites: list[SiteInfo] = []
-        self.summaries: list[StepSummary] = []
-
-    def start_run(self, start: RunStart) -> str:
-        return self.run_id
-
-    def add_sites(self, sites: list[SiteInfo]) -> None:
-        self.sites.extend(sites)
-
-    def send_summary(self, summary: StepSummary) -> None:
-        self.summaries.append(summary)
-
-    def send_probe(self, probe: ProbeRecord) -> None:
-        pass
-
-    def poll_alerts(self) -> list[AlertValue]:
-        return []
-
-    def finish(self, final_step: int) -> None:
-        pass
 
 
 class Net(nn.Module):

@@ -7,37 +7,12 @@ from collections import Counter
 
 import pytest
 import torch
+from memory_transport import ListTransport
 from torch import nn
 
 from monitor.client.handle import Monitor
 from monitor.client.patterns import mix64, pack_bits
 from monitor.client.summary import empty_stats, measure, to_wire
-from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
-
-
-class ListTransport:
-    run_id = "test"
-
-    def __init__(self) -> None:
-        self.summaries: list[StepSummary] = []
-
-    def start_run(self, start: RunStart) -> str:
-        return self.run_id
-
-    def add_sites(self, sites: list[SiteInfo]) -> None:
-        pass
-
-    def send_summary(self, summary: StepSummary) -> None:
-        self.summaries.append(summary)
-
-    def send_probe(self, probe: ProbeRecord) -> None:
-        pass
-
-    def poll_alerts(self) -> list[AlertValue]:
-        return []
-
-    def finish(self, final_step: int) -> None:
-        pass
 
 
 def make_input(kind: str, seed: int, units: int) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""An in-memory Transport for client tests: keeps every record it is given, in order."""
+
+from __future__ import annotations
+
+from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
+
+
+class ListTransport:
+    """A real implementation of the Transport protocol that stores records in lists."""
+
+    run_id = "test"
+
+    def __init__(self) -> None:
+        self.sites: list[SiteInfo] = []
+        self.summaries: list[StepSummary] = []
+        self.probes: list[ProbeRecord] = []
+        self.finished: int | None = None
+
+    def start_run(self, start: RunStart) -> str:
+        return self.run_id
+
+    def add_sites(self, sites: list[SiteInfo]) -> None:
+        self.sites.extend(sites)
+
+    def send_summary(self, summary: StepSummary) -> None:
+        self.summaries.append(summary)
+
+    def send_probe(self, probe: ProbeRecord) -> None:
+        self.probes.append(probe)
+
+    def poll_alerts(self) -> list[AlertValue]:
+        return []
+
+    def finish(self, final_step: int) -> None:
+        self.finished = final_step
