@@ -76,6 +76,7 @@ class Monitor:
         self._new_sites: list[SiteInfo] = []
         self._pending: StepSummary | None = None
         self._labels: torch.Tensor | None = None
+        self._sample_indices: list[int] | None = None
         # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
         if probe_set is not None and not isinstance(probe_set, ProbeSet):
             probe_set = ProbeSet(probe_set)
@@ -186,8 +187,10 @@ class Monitor:
                     step=self.step,
                     source="train",
                     sites=[to_wire(n, s, self.sketch_k) for n, s in stats.items()],
+                    sample_indices=self._sample_indices,
                 )
             self._stats = {}
+            self._sample_indices = None
             self.step += 1
             self.tracker.armed = self.schedule(self.step)
         except Exception:
@@ -241,6 +244,18 @@ class Monitor:
         if self.on_alert is not None:
             for alert in alerts:
                 self.on_alert(alert)
+
+    def record_indices(self, indices: Any) -> None:
+        """Note the data-set indices of this step's batch, before ``optimizer.step()``.
+
+        Bad-batch alerts then name the samples; a tensor, array or sequence of ints is accepted.
+        """
+        try:
+            if isinstance(indices, torch.Tensor):
+                indices = indices.detach().reshape(-1).tolist()
+            self._sample_indices = [int(i) for i in indices]
+        except Exception:
+            logger.exception("apmon could not read the batch's sample indices; ignored")
 
     def record_loss(self, loss: Any) -> None:
         """Attach the step's loss to the summary of the step that just ended."""

@@ -254,3 +254,19 @@ def test_training_is_bit_identical_with_the_monitor(with_probe_set):
         assert torch.equal(plain[key], watched[key]), key
     assert torch.equal(rng_plain, rng_watched)
     assert torch.equal(avg_plain, avg_watched)
+
+
+def test_recorded_sample_indices_reach_the_step_summary() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    transport = ListTransport()
+    with Monitor(model, optimizer, transport) as mon:
+        for step in range(3):
+            mon.record_indices(torch.arange(step * 8, step * 8 + 8))
+            model(torch.randn(8, 4)).sum().backward()
+            optimizer.step()
+        model(torch.randn(8, 4)).sum().backward()  # a step without indices
+        optimizer.step()
+    got = [s.sample_indices for s in transport.summaries]
+    assert got == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24)), None]
