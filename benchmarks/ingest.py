@@ -19,7 +19,6 @@ import argparse
 import os
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ import httpx
 from sqlalchemy import text
 
 from monitor.schema import IngestBatch, RunStart, SiteInfo, SiteSummary, StepSummary
+from monitor.service.launch import serve_command, stop_process_group
 from monitor.store import make_engine, upgrade
 from monitor.store.store import SqlStore
 
@@ -98,20 +98,7 @@ def serve(database_url: str, workers: int, tmp: Path) -> tuple[subprocess.Popen[
         "PROMETHEUS_MULTIPROC_DIR": str(metrics),
     }
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "monitor.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--log-level",
-            "warning",
-        ],
+        serve_command(port, workers),
         cwd=REPO,
         env=env,
         start_new_session=True,
@@ -129,13 +116,7 @@ def serve(database_url: str, workers: int, tmp: Path) -> tuple[subprocess.Popen[
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_process_group(process, timeout=20)
 
 
 def load(

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +17,7 @@ import httpx
 from monitor.host import PluginHost
 from monitor.measures import load_plugins
 from monitor.schema import RunStart, SiteInfo, SiteSummary, StepSummary
+from monitor.service.launch import serve_command, stop_process_group
 from monitor.store import make_engine, upgrade
 from monitor.store.store import SqlStore
 
@@ -91,20 +89,7 @@ def live_server(
     log = tmp_path / f"server-{port}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "monitor.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-                "--log-level",
-                "warning",
-            ],
+            serve_command(port, workers),
             cwd=REPO,
             env=env,
             stdout=out,
@@ -116,20 +101,7 @@ def live_server(
         server.wait_ready()
         yield server
     finally:
-        stop_group(process)
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after a bounded wait."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # stray workers of the group, if any
+        stop_process_group(process)
 
 
 # -- synthetic records ------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import REPO, LiveServer, free_port, stop_group
+from live_server import REPO, LiveServer, free_port
 
+from monitor.service.launch import stop_process_group
 from monitor.store import make_engine
 from monitor.store.migrate import current_revision, head_revision
 
@@ -86,7 +87,7 @@ def test_start_script_migrates_once_then_serves(empty_pg_url: str, tmp_path: Pat
         assert httpx.get(f"{server.url}/api/v1/runs").status_code == 401
         assert len(server.worker_pids()) == 2
     finally:
-        stop_group(process)
+        stop_process_group(process)
     engine.dispose()
 
 
