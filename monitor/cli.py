@@ -7,8 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monitor.settings import Settings
+
+if TYPE_CHECKING:
+    from monitor.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,8 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the demo CNN with the monitor on and print where the results are."""
     from monitor.demo import describe_location, run_demo
-    from monitor.report import latest_site_table
+    from monitor.report import site_table
+    from monitor.store import open_store
 
     settings = _settings(args)
     result = run_demo(settings, steps=args.steps, seed=args.seed, progress=not args.quiet)
@@ -53,21 +58,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"MLflow run:    {result.mlflow_run_id} (experiment {settings.mlflow_experiment!r})")
         print(f"MLflow store:  {settings.mlflow_tracking_uri}")
         print(f"Open the UI:   mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}")
+    store = open_store(settings.database_url)
     print()
-    print(latest_site_table(settings, result.run_id))
+    print(site_table(store.measures(result.run_id)))
     if not args.no_report:
-        files = _render_and_attach(settings, result.run_id, Path(args.report_dir))
+        files = _render_and_attach(settings, store, result.run_id, Path(args.report_dir))
         print(f"\nFigures:       {files[0].parent.resolve()}/ ({len(files)} PNG files", end="")
         print(", also attached to the MLflow run)" if result.mlflow_run_id else ")")
     return 0
 
 
-def _render_and_attach(settings: Settings, run_id: str, out: Path) -> list[Path]:
+def _render_and_attach(settings: Settings, store: Store, run_id: str, out: Path) -> list[Path]:
     """Render a run's figures into OUT/RUN_ID and attach them to its MLflow run, if any."""
     from monitor.report import log_report_to_mlflow, render_report
-    from monitor.store import open_store
 
-    store = open_store(settings.database_url)
     files = render_report(store, run_id, out / run_id)
     mlflow_run_id = store.run(run_id).mlflow_run_id
     if mlflow_run_id and settings.mlflow_tracking_uri:
@@ -91,7 +95,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             return 1
         run_id = runs[0].id
     mlflow_run_id = store.run(run_id).mlflow_run_id
-    files = _render_and_attach(settings, run_id, Path(args.out))
+    files = _render_and_attach(settings, store, run_id, Path(args.out))
     for path in files:
         print(path)
     if mlflow_run_id and settings.mlflow_tracking_uri:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from monitor.settings import Settings
 from monitor.store.entities import MeasurePoint
 from monitor.store.store import Store
 
@@ -51,14 +50,6 @@ def site_table(points: Sequence[MeasurePoint], measures: Sequence[str] = TABLE_M
         cells = [f"{row[m].value:>11.4g}" if m in row else f"{'-':>11}" for m in measures]
         lines.append(f"{site:<{width}}  {step:>6}  " + "  ".join(cells))
     return "\n".join(lines)
-
-
-def latest_site_table(settings: Settings, run_id: str) -> str:
-    """The site table of a stored run."""
-    from monitor.store import open_store
-
-    store = open_store(settings.database_url)
-    return site_table(store.measures(run_id))
 
 
 def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
