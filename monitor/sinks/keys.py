@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from monitor.schema import MeasureValue
+
+if TYPE_CHECKING:
+    from mlflow.entities import Param
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
@@ -16,3 +20,10 @@ def metric_key(measure: MeasureValue) -> str:
     source = "" if measure.source in ("train", "apt", "sweep") else f"{measure.source}/"
     key = f"{prefix}/{source}{measure.name}" + (f"/{measure.site}" if measure.site else "")
     return UNSAFE.sub(":", key)
+
+
+def param(key: str, value: object) -> Param:
+    """An MLflow param, its key made safe and both cut to MLflow's length limits."""
+    from mlflow.entities import Param  # imported here: the service loads mlflow lazily
+
+    return Param(UNSAFE.sub("_", key)[:250], str(value)[:6000])

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from monitor.sinks.keys import MAX_BATCH, UNSAFE, metric_key
+from monitor.sinks.keys import MAX_BATCH, metric_key, param
 from monitor.store.store import PluginOutcome
 
 if TYPE_CHECKING:
@@ -212,14 +212,12 @@ class AsyncMlflowSink:
 
     def _send(self, run_id: str, work: _RunWork) -> None:
         """Send one run's work; on failure ``work`` still holds what was not sent."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, RunTag
 
         client = self._client_()
         mlflow_id = self._mlflow_id(run_id, work.name)
         if work.params:
-            params = [
-                Param(UNSAFE.sub("_", k)[:250], v[:6000]) for k, v in sorted(work.params.items())
-            ]
+            params = [param(k, v) for k, v in sorted(work.params.items())]
             for start in range(0, len(params), 100):
                 client.log_batch(mlflow_id, params=params[start : start + 100])
             work.params = {}

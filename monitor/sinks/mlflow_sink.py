@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import time
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from monitor.sinks.keys import MAX_BATCH, UNSAFE, metric_key
+from monitor.sinks.keys import MAX_BATCH, metric_key, param
 from monitor.store.store import PluginOutcome
 
 __all__ = ["MAX_BATCH", "MlflowSink", "metric_key", "param"]
 
 logger = logging.getLogger(__name__)
+
 
 class MlflowSink:
     """Mirrors one apmon run into one MLflow run; call ``flush`` to push buffered metrics."""
@@ -78,8 +79,3 @@ class MlflowSink:
         self.flush()
         if self._owns_run:
             self.client.set_terminated(self.run_id, status=status)
-
-
-def param(key: str, value: object) -> Param:
-    """An MLflow param, its key made safe and both cut to MLflow's length limits."""
-    return Param(UNSAFE.sub("_", key)[:250], str(value)[:6000])
