@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from monitor.measures import Event, PluginRegistry, PluginResult, RunContext, RunFinished
-from monitor.schema import AlertValue, MeasureValue, ProbeRecord, StepSummary
+from monitor.schema import AlertValue, ProbeRecord, StepSummary
 from monitor.store.store import PluginOutcome, SqlStore
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,3 @@ class PluginHost:
             return False
         last = self._store.last_alert_step(run_id, key)
         return last is None or alert.step - last >= self._cooldown
-
-
-def site_measures(outcome: PluginOutcome) -> list[MeasureValue]:
-    """The measures of an outcome, without plugin attribution."""
-    return [m for _, _, m in outcome.measures]

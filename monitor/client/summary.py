@@ -203,20 +203,6 @@ def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None)
     return stats
 
 
-def site_stats(
-    mask: torch.Tensor,
-    nonfinite_rows: int = 0,
-    labels: torch.Tensor | None = None,
-) -> SiteStats:
-    """Statistics of the rows of a boolean (rows, units) mask.
-
-    ``labels`` (rows,) adds per-class on-counts.
-    """
-    stats = measure(mask.to(torch.uint8), "dense", labels)
-    stats.nonfinite_rows = nonfinite_rows
-    return stats
-
-
 def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> SiteSummary:
     """Compact statistics into a wire summary.
 

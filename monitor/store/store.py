@@ -214,11 +214,6 @@ class SqlStore(Store):
         session.flush()
         return row.id
 
-    def ensure_project(self, name: str) -> int:
-        """The project's id, creating the project when new."""
-        with self._session("ensure project") as session:
-            return self._project_id(session, name, create=True)
-
     def create_token(self, project: str, label: str = "") -> str:
         """Create an API token for the project; the plain token is returned once, never stored."""
         token = "apm_" + secrets.token_urlsafe(32)
@@ -260,12 +255,6 @@ class SqlStore(Store):
             session.flush()
             self._add_sites(session, run_id, start.sites)
         return run_id
-
-    def set_mlflow_run_id(self, run_id: str, mlflow_run_id: str) -> None:
-        """Remember which MLflow run mirrors this run."""
-        self._run_cache.pop(run_id, None)
-        with self._session("set mlflow run") as session:
-            self._run_row(session, run_id).mlflow_run_id = mlflow_run_id
 
     def _run_row(self, session: Session, run_id: str) -> RunRow:
         row = session.get(RunRow, run_id)
