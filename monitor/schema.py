@@ -7,10 +7,20 @@ is identified on the wire by its 64-bit fingerprint (an unsigned integer, see
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 SiteKind = Literal["dense", "conv", "seq"]
 SiteMode = Literal["relu", "sign"]
@@ -39,6 +49,42 @@ class SiteInfo(WireModel):
     units: int = Field(ge=1, le=MAX_UNITS)
 
 
+class PackedPatterns(WireModel):
+    """The compact JSON form of ``SiteSummary.patterns``.
+
+    ``fingerprints`` is the base64 of the fingerprints as little-endian unsigned 64-bit integers
+    (12 characters per 8 bytes instead of up to 20 decimal digits), ``counts`` their counts in the
+    same order. Summaries are written in this form; the plain list of pairs is read as well.
+    """
+
+    fingerprints: str
+    counts: list[int]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """The ``(fingerprint, count)`` pairs; ValueError when the two parts do not match."""
+        try:
+            raw = base64.b64decode(self.fingerprints, validate=True)
+        except binascii.Error as error:
+            raise ValueError(f"patterns.fingerprints is not base64: {error}") from None
+        if len(raw) % 8:
+            raise ValueError("patterns.fingerprints must hold whole 8-byte fingerprints")
+        fingerprints = np.frombuffer(raw, dtype="<u8").tolist()
+        if len(fingerprints) != len(self.counts):
+            raise ValueError(
+                f"patterns has {len(fingerprints)} fingerprints but {len(self.counts)} counts"
+            )
+        return list(zip(fingerprints, self.counts, strict=True))
+
+    @classmethod
+    def of(cls, pairs: list[tuple[int, int]]) -> PackedPatterns:
+        """The compact form of ``(fingerprint, count)`` pairs."""
+        fingerprints = np.array([fp for fp, _ in pairs], dtype="<u8")
+        return cls(
+            fingerprints=base64.b64encode(fingerprints.tobytes()).decode("ascii"),
+            counts=[c for _, c in pairs],
+        )
+
+
 class SiteSummary(WireModel):
     """Activation-pattern statistics of one site over a set of rows (one step or one probe set).
 
@@ -61,6 +107,25 @@ class SiteSummary(WireModel):
     # Optional per-class statistics when the client was given labels: rows and per-unit on counts.
     class_rows: dict[str, NonNegInt] | None = None
     class_unit_on: dict[str, list[NonNegInt]] | None = None
+
+    @field_validator(
+        "patterns",
+        mode="before",
+        json_schema_input_type=list[tuple[Fingerprint, int]] | PackedPatterns,
+    )
+    @classmethod
+    def _unpack_patterns(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = PackedPatterns.model_validate(value)
+        if isinstance(value, PackedPatterns):
+            return value.pairs()
+        return value
+
+    @field_serializer("patterns", when_used="json")
+    def _pack_patterns(
+        self, value: list[tuple[int, int]]
+    ) -> dict[str, Any] | list[tuple[int, int]]:
+        return PackedPatterns.of(value).model_dump() if value else []
 
     @field_validator("spectrum")
     @classmethod

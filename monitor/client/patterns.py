@@ -85,6 +85,24 @@ def _weights8(device: torch.device) -> torch.Tensor:
     return weights
 
 
+def unit_layout(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """``x`` as (outer, units, inner), a view where the memory allows.
+
+    Row ``o * inner + p`` is ``[o, :, p]``: rows in sample-major order (channels-last conv inputs
+    read as (N*H*W, C, 1)).
+    """
+    unit_dim = unit_dim % x.dim()
+    if unit_dim == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        x, unit_dim = x.permute(0, 2, 3, 1), 3  # a free view with the same row order
+    outer = 1
+    for size in x.shape[:unit_dim]:
+        outer *= size
+    inner = 1
+    for size in x.shape[unit_dim + 1 :]:
+        inner *= size
+    return x.reshape(outer, x.shape[unit_dim], inner)
+
+
 def pack_signs(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack ``x > 0`` along ``unit_dim`` (1 for conv, -1 / last for dense and sequence sites).
 
@@ -92,18 +110,10 @@ def pack_signs(x: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, torch.Tens
     8b..8b+7, and ``words`` (rows, ceil(d/64)) int64 as ``pack_bits`` would give. Rows are ordered
     by the other axes in their original order (sample-major).
     """
-    unit_dim = unit_dim % x.dim()
-    if unit_dim == 1 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        x, unit_dim = x.permute(0, 2, 3, 1), 3  # a free view with the same row order
-    units = x.shape[unit_dim]
-    outer = 1
-    for size in x.shape[:unit_dim]:
-        outer *= size
-    inner = 1
-    for size in x.shape[unit_dim + 1 :]:
-        inner *= size
+    x3 = unit_layout(x, unit_dim)
+    outer, units, inner = x3.shape
     nbytes = (units + 7) // 8
-    positive = x.reshape(outer, units, inner) > 0
+    positive = x3 > 0
     if units != nbytes * 8:  # pad the unit axis to whole bytes with "off"
         padded_mask = torch.zeros(outer, nbytes * 8, inner, dtype=torch.bool, device=x.device)
         padded_mask[:, :units] = positive
@@ -144,11 +154,6 @@ def fingerprint(words: torch.Tensor) -> torch.Tensor:
 def to_unsigned(fp: int) -> int:
     """An int64 fingerprint as the unsigned integer the wire carries."""
     return fp % 2**64
-
-
-def unsigned_order_key(fps: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose signed order is the fingerprints' unsigned order (sign bit flipped)."""
-    return fps ^ _SIGN_BIT
 
 
 @dataclass

@@ -21,10 +21,11 @@ coefficient of variation of the residuals. At the default k = 256, ``tests/clien
 test_sketch_error.py`` checks |estimate - exact| <= 0.05 for the train-time and probe-set
 measurements of a convolutional and a dense net, against exact values from the full histograms.
 
-**Size.** At most ``4 + 2 * sketch_k + d + 2 |spectrum|`` integers per site-step. For the 64-unit
-conv sites of ResNet-20 (8192 rows, all distinct) at k = 256 the JSON is about 6.4 kB raw
-(fingerprints are 20-digit decimals) and 3.0 kB gzip-compressed; a binary encoding would be
-256 x (8 + 4) bytes + on-counts, about 3.3 kB. ``benchmarks/overhead.py`` prints the figures.
+**Size.** At most ``4 + 2 * sketch_k + d + 2 |spectrum|`` integers per site-step. On the wire
+the sampled fingerprints travel as base64 of their 8 bytes (``schema.PackedPatterns``), not as
+20-digit decimals: for the 64-unit conv sites of ResNet-20 (8192 rows, all distinct) at k = 256 a
+site-step is about 3.8 kB of JSON (2.5 kB gzip-compressed); ``benchmarks/overhead.py`` prints the
+figures for every site width.
 
 **Merging.** ``SiteStats`` holds the full exact histogram and only sums, so ``merge`` is exact
 across micro-batches, gradient-accumulation steps and data-parallel ranks; the sketch is taken
@@ -35,8 +36,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from monitor.client import cpu_kernels
 from monitor.client.patterns import (
     PatternCounts,
     count_words,
@@ -45,9 +48,8 @@ from monitor.client.patterns import (
     merge_counts,
     pack_signs,
     pattern_table,
-    to_unsigned,
+    unit_layout,
     unit_on_from_table,
-    unsigned_order_key,
     use_table,
 )
 from monitor.schema import SiteKind, SiteSummary
@@ -167,40 +169,93 @@ def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None)
     """Exact statistics of one activation input ``x``.
 
     ``x`` is dense (N, d), sequence (N, T, d) or conv (N, C, ...); ``labels`` (N,) adds per-class
-    rows and on-counts (every row of a sample gets the sample's label).
+    rows and on-counts (every row of a sample gets the sample's label). float32/float64 tensors
+    on the CPU go through the fused kernels of ``cpu_kernels``, everything else through torch
+    operations; both give the same statistics.
     """
     if x.dim() == 1:
         x = x.reshape(1, -1)
     unit_dim = unit_dim_of(kind)
-    units = x.shape[unit_dim]
-    row_bytes, words = pack_signs(x, unit_dim)
-    nonfinite = _nonfinite_rows(x, unit_dim)
-    row_class = None
-    classes = 1
     label_values: list[int] = []
+    sample_class = None
     if labels is not None:
         labels = labels.to(x.device).reshape(-1)
         if labels.numel() != x.shape[0]:
             raise ValueError(f"{labels.numel()} labels for a batch of {x.shape[0]}")
-        values, dense = torch.unique(labels, return_inverse=True)
+        values, sample_class = torch.unique(labels, return_inverse=True)
         label_values = [int(v) for v in values.tolist()]
-        classes = len(label_values)
-        per_sample = words.shape[0] // max(x.shape[0], 1)
-        row_class = dense.repeat_interleave(per_sample)
-    rows = words.shape[0]
-    if row_class is None and words.shape[1] == 1 and use_table(units, rows):
-        table = pattern_table(words[:, 0], units)  # small d: one table gives counts and on-counts
-        counts, unit_on = counts_from_table(table), unit_on_from_table(table, units)
+    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+        stats, on = _measure_with_kernels(x, unit_dim, sample_class, len(label_values))
     else:
-        on = _unit_on_counts(row_bytes, units, row_class, classes)
-        counts, unit_on = count_words(words, units), on.sum(dim=0)
-    stats = SiteStats(units=units, counts=counts, unit_on=unit_on, nonfinite_rows=nonfinite)
-    if row_class is not None:
-        per_class = torch.bincount(row_class, minlength=classes).tolist()
+        stats, on = _measure_with_torch(x, unit_dim, sample_class, len(label_values))
+    if sample_class is not None:
+        rows_per_sample = stats.rows // max(x.shape[0], 1)
+        per_class = torch.bincount(sample_class, minlength=len(label_values)) * rows_per_sample
         for i, label in enumerate(label_values):
             stats.class_rows[label] = int(per_class[i])
             stats.class_unit_on[label] = on[i]
     return stats
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _measure_with_kernels(
+    x: torch.Tensor, unit_dim: int, sample_class: torch.Tensor | None, classes: int
+) -> tuple[SiteStats, torch.Tensor]:
+    """``measure`` on the CPU: one fused pass for bits and on-counts, one exact hash count."""
+    x3 = unit_layout(x, unit_dim).contiguous()
+    outer, units, inner = x3.shape
+    if sample_class is None:
+        outer_class = np.zeros(outer, dtype=np.int64)
+    else:  # every outer index lies within one sample (the sample axis leads)
+        outer_class = sample_class.repeat_interleave(outer // max(x.shape[0], 1)).numpy()
+    words = np.zeros((outer * inner, (units + 63) // 64), dtype=np.int64)
+    on = np.zeros((max(classes, 1), units), dtype=np.int64)
+    nonfinite = cpu_kernels.pack_and_count_on(x3.numpy(), outer_class, words, on)
+    counts = _count_with_kernels(words, units)
+    stats = SiteStats(
+        units=units,
+        counts=counts,
+        unit_on=torch.from_numpy(on.sum(axis=0)),
+        nonfinite_rows=_nonfinite_rows(x, unit_dim) if nonfinite else 0,
+    )
+    return stats, torch.from_numpy(on)
+
+
+def _count_with_kernels(words: np.ndarray, units: int) -> PatternCounts:
+    rows = words.shape[0]
+    if rows == 0:
+        return empty_counts()
+    if words.shape[1] == 1 and use_table(units, rows):
+        fingerprints, counts = cpu_kernels.count_table(words, units)
+        return PatternCounts(torch.from_numpy(fingerprints), torch.from_numpy(counts))
+    fingerprints, counts, verified = cpu_kernels.count_hashed(words)
+    if not verified:
+        return count_words(torch.from_numpy(words), units)  # logs the collision, recounts
+    return PatternCounts(torch.from_numpy(fingerprints), torch.from_numpy(counts))
+
+
+def _measure_with_torch(
+    x: torch.Tensor, unit_dim: int, sample_class: torch.Tensor | None, classes: int
+) -> tuple[SiteStats, torch.Tensor]:
+    """``measure`` with torch operations (any device and dtype)."""
+    units = x.shape[unit_dim]
+    row_bytes, words = pack_signs(x, unit_dim)
+    nonfinite = _nonfinite_rows(x, unit_dim)
+    rows = words.shape[0]
+    row_class = None
+    if sample_class is not None:
+        row_class = sample_class.repeat_interleave(rows // max(x.shape[0], 1))
+    if row_class is None and words.shape[1] == 1 and use_table(units, rows):
+        table = pattern_table(words[:, 0], units)  # small d: one table gives counts and on-counts
+        counts, unit_on = counts_from_table(table), unit_on_from_table(table, units)
+        on = unit_on.unsqueeze(0)
+    else:
+        on = _unit_on_counts(row_bytes, units, row_class, max(classes, 1))
+        counts, unit_on = count_words(words, units), on.sum(dim=0)
+    stats = SiteStats(units=units, counts=counts, unit_on=unit_on, nonfinite_rows=nonfinite)
+    return stats, on
 
 
 def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> SiteSummary:
@@ -208,27 +263,26 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
 
     The count-of-counts spectrum is always exact. ``patterns`` lists every (fingerprint, count)
     when there are at most ``sketch_k`` distinct patterns, else the ``sketch_k`` smallest
-    fingerprints (unsigned order); either way sorted by unsigned fingerprint.
+    fingerprints (unsigned order); either way sorted by unsigned fingerprint. The few hundred
+    numbers involved are handled with numpy, whose per-call cost is a fraction of torch's.
     """
-    counts = stats.counts.counts
-    keys = unsigned_order_key(stats.counts.fingerprints)
-    distinct = int(counts.numel())
+    fingerprints = stats.counts.fingerprints.cpu().numpy().view(np.uint64)
+    counts = stats.counts.counts.cpu().numpy()
+    distinct = int(counts.size)
     exact = distinct <= sketch_k
     if exact:
-        keys, order = torch.sort(keys)
+        kept = np.argsort(fingerprints)
     else:
-        keys, order = torch.topk(keys, sketch_k, largest=False, sorted=True)
-    kept_fps = unsigned_order_key(keys).tolist()
-    kept_counts = counts[order].tolist()
-    by_count = torch.bincount(counts) if distinct else counts
-    values = torch.nonzero(by_count).squeeze(1)
-    multiplicity = by_count[values]
+        smallest = np.argpartition(fingerprints, sketch_k - 1)[:sketch_k]
+        kept = smallest[np.argsort(fingerprints[smallest])]
+    by_count = np.bincount(counts) if distinct else counts
+    values = np.flatnonzero(by_count)
     summary = SiteSummary(
         site=name,
         rows=int(counts.sum()),
         distinct=distinct,
-        spectrum=list(zip(values.tolist(), multiplicity.tolist(), strict=True)),
-        patterns=[(to_unsigned(fp), c) for fp, c in zip(kept_fps, kept_counts, strict=True)],
+        spectrum=list(zip(values.tolist(), by_count[values].tolist(), strict=True)),
+        patterns=list(zip(fingerprints[kept].tolist(), counts[kept].tolist(), strict=True)),
         patterns_exact=exact,
         sketch_k=None if exact else sketch_k,
         unit_on=stats.unit_on.tolist(),

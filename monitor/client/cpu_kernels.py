@@ -1,0 +1,147 @@
+"""Fused CPU kernels (numba) for a site's sign bits, on-counts and exact pattern counts.
+
+On the CPU a chain of torch operations reads a site's preactivations several times (compare,
+pack, transpose, min/max) and sorts to count; these kernels read them once, in memory order, and
+count with an exact hash table. They compute exactly what ``patterns.pack_signs``,
+``summary._unit_on_counts`` and ``patterns.count_words`` compute (tests/client/test_cpu_kernels.py
+checks them against those and against brute force); ``measure`` uses them for float32/float64
+tensors on the CPU and the torch operations everywhere else (GPUs, half precision).
+
+**Exactness.** The table stores full keys with linear probing, so unlike the sources' table
+(``hash % size``, Algorithm 1/2) two keys never share an entry. For d <= 64 the key is the
+SplitMix64 finaliser of the pattern's one word, a bijection. For d > 64 the key is the chained
+64-bit fingerprint, and every row is compared word by word with the first row that had its key;
+a mismatch (a fingerprint collision, probability <= n^2 / 2^65) is reported and the caller
+recounts on the words themselves.
+
+The kernels are compiled on first use (about a second each, cached on disk by numba) and run on
+the calling thread without the GIL's help or harm: one pass, no temporaries but the outputs.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@numba.njit(cache=True, nogil=True)
+def _mix64(x: np.uint64) -> np.uint64:  # pragma: no cover - compiled
+    """SplitMix64 finaliser; the same bijection as ``patterns.mix64``."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _MIX1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _MIX2
+    return x ^ (x >> np.uint64(31))
+
+
+@numba.njit(cache=True, nogil=True)
+def pack_and_count_on(
+    x: np.ndarray, outer_class: np.ndarray, words: np.ndarray, on: np.ndarray
+) -> int:  # pragma: no cover - compiled
+    """Sign bits of ``x`` (outer, units, inner) into ``words`` (outer * inner, W), zeroed.
+
+    Row ``o * inner + p`` gets bit ``u % 64`` of word ``u // 64`` set when ``x[o, u, p] > 0``;
+    ``on[outer_class[o], u]`` counts those rows. Returns the number of non-finite values.
+    """
+    outer, units, inner = x.shape
+    nonfinite = 0
+    if inner == 1:  # dense and sequence rows: build each word in a register
+        for o in range(outer):
+            label = outer_class[o]
+            for word in range(words.shape[1]):
+                packed = np.int64(0)
+                for u in range(word * 64, min(units, word * 64 + 64)):
+                    value = x[o, u, 0]
+                    positive = value > 0
+                    packed |= np.int64(positive) << np.int64(u & 63)
+                    on[label, u] += positive
+                    nonfinite += value - value != 0
+                words[o, word] = packed
+        return nonfinite
+    for o in range(outer):
+        base = o * inner
+        label = outer_class[o]
+        for u in range(units):
+            word = u >> 6
+            bit = np.int64(1) << np.int64(u & 63)
+            count = 0
+            for p in range(inner):
+                value = x[o, u, p]
+                positive = value > 0
+                words[base + p, word] |= bit * positive
+                count += positive
+                nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+            on[label, u] += count
+    return nonfinite
+
+
+@numba.njit(cache=True, nogil=True)
+def count_table(words: np.ndarray, units: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """Fingerprints and counts of one-word patterns of ``units`` <= 20 bits, via a 2^units table."""
+    table = np.zeros(1 << units, dtype=np.int64)
+    for r in range(words.shape[0]):
+        table[words[r, 0]] += 1
+    distinct = 0
+    for value in range(table.size):
+        distinct += table[value] > 0
+    fingerprints = np.empty(distinct, dtype=np.uint64)
+    counts = np.empty(distinct, dtype=np.int64)
+    i = 0
+    for value in range(table.size):
+        if table[value] > 0:
+            fingerprints[i] = _mix64(np.uint64(value))
+            counts[i] = table[value]
+            i += 1
+    return fingerprints.view(np.int64), counts
+
+
+@numba.njit(cache=True, nogil=True)
+def count_hashed(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:  # pragma: no cover
+    """Exact histogram of packed rows keyed by fingerprint: ``(fingerprints, counts, verified)``.
+
+    Fingerprints are ``patterns.fingerprint``'s (int64 bits). ``verified`` is False when two
+    different rows share a fingerprint (only possible for more than one word per row). A slot is
+    free while its count is 0; the table is at most half full.
+    """
+    rows, width = words.shape
+    capacity = 16
+    while capacity < 2 * rows:
+        capacity *= 2
+    mask = np.uint64(capacity - 1)
+    keys = np.empty(capacity, dtype=np.uint64)
+    counts = np.zeros(capacity, dtype=np.int64)
+    first_row = np.empty(capacity if width > 1 else 0, dtype=np.int64)
+    verified = True
+    distinct = 0
+    for r in range(rows):
+        key = _mix64(np.uint64(words[r, 0]))
+        for j in range(1, width):
+            salt = _GOLDEN * np.uint64(j)
+            key = _mix64(key ^ _mix64(np.uint64(words[r, j]) + salt))
+        slot = key & mask
+        while counts[slot] > 0 and keys[slot] != key:
+            slot = (slot + np.uint64(1)) & mask
+        if counts[slot] == 0:
+            keys[slot] = key
+            distinct += 1
+            if width > 1:
+                first_row[slot] = r
+        elif width > 1:
+            rep = first_row[slot]
+            for j in range(width):
+                if words[rep, j] != words[r, j]:
+                    verified = False
+        counts[slot] += 1
+    fingerprints = np.empty(distinct, dtype=np.uint64)
+    kept = np.empty(distinct, dtype=np.int64)
+    i = 0
+    for index in range(capacity):
+        if counts[index] > 0:
+            fingerprints[i] = keys[index]
+            kept[i] = counts[index]
+            i += 1
+    return fingerprints.view(np.int64), kept, verified
