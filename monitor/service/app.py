@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -155,6 +156,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _sweep_pending(services)
+        # What exists now (the app, plugins, mlflow, pydantic schemas) lives as long as the
+        # worker. Moving it out of the collector's generations keeps full collections short:
+        # otherwise a generation-2 pass over it stalls the request in flight by ~0.1 s.
+        gc.freeze()
         yield
         services.webhooks.close()
         if services.mlflow is not None:

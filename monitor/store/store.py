@@ -7,9 +7,10 @@ translates database errors into ``StoreError``; callers only ever see plain enti
 from __future__ import annotations
 
 import abc
-import copy
+import functools
 import hashlib
 import json
+import pickle
 import secrets
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,7 +20,10 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Connection,
+    Dialect,
     Engine,
+    Table,
+    TextClause,
     Transaction,
     delete,
     func,
@@ -459,7 +463,7 @@ class SqlStore(Store):
     def plugin_states(self, run_id: str) -> dict[str, dict[str, Any]]:
         cached = self._states_cache.get(run_id)
         if cached is not None:
-            return copy.deepcopy(cached)  # plugins mutate their state in place
+            return _copy_states(cached)  # plugins mutate their state in place
         with self._session("read plugin states") as session:
             found = {
                 row.plugin: dict(row.state)
@@ -468,7 +472,7 @@ class SqlStore(Store):
                 )
             }
         if self._cached:
-            self._states_cache[run_id] = copy.deepcopy(found)
+            self._states_cache[run_id] = _copy_states(found)
         return found
 
     @override
@@ -529,11 +533,19 @@ class SqlStore(Store):
                 )
             for plugin, error in outcome.errors:
                 session.add(PluginErrorRow(run_id=run_id, plugin=plugin, step=step, error=error))
-            if outcome.states:
+            # Only states that changed are written (the cache, when there is one, holds what
+            # the database holds): a detector's state can be tens of kB per run.
+            cached = self._states_cache.get(run_id)
+            changed = {
+                name: state
+                for name, state in outcome.states.items()
+                if cached is None or cached.get(name) != state
+            }
+            if changed:
                 session.execute(
                     delete(PluginStateRow).where(
                         PluginStateRow.run_id == run_id,
-                        PluginStateRow.plugin.in_(list(outcome.states)),
+                        PluginStateRow.plugin.in_(list(changed)),
                     )
                 )
                 _insert_many(
@@ -541,12 +553,11 @@ class SqlStore(Store):
                     PluginStateRow,
                     [
                         {"run_id": run_id, "plugin": name, "state": state}
-                        for name, state in outcome.states.items()
+                        for name, state in changed.items()
                     ],
                 )
-        cached = self._states_cache.get(run_id)
         if cached is not None:
-            cached.update(copy.deepcopy(outcome.states))
+            cached.update(_copy_states(changed))
 
     def last_alert_step(self, run_id: str, dedup_key: str) -> int | None:
         """Step of the newest stored alert with this key (for cool-downs)."""
@@ -886,6 +897,12 @@ class SqlStore(Store):
             return self._run_row(session, run_id).mlflow_run_id or mlflow_run_id
 
 
+def _copy_states(states: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A deep copy of JSON-like plugin states (a pickle round trip: ~8x faster than deepcopy)."""
+    copied: dict[str, dict[str, Any]] = pickle.loads(pickle.dumps(states, pickle.HIGHEST_PROTOCOL))
+    return copied
+
+
 def _insert_many(session: Session, model: type[Any], rows: list[dict[str, Any]]) -> None:
     """Insert many rows of one table in one statement.
 
@@ -900,28 +917,43 @@ def _insert_many(session: Session, model: type[Any], rows: list[dict[str, Any]])
     if dialect.name != "postgresql":
         session.execute(insert(model), rows)
         return
+    names = tuple(rows[0])
     table = model.__table__
-    names = list(rows[0])
-    arrays, selects = [], []
-    for name in names:
-        column = table.c[name]
-        if isinstance(column.type, JSON):
-            arrays.append(f"CAST(:{name} AS TEXT[])")
-            selects.append(f"CAST({name} AS JSON)")
-        else:
-            arrays.append(f"CAST(:{name} AS {column.type.compile(dialect=dialect)}[])")
-            selects.append(name)
-    params: dict[str, list[Any]] = {}
+    params: dict[str, Any] = {}
     for name in names:
         values = [row[name] for row in rows]
-        if isinstance(table.c[name].type, JSON):
-            values = [None if v is None else json.dumps(v) for v in values]
-        params[name] = values
-    statement = (
+        # A JSON column goes as one JSON array: as elements of a text array every quote in
+        # the documents would be escaped, one regex substitution each, on the client.
+        params[name] = json.dumps(values) if isinstance(table.c[name].type, JSON) else values
+    session.execute(_unnest_insert(table, names, dialect), params)
+
+
+@functools.lru_cache(maxsize=64)
+def _unnest_insert(table: Table, names: tuple[str, ...], dialect: Dialect) -> TextClause:
+    """``INSERT ... SELECT FROM unnest(arrays)`` for these columns, built once.
+
+    Scalar columns come as one array parameter each, JSON columns as one JSON array each, joined
+    to the arrays on their position. Parsing the text for its bind parameters costs more than
+    running the insert, hence the cache.
+    """
+    scalars = [n for n in names if not isinstance(table.c[n].type, JSON)]
+    documents = [n for n in names if isinstance(table.c[n].type, JSON)]
+    if not scalars:
+        raise ValueError(f"{table.name}: a bulk insert needs a scalar column to number the rows")
+    arrays = [f"CAST(:{n} AS {table.c[n].type.compile(dialect=dialect)}[])" for n in scalars]
+    source = f"unnest({', '.join(arrays)}) WITH ORDINALITY AS t({', '.join(scalars)}, n)"
+    selects = {n: f"t.{n}" for n in scalars}
+    for n in documents:
+        source += (
+            f" JOIN json_array_elements(CAST(:{n} AS JSON)) WITH ORDINALITY AS j_{n}(value, n)"
+            f" ON j_{n}.n = t.n"
+        )
+        # JSON null stands for SQL NULL, as a None value would have been stored
+        selects[n] = f"CASE WHEN json_typeof(j_{n}.value) = 'null' THEN NULL ELSE j_{n}.value END"
+    return text(
         f"INSERT INTO {table.name} ({', '.join(names)}) "
-        f"SELECT {', '.join(selects)} FROM unnest({', '.join(arrays)}) AS t({', '.join(names)})"
+        f"SELECT {', '.join(selects[n] for n in names)} FROM {source}"
     )
-    session.execute(text(statement), params)
 
 
 def _run_info(row: RunRow, project: str) -> RunInfo:
