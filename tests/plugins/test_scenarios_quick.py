@@ -3,6 +3,7 @@ scored against the issue's detector targets."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -59,3 +60,22 @@ def test_strike_target_recall_09_and_better_than_the_loss_spike_rule(
         row = figures["bad_batch"][corruption]
         assert row["strikes_recall"] >= 0.9, corruption
         assert row["strikes_recall"] >= row["loss_spike_recall"], corruption
+
+
+def test_a_recorded_run_replays_the_events_it_sent(tmp_path: Path) -> None:
+    """Record/replay: a replay yields exactly the events the recorded run sent, also when the
+    consumer stopped early (as the suite does 20 steps after the loss exploded)."""
+    spec_ = importlib.util.spec_from_file_location("scenario_run", RUNNER)
+    assert spec_ is not None and spec_.loader is not None
+    runner = importlib.util.module_from_spec(spec_)
+    sys.modules["scenario_run"] = runner  # dataclasses look their module up there
+    spec_.loader.exec_module(runner)
+    spec = runner.RunSpec("mlp", "digits", 0, 8, runner.ramp(0.1, 0, 1.0))
+    recording = runner.Events(record=tmp_path)("divergence", "tiny", spec)
+    sent = [next(recording) for _ in range(6)]
+    recording.close()
+    replayed = list(runner.Events(replay=tmp_path)("divergence", "tiny", spec))
+    assert [e.step for e in replayed] == list(range(6))
+    for a, b in zip(sent, replayed, strict=True):
+        assert a.loss == b.loss and a.summary == b.summary and a.probes == b.probes
+    assert {p.kind for e in replayed for p in e.probes} == {"apt", "sweep"}
