@@ -16,6 +16,9 @@ recounts on the words themselves.
 
 The kernels are compiled on first use (about a second each, cached on disk by numba) and run on
 the calling thread without the GIL's help or harm: one pass, no temporaries but the outputs.
+Dense rows are the exception: their units are contiguous, so numpy's ``packbits`` (a byte per
+eight units, vectorised) packs them faster than a loop that shifts bits one unit at a time, and
+``count_on_rows`` adds the on-counts in a pass of its own.
 """
 
 from __future__ import annotations
@@ -46,22 +49,11 @@ def pack_and_count_on(
 
     Row ``o * inner + p`` gets bit ``u % 64`` of word ``u // 64`` set when ``x[o, u, p] > 0``;
     ``on[outer_class[o], u]`` counts those rows. Returns the number of non-finite values.
+    Each unit's ``inner`` values are contiguous, so the inner loop runs along rows and
+    vectorises; dense rows (inner 1) go through ``count_on_rows`` and numpy's ``packbits``.
     """
     outer, units, inner = x.shape
     nonfinite = 0
-    if inner == 1:  # dense and sequence rows: build each word in a register
-        for o in range(outer):
-            label = outer_class[o]
-            for word in range(words.shape[1]):
-                packed = np.int64(0)
-                for u in range(word * 64, min(units, word * 64 + 64)):
-                    value = x[o, u, 0]
-                    positive = value > 0
-                    packed |= np.int64(positive) << np.int64(u & 63)
-                    on[label, u] += positive
-                    nonfinite += value - value != 0
-                words[o, word] = packed
-        return nonfinite
     for o in range(outer):
         base = o * inner
         label = outer_class[o]
@@ -76,6 +68,23 @@ def pack_and_count_on(
                 count += positive
                 nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
             on[label, u] += count
+    return nonfinite
+
+
+@numba.njit(cache=True, nogil=True)
+def count_on_rows(x: np.ndarray, row_class: np.ndarray, on: np.ndarray) -> int:  # pragma: no cover
+    """``on[row_class[r], u] += x[r, u] > 0`` over rows (rows, units); returns non-finite values.
+
+    The dense-row half of ``pack_and_count_on``: the loop runs along a row's contiguous units.
+    """
+    rows, units = x.shape
+    nonfinite = 0
+    for r in range(rows):
+        label = row_class[r]
+        for u in range(units):
+            value = x[r, u]
+            on[label, u] += value > 0
+            nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
     return nonfinite
 
 
@@ -145,3 +154,49 @@ def count_hashed(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:  # p
             kept[i] = counts[index]
             i += 1
     return fingerprints.view(np.int64), kept, verified
+
+
+@numba.njit(cache=True, nogil=True)
+def sketch_and_spectrum(
+    fingerprints: np.ndarray, counts: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """What ``summary.to_wire`` needs from a histogram: ``(kept, values, multiplicities)``.
+
+    ``kept``: the indices of the ``k`` smallest unsigned ``fingerprints`` (all of them when there
+    are at most ``k``), sorted by fingerprint. Fingerprints are well mixed, so the k smallest of n
+    lie below about k/n of the 64-bit range: one pass gathers those below 2k/n of it (about 2k
+    candidates, and fewer than k with vanishing probability) and only they are sorted. If fewer
+    than k turn up (fingerprints that are not uniform), every fingerprint is sorted: exact
+    either way.
+
+    ``values``/``multiplicities``: the count-of-counts, ascending (``multiplicities[i]`` patterns
+    occurred ``values[i]`` times). Four interleaved histograms keep runs of equal counts (most
+    patterns occur once) from serialising on one memory cell.
+    """
+    n = fingerprints.size
+    if n <= k:
+        kept = np.argsort(fingerprints)
+    else:
+        bound = np.uint64(0xFFFFFFFFFFFFFFFF)
+        if 2 * k < n:
+            bound = (bound // np.uint64(n)) * np.uint64(2 * k)
+        candidates = np.empty(n, dtype=np.int64)
+        found = 0
+        for i in range(n):
+            if fingerprints[i] < bound:
+                candidates[found] = i
+                found += 1
+        if found >= k:
+            chosen = candidates[:found]
+            kept = chosen[np.argsort(fingerprints[chosen])[:k]]
+        else:
+            kept = np.argsort(fingerprints)[:k]
+    largest = 0
+    for i in range(n):
+        largest = max(largest, counts[i])
+    by_count = np.zeros((4, largest + 1), dtype=np.int64)
+    for i in range(n):
+        by_count[i & 3, counts[i]] += 1
+    total = by_count[0] + by_count[1] + by_count[2] + by_count[3]
+    values = np.flatnonzero(total)
+    return kept, values, total[values]

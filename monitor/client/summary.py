@@ -212,7 +212,14 @@ def _measure_with_kernels(
         outer_class = sample_class.repeat_interleave(outer // max(x.shape[0], 1)).numpy()
     words = np.zeros((outer * inner, (units + 63) // 64), dtype=np.int64)
     on = np.zeros((max(classes, 1), units), dtype=np.int64)
-    nonfinite = cpu_kernels.pack_and_count_on(x3.numpy(), outer_class, words, on)
+    values = x3.numpy()
+    if inner == 1:  # dense rows: units are contiguous, numpy packs them a byte at a time
+        rows = values[:, :, 0]
+        bits = np.packbits(rows > 0, axis=-1, bitorder="little")
+        words.view(np.uint8)[:, : bits.shape[1]] = bits  # little-endian: byte b is units 8b..
+        nonfinite = cpu_kernels.count_on_rows(rows, outer_class, on)
+    else:
+        nonfinite = cpu_kernels.pack_and_count_on(values, outer_class, words, on)
     counts = _count_with_kernels(words, units)
     stats = SiteStats(
         units=units,
@@ -263,30 +270,29 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
 
     The count-of-counts spectrum is always exact. ``patterns`` lists every (fingerprint, count)
     when there are at most ``sketch_k`` distinct patterns, else the ``sketch_k`` smallest
-    fingerprints (unsigned order); either way sorted by unsigned fingerprint. The few hundred
-    numbers involved are handled with numpy, whose per-call cost is a fraction of torch's.
+    fingerprints (unsigned order); either way sorted by unsigned fingerprint. One compiled pass
+    (``cpu_kernels.sketch_and_spectrum``) selects them and counts the spectrum.
     """
     fingerprints = stats.counts.fingerprints.cpu().numpy().view(np.uint64)
     counts = stats.counts.counts.cpu().numpy()
     distinct = int(counts.size)
     exact = distinct <= sketch_k
-    if exact:
-        kept = np.argsort(fingerprints)
-    else:
-        smallest = np.argpartition(fingerprints, sketch_k - 1)[:sketch_k]
-        kept = smallest[np.argsort(fingerprints[smallest])]
-    by_count = np.bincount(counts) if distinct else counts
-    values = np.flatnonzero(by_count)
-    summary = SiteSummary(
+    kept, values, multiplicities = cpu_kernels.sketch_and_spectrum(fingerprints, counts, sketch_k)
+    # Built from our own exact counts, so pydantic's validation (a tenth of a millisecond per
+    # site, every step) is skipped here; the service validates what it receives, and the tests
+    # validate what this returns.
+    summary = SiteSummary.model_construct(
         site=name,
         rows=int(counts.sum()),
         distinct=distinct,
-        spectrum=list(zip(values.tolist(), by_count[values].tolist(), strict=True)),
+        spectrum=list(zip(values.tolist(), multiplicities.tolist(), strict=True)),
         patterns=list(zip(fingerprints[kept].tolist(), counts[kept].tolist(), strict=True)),
         patterns_exact=exact,
         sketch_k=None if exact else sketch_k,
         unit_on=stats.unit_on.tolist(),
         nonfinite_rows=stats.nonfinite_rows,
+        class_rows=None,
+        class_unit_on=None,
     )
     if stats.class_rows:
         summary.class_rows = {str(k): v for k, v in sorted(stats.class_rows.items())}

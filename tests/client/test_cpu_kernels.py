@@ -6,10 +6,12 @@ import logging
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from test_patterns import GOLDEN, MASK64, fp_int, mix_int, unmix_int
 
+from monitor.client import cpu_kernels
 from monitor.client.capture import rows_of
 from monitor.client.summary import _measure_with_torch, measure, unit_dim_of
 from monitor.schema import SiteKind
@@ -120,3 +122,27 @@ def test_half_precision_takes_the_torch_path_with_the_same_result():
     x = _sample((50, 12), seed=3)
     half = measure(x.to(torch.bfloat16), "dense")
     assert half.counts.as_dict() == measure(x, "dense").counts.as_dict()
+
+
+def fingerprint_sets() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    uniform = np.unique(rng.integers(0, 2**64, size=3000, dtype=np.uint64))
+    return {
+        "uniform": uniform,
+        "all small": np.arange(3000, dtype=np.uint64) * np.uint64(7),  # all below the bound
+        "all large": ~np.arange(3000, dtype=np.uint64),  # none below it: the full sort
+        "few": uniform[:5],
+        "none": uniform[:0],
+    }
+
+
+@pytest.mark.parametrize("name", list(fingerprint_sets()))
+@pytest.mark.parametrize("k", [1, 5, 256, 2999, 3000])
+def test_sketch_and_spectrum_equals_sort_and_count(name: str, k: int):
+    fingerprints = fingerprint_sets()[name]
+    counts = np.random.default_rng(k).integers(1, 9, size=fingerprints.size)
+    kept, values, multiplicities = cpu_kernels.sketch_and_spectrum(fingerprints, counts, k)
+    by_value = sorted(range(fingerprints.size), key=lambda i: int(fingerprints[i]))
+    assert kept.tolist() == by_value[:k]
+    spectrum = sorted(Counter(counts.tolist()).items())
+    assert list(zip(values.tolist(), multiplicities.tolist(), strict=True)) == spectrum

@@ -13,6 +13,7 @@ from torch import nn
 from monitor.client.handle import Monitor
 from monitor.client.patterns import mix64, pack_bits
 from monitor.client.summary import empty_stats, measure, to_wire
+from monitor.schema import SiteSummary
 
 
 def make_input(kind: str, seed: int, units: int) -> torch.Tensor:
@@ -69,6 +70,9 @@ def test_every_field_against_brute_force(kind, units):
     row_labels = labels.repeat_interleave(per_sample)
     counter = Counter(tuple(r) for r in mask.tolist())
     summary = to_wire("s", stats, sketch_k=10**6)
+    # to_wire builds without validation: what it builds must pass the wire's validation unchanged
+    assert SiteSummary.model_validate(summary.model_dump()) == summary
+    assert SiteSummary.model_validate_json(summary.model_dump_json()) == summary
     n = rows.shape[0]
     assert summary.rows == n and summary.distinct == len(counter)
     assert summary.unit_on == mask.sum(0).tolist()
