@@ -12,11 +12,12 @@ import copy
 import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from memory_transport import ListTransport
 from torch import nn
 
 from monitor.client.apt import (
@@ -33,37 +34,7 @@ from monitor.client.apt import (
 )
 from monitor.client.capture import rows_of
 from monitor.client.handle import Monitor
-from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
-
-
-class Recorder:
-    """A transport that keeps what it is sent (the Transport protocol, in memory)."""
-
-    run_id = "run"
-
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-
-    def start_run(self, start: RunStart) -> str:
-        return self.run_id
-
-    def add_sites(self, sites: Sequence[SiteInfo]) -> None:
-        self.events.extend(sites)
-
-    def send_summary(self, summary: StepSummary) -> None:
-        self.events.append(summary)
-
-    def send_probe(self, probe: ProbeRecord) -> None:
-        self.events.append(probe)
-
-    def poll_alerts(self) -> list[AlertValue]:
-        return []
-
-    def finish(self, final_step: int) -> None:
-        pass
-
-    def probes(self, kind: str) -> list[ProbeRecord]:
-        return [e for e in self.events if isinstance(e, ProbeRecord) and e.kind == kind]
+from monitor.schema import ProbeRecord, SiteInfo, StepSummary
 
 
 class Net(nn.Module):
@@ -182,7 +153,7 @@ def test_apt_and_sweep_match_brute_force(name: str, probe_rows: int | None) -> N
     optimizer = OPTIMIZERS[name](model)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
     etas = (1e-3, 1e-2, 0.1, 1.0, 10.0)
-    recorder = Recorder()
+    recorder = ListTransport()
     monitor = Monitor(
         model,
         optimizer,
@@ -222,7 +193,7 @@ def test_apt_and_sweep_match_brute_force(name: str, probe_rows: int | None) -> N
             expected[("sweep", step)] = {s: [c[s] for c in per_eta] for s in SITES}
     monitor.close()
 
-    records = recorder.probes("apt") + recorder.probes("sweep")
+    records = recorder.probes_of("apt") + recorder.probes_of("sweep")
     assert sorted((r.kind, r.step) for r in records) == sorted(expected)
     n = 12 if probe_rows is None else probe_rows
     for record in records:
@@ -235,7 +206,7 @@ def test_apt_and_sweep_match_brute_force(name: str, probe_rows: int | None) -> N
         for s in record.sites:
             assert s.etas == ([record.lr] if record.kind == "apt" else list(etas))
     # The sweep saw something happen: more change at larger trial rates.
-    sweep = recorder.probes("sweep")[0]
+    sweep = recorder.probes_of("sweep")[0]
     assert any(s.changed[-1] > s.changed[0] for s in sweep.sites)
     # Sites were announced before the first probe that uses them.
     first_probe = next(i for i, e in enumerate(recorder.events) if isinstance(e, ProbeRecord))
@@ -298,7 +269,7 @@ def test_sweep_leaves_model_optimizer_and_rng_alone() -> None:
     torch.manual_seed(2)
     model = Net()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    monitor = Monitor(model, optimizer, Recorder(), every=1000, apt_every=1, sweep_every=1)
+    monitor = Monitor(model, optimizer, ListTransport(), every=1000, apt_every=1, sweep_every=1)
     x, y = batch(0)
     nn.functional.cross_entropy(model(x), y).backward()
     prober = monitor.prober
@@ -324,11 +295,11 @@ def test_no_probe_hooks_without_probes() -> None:
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     hooks = len(model._forward_pre_hooks)
-    monitor = Monitor(model, optimizer, Recorder(), every=1)
+    monitor = Monitor(model, optimizer, ListTransport(), every=1)
     assert monitor.prober is None
     assert len(model._forward_pre_hooks) == hooks + 1  # the tracker's root hook only
     monitor.close()
-    probed = Monitor(model, optimizer, Recorder(), every=1, apt_every=4)
+    probed = Monitor(model, optimizer, ListTransport(), every=1, apt_every=4)
     assert len(model._forward_pre_hooks) == hooks + 2
     probed.close()
     assert len(model._forward_pre_hooks) == hooks
@@ -340,7 +311,7 @@ def test_failing_probe_is_logged_and_training_goes_on(caplog: pytest.LogCaptureF
     torch.manual_seed(3)
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    recorder = Recorder()
+    recorder = ListTransport()
     rng = torch.get_rng_state()
     with (
         caplog.at_level(logging.ERROR),
@@ -351,9 +322,9 @@ def test_failing_probe_is_logged_and_training_goes_on(caplog: pytest.LogCaptureF
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
             optimizer.zero_grad()
-    assert recorder.probes("apt") == [] and recorder.probes("sweep") == []
+    assert recorder.probes_of("apt") == [] and recorder.probes_of("sweep") == []
     assert any("probe failed before step" in r.getMessage() for r in caplog.records)
-    summaries = [e for e in recorder.events if isinstance(e, StepSummary)]
+    summaries = recorder.summaries
     assert [s.step for s in summaries] == [0, 1, 2]
     # Same parameters as without the monitor.
     torch.set_rng_state(rng)
@@ -373,7 +344,7 @@ def test_nonfinite_preactivations_are_flagged() -> None:
     torch.manual_seed(4)
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    recorder = Recorder()
+    recorder = ListTransport()
     with Monitor(model, optimizer, recorder, every=1000, apt_every=1):
         for step in range(2):
             x, _ = batch(step)
@@ -382,14 +353,14 @@ def test_nonfinite_preactivations_are_flagged() -> None:
             model(x).sum().backward()
             optimizer.step()
             optimizer.zero_grad()
-    assert [r.nonfinite for r in recorder.probes("apt")] == [False, True]
+    assert [r.nonfinite for r in recorder.probes_of("apt")] == [False, True]
 
 
 def test_validation_forwards_and_unscheduled_steps_are_not_probed() -> None:
     torch.manual_seed(5)
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    recorder = Recorder()
+    recorder = ListTransport()
     with Monitor(model, optimizer, recorder, every=1000, apt_every=3):
         for step in range(7):
             x, y = batch(step)
@@ -398,8 +369,8 @@ def test_validation_forwards_and_unscheduled_steps_are_not_probed() -> None:
                 model(torch.randn(2, 3, 6, 6))  # a no-grad forward never replaces the batch
             optimizer.step()
             optimizer.zero_grad()
-    assert [r.step for r in recorder.probes("apt")] == [0, 3, 6]
-    assert all(s.rows in (12, 12 * 36) for r in recorder.probes("apt") for s in r.sites)
+    assert [r.step for r in recorder.probes_of("apt")] == [0, 3, 6]
+    assert all(s.rows in (12, 12 * 36) for r in recorder.probes_of("apt") for s in r.sites)
 
 
 def test_temperature_grid_and_row_helpers() -> None:
@@ -437,7 +408,7 @@ def test_probes_leave_pattern_summaries_alone() -> None:
         torch.manual_seed(7)
         model = Net()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        recorder = Recorder()
+        recorder = ListTransport()
         with Monitor(model, optimizer, recorder, every=3, **probes):
             for step in range(7):
                 x, y = batch(step)
@@ -445,8 +416,8 @@ def test_probes_leave_pattern_summaries_alone() -> None:
                 optimizer.step()
                 optimizer.zero_grad()
         if probes:
-            assert len(recorder.probes("apt")) == 4 and len(recorder.probes("sweep")) == 2
-        return [e for e in recorder.events if isinstance(e, StepSummary)]
+            assert len(recorder.probes_of("apt")) == 4 and len(recorder.probes_of("sweep")) == 2
+        return recorder.summaries
 
     plain = summaries()
     probed = summaries(apt_every=2, sweep_every=5)
