@@ -203,24 +203,15 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 def _measure_with_kernels(
     x: torch.Tensor, unit_dim: int, sample_class: torch.Tensor | None, classes: int
 ) -> tuple[SiteStats, torch.Tensor]:
-    """``measure`` on the CPU: one fused pass for bits and on-counts, one exact hash count."""
+    """``measure`` on the CPU: one fused pass for bits and on-counts, one exact count."""
     x3 = unit_layout(x, unit_dim).contiguous()
-    outer, units, inner = x3.shape
+    outer, units, _inner = x3.shape
     if sample_class is None:
         outer_class = np.zeros(outer, dtype=np.int64)
     else:  # every outer index lies within one sample (the sample axis leads)
         outer_class = sample_class.repeat_interleave(outer // max(x.shape[0], 1)).numpy()
-    words = np.zeros((outer * inner, (units + 63) // 64), dtype=np.int64)
     on = np.zeros((max(classes, 1), units), dtype=np.int64)
-    values = x3.numpy()
-    if inner == 1:  # dense rows: units are contiguous, numpy packs them a byte at a time
-        rows = values[:, :, 0]
-        bits = np.packbits(rows > 0, axis=-1, bitorder="little")
-        words.view(np.uint8)[:, : bits.shape[1]] = bits  # little-endian: byte b is units 8b..
-        nonfinite = cpu_kernels.count_on_rows(rows, outer_class, on)
-    else:
-        nonfinite = cpu_kernels.pack_and_count_on(values, outer_class, words, on)
-    counts = _count_with_kernels(words, units)
+    counts, nonfinite = _pack_and_count(x3.numpy(), outer_class, on)
     stats = SiteStats(
         units=units,
         counts=counts,
@@ -230,12 +221,46 @@ def _measure_with_kernels(
     return stats, torch.from_numpy(on)
 
 
+def _pack_and_count(
+    values: np.ndarray, outer_class: np.ndarray, on: np.ndarray
+) -> tuple[PatternCounts, int]:
+    """Exact pattern counts of ``values`` (outer, units, inner) and its non-finite values.
+
+    Adds each unit's on-rows to ``on[outer_class[o]]``. Narrow conv-like sites are packed and
+    counted in one kernel; dense rows (inner 1) are packed by numpy, whose ``packbits`` takes a
+    byte of contiguous units at a time; the rest are packed into 64-bit words, then counted.
+    """
+    outer, units, inner = values.shape
+    rows = outer * inner
+    narrow = units <= cpu_kernels.PACKED_TABLE_UNITS and rows < 2**31  # int32 table counts
+    if inner > 1 and narrow and use_table(units, rows):
+        fingerprints, counts, nonfinite = cpu_kernels.pack_and_count_table(values, outer_class, on)
+        return PatternCounts(torch.from_numpy(fingerprints), torch.from_numpy(counts)), nonfinite
+    words = np.zeros((rows, (units + 63) // 64), dtype=np.int64)
+    if inner == 1:
+        dense = values[:, :, 0]
+        bits = np.packbits(dense > 0, axis=-1, bitorder="little")
+        words.view(np.uint8)[:, : bits.shape[1]] = bits  # little-endian: byte b is units 8b..
+        nonfinite = cpu_kernels.count_on_rows(dense, outer_class, on)
+    else:
+        nonfinite = cpu_kernels.pack_and_count_on(values, outer_class, words, on)
+    return _count_with_kernels(words, units), nonfinite
+
+
 def _count_with_kernels(words: np.ndarray, units: int) -> PatternCounts:
+    """Exact histogram of packed rows.
+
+    A table of all patterns when that is small against the rows, a radix sort for many rows of
+    <= 32 bits, else a hash table whose keys are verified against the words.
+    """
     rows = words.shape[0]
     if rows == 0:
         return empty_counts()
     if words.shape[1] == 1 and use_table(units, rows):
         fingerprints, counts = cpu_kernels.count_table(words, units)
+        return PatternCounts(torch.from_numpy(fingerprints), torch.from_numpy(counts))
+    if units <= 32 and rows >= cpu_kernels.SORTED_MIN_ROWS:
+        fingerprints, counts = cpu_kernels.count_sorted32(words)
         return PatternCounts(torch.from_numpy(fingerprints), torch.from_numpy(counts))
     fingerprints, counts, verified = cpu_kernels.count_hashed(words)
     if not verified:

@@ -58,6 +58,13 @@ CASES = [
     ("conv", (3, 32, 4, 4)),
     ("conv", (2, 70, 3, 3)),
     ("conv", (2, 5, 3, 2, 2)),
+    # <= 16 units and 2^units <= 4 rows: packed and counted in one kernel (pack_and_count_table)
+    ("conv", (16, 16, 32, 32)),
+    ("conv", (8, 9, 8, 8)),
+    ("conv", (5, 1, 4, 4)),
+    # 17..32 units and >= 16384 rows: counted by a radix sort (count_sorted32)
+    ("conv", (16, 32, 32, 32)),
+    ("dense", (16384, 24)),
 ]
 
 
@@ -84,8 +91,9 @@ def test_kernels_equal_brute_force_and_torch(kind: SiteKind, shape, dtype):
     assert stats.counts.as_dict() == reference.counts.as_dict()  # the same fingerprints
 
 
-def test_labels_non_finite_values_and_memory_layouts():
-    x = _sample((6, 16, 3, 4), seed=7)
+@pytest.mark.parametrize("units", [16, 4])  # a hashed count; a fused table count
+def test_labels_non_finite_values_and_memory_layouts(units: int):
+    x = _sample((6, units, 3, 4), seed=7)
     x[1, 3, 0, 0] = float("nan")
     x[4, 0, 2, 1] = float("inf")
     x[4, 0, 2, 2] = float("-inf")
@@ -130,6 +138,10 @@ def fingerprint_sets() -> dict[str, np.ndarray]:
     return {
         "uniform": uniform,
         "all small": np.arange(3000, dtype=np.uint64) * np.uint64(7),  # all below the bound
+        # below the bound, but more than the room kept for candidates when k is small
+        "half small": np.concatenate(
+            [np.arange(1500, dtype=np.uint64), ~np.arange(1500, dtype=np.uint64)]
+        ),
         "all large": ~np.arange(3000, dtype=np.uint64),  # none below it: the full sort
         "few": uniform[:5],
         "none": uniform[:0],
@@ -140,9 +152,39 @@ def fingerprint_sets() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("k", [1, 5, 256, 2999, 3000])
 def test_sketch_and_spectrum_equals_sort_and_count(name: str, k: int):
     fingerprints = fingerprint_sets()[name]
-    counts = np.random.default_rng(k).integers(1, 9, size=fingerprints.size)
+    rng = np.random.default_rng(k)
+    counts = rng.integers(1, 9, size=fingerprints.size)
+    # a few counts past the dense histograms (1024), some of them equal
+    heavy = rng.choice(fingerprints.size, size=min(7, fingerprints.size), replace=False)
+    counts[heavy] = rng.choice([1023, 1024, 1024, 5000, 70000], size=heavy.size)
     kept, values, multiplicities = cpu_kernels.sketch_and_spectrum(fingerprints, counts, k)
     by_value = sorted(range(fingerprints.size), key=lambda i: int(fingerprints[i]))
     assert kept.tolist() == by_value[:k]
     spectrum = sorted(Counter(counts.tolist()).items())
     assert list(zip(values.tolist(), multiplicities.tolist(), strict=True)) == spectrum
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["distinct", "repeats", "below 2^16 (upper digit passes skipped)", "all equal", "one row"],
+)
+def test_count_sorted32_equals_the_hash_count(name: str):
+    rng = np.random.default_rng(11)
+    words = (
+        {
+            "distinct": rng.choice(2**32, 20000, replace=False),
+            "repeats": rng.integers(0, 300, size=20000) * 7919,
+            "below 2^16 (upper digit passes skipped)": rng.integers(0, 2**16, size=20000),
+            "all equal": np.full(20000, 2**32 - 1),
+            "one row": np.array([12345]),
+        }[name]
+        .astype(np.int64)
+        .reshape(-1, 1)
+    )
+    fingerprints, counts = cpu_kernels.count_sorted32(words)
+    expected, expected_counts, verified = cpu_kernels.count_hashed(words)
+    assert verified
+    assert dict(zip(fingerprints.tolist(), counts.tolist(), strict=True)) == dict(
+        zip(expected.tolist(), expected_counts.tolist(), strict=True)
+    )
+    assert sorted(counts.tolist()) == sorted(Counter(words[:, 0].tolist()).values())
