@@ -5,7 +5,8 @@ sources' counting method, on ResNet-20 (CIFAR shape) and an MLP.
     python benchmarks/overhead.py --device cuda        # the same table on a GPU
 
 Modes, each on its own copy of the same initial model and the same batch, run in interleaved
-blocks of ``--block`` steps (the order rotates every round, so load drift hits every mode alike):
+blocks of ``--block`` steps (by default a multiple of 10 lasting about a second; the order rotates
+every round, so load drift hits every mode alike):
 
 - plain: forward, backward, optimizer step;
 - every 1 / every 10: the same with ``Monitor(every=1)`` / ``Monitor(every=10)`` (exact counts,
@@ -19,8 +20,11 @@ Printed per model: median seconds per step, the median over rounds of each mode'
 the same round's plain time with its 90% bootstrap interval, added time, the reference's added
 time divided by ours, peak extra memory of the capture path per step (bytes allocated by the
 monitor's own tensor operations and alive at once, tracked op by op, plus the peak of its numpy
-buffers as tracemalloc sees them; on CUDA also ``max_memory_allocated`` minus plain), and the JSON
-bytes of one site's summary (raw and gzip), e.g. for the 64-unit conv sites of ResNet-20.
+buffers as tracemalloc sees them; on CUDA also ``max_memory_allocated`` minus plain), the
+process's minor page faults per step (glibc's allocator hands large buffers back to the kernel
+and faults them in again on some runs and not others; when a mode shows thousands, its time
+carries them), and the JSON bytes of one site's summary (raw and gzip), e.g. for the 64-unit
+conv sites of ResNet-20.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import copy
 import gzip
 import math
+import resource
 import statistics
 import sys
 import time
@@ -57,6 +62,7 @@ from monitor.client.schedules import every, never
 from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
 
 MODES = ("plain", "every 1", "every 10", "reference")
+BLOCK_SECONDS = 1.0
 
 
 class SerialisingTransport:
@@ -222,7 +228,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for mode in MODES:
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    for mode in modes:
         model = copy.deepcopy(base).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         run: dict[str, Any] = {"model": model, "opt": opt, "times": [], "watch": Stopwatch()}
@@ -247,9 +254,10 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         loss.backward()
         run["opt"].step()
 
+    block_steps = args.block or steps_per_block(lambda: step(runs["plain"]), sync)
     cuda_peak: dict[str, int] = {}
     for mode, run in runs.items():  # warm-up, and the CUDA allocator's peak per mode
-        for _ in range(args.block):
+        for _ in range(block_steps):
             step(run)
         sync()
         run["watch"].seconds = 0.0
@@ -258,22 +266,24 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             step(run)
             sync()
             cuda_peak[mode] = torch.cuda.max_memory_allocated()
-    ratios: dict[str, list[float]] = {m: [] for m in MODES}
+    ratios: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.rounds):
-        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
+        order = modes[r % len(modes) :] + modes[: r % len(modes)]
         block: dict[str, float] = {}
         for mode in order:
             run = runs[mode]
             sync()
             inside = run["watch"].seconds
+            faults = minor_faults()
             start = time.perf_counter()
-            for _ in range(args.block):
+            for _ in range(block_steps):
                 step(run)
             sync()
-            block[mode] = (time.perf_counter() - start) / args.block
+            block[mode] = (time.perf_counter() - start) / block_steps
             run["times"].append(block[mode])
-            run.setdefault("inside", []).append((run["watch"].seconds - inside) / args.block)
-        for mode in MODES:
+            run.setdefault("inside", []).append((run["watch"].seconds - inside) / block_steps)
+            run.setdefault("faults", []).append((minor_faults() - faults) / block_steps)
+        for mode in modes:
             ratios[mode].append(block[mode] / block["plain"])
     for run in runs.values():  # one more step each, with the capture path's memory metered
         if "callback" in run:
@@ -286,9 +296,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             step(run)
             tracemalloc.stop()
             tracker.on_site = run["watch"].wrap(run["callback"], sync)
-    figures: dict[str, Any] = {"name": name, "modes": {}}
+    figures: dict[str, Any] = {"name": name, "modes": {}, "block_steps": block_steps}
     plain = statistics.median(runs["plain"]["times"])
-    for mode in MODES:
+    for mode in modes:
         run = runs[mode]
         median = statistics.median(run["times"])
         figures["modes"][mode] = {
@@ -297,16 +307,42 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "ratio_interval": median_interval(ratios[mode]),
             "added": median - plain,
             "inside": statistics.median(run["inside"]),  # median over blocks, as the times
+            "faults": statistics.median(run["faults"]),
             "peak_bytes": run["meter"].total_peak if "meter" in run else 0,
             "cuda_extra": cuda_peak.get(mode, 0) - cuda_peak.get("plain", 0),
         }
         if "monitor" in run:
             run["monitor"].close()
-    transport = runs["every 1"]["transport"]
-    transport.measure_sizes()
-    figures["site_bytes"] = transport.site_bytes
-    figures["units"] = transport.units
+    figures["site_bytes"], figures["units"] = {}, {}
+    if "every 1" in runs:
+        transport = runs["every 1"]["transport"]
+        transport.measure_sizes()
+        figures["site_bytes"] = transport.site_bytes
+        figures["units"] = transport.units
     return figures
+
+
+def steps_per_block(plain_step: Callable[[], None], sync: Callable[[], None]) -> int:
+    """Steps per timed block: a multiple of 10 lasting about a second.
+
+    A multiple of 10, so that every-10 capture hits exactly one step in ten of each block; about
+    a second, so that the scheduler's time slices and timer noise stay small against a block
+    even for a model whose step takes a few milliseconds.
+    """
+    for _ in range(3):
+        plain_step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        plain_step()
+    sync()
+    seconds = (time.perf_counter() - start) / 5
+    return 10 * max(1, math.ceil(BLOCK_SECONDS / (10 * seconds)))
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (all threads)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float, float]:
@@ -331,20 +367,23 @@ def median_interval(values: list[float], confidence: float = 0.9) -> tuple[float
 def report(figures: dict[str, Any]) -> None:
     """Print one model's table."""
     modes = figures["modes"]
-    print(f"\n{figures['name']}: batch 128")
+    print(f"\n{figures['name']}: batch 128, blocks of {figures['block_steps']} steps")
     print(
         f"{'mode':<10} {'s/step':>8} {'x plain':>8} {'90% interval':>14} {'added ms':>9}"
-        f" {'capture ms':>11} {'peak extra':>11}"
+        f" {'capture ms':>11} {'peak extra':>11} {'faults/step':>12}"
     )
     for mode, f in modes.items():
         extra = f"{f['peak_bytes'] / 2**20:.1f} MiB" if mode != "plain" else "-"
         low, high = f["ratio_interval"]
         print(
             f"{mode:<10} {f['seconds']:8.4f} {f['ratio']:8.3f} {f'{low:.3f}..{high:.3f}':>14}"
-            f" {f['added'] * 1e3:9.1f} {f['inside'] * 1e3:11.1f} {extra:>11}"
+            f" {f['added'] * 1e3:9.1f} {f['inside'] * 1e3:11.1f} {extra:>11} {f['faults']:12.0f}"
         )
         if f["cuda_extra"]:
             print(f"{'':<10} cuda max_memory_allocated - plain: {f['cuda_extra'] / 2**20:.1f} MiB")
+    if "every 1" not in modes or "reference" not in modes:
+        report_sizes(figures)
+        return
     ours = modes["every 1"]["added"]
     ref = modes["reference"]["added"]
     if ours > 0:
@@ -356,6 +395,11 @@ def report(figures: dict[str, Any]) -> None:
         "reference capture time / apmon every-step capture time: "
         f"{modes['reference']['inside'] / inside:.1f}x"
     )
+    report_sizes(figures)
+
+
+def report_sizes(figures: dict[str, Any]) -> None:
+    """Print the JSON bytes of one site-step summary, by site width."""
     sizes = figures["site_bytes"]
     by_units: dict[int, list[tuple[int, int]]] = {}
     for site, size in sizes.items():
@@ -558,10 +602,24 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", default="resnet20,mlp")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--block", type=int, default=10, help="steps per timed block")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=0,
+        help="steps per timed block (0: a multiple of 10 lasting about a second)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated subset of {','.join(MODES)} (plain is always run)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     add_apt_arguments(parser)
     args = parser.parse_args()
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    args.modes = ",".join(["plain", *args.modes.split(",")])
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
