@@ -70,6 +70,7 @@ class AsyncMlflowSink:
         self._lock = threading.Condition()
         self._stopping = False
         self._busy = False
+        self._in_flight: _RunWork | None = None  # popped by the sink's thread, not yet sent
         self.failures = 0
         self.sent_batches = 0
         self._thread = threading.Thread(target=self._loop, name="apmon-mlflow", daemon=True)
@@ -118,9 +119,13 @@ class AsyncMlflowSink:
 
     @property
     def depth(self) -> int:
-        """Metrics waiting to be sent."""
+        """Metrics waiting to be sent, counting those of a send (or retry) under way."""
         with self._lock:
-            return sum(len(w.metrics) for w in self._work.values())
+            queued = sum(len(w.metrics) for w in self._work.values())
+            in_flight = self._in_flight
+            # The sink's thread pops sent metrics off this deque without the lock; len() of
+            # a deque is atomic, so a reading taken mid-batch lies between the two counts.
+            return queued + (len(in_flight.metrics) if in_flight is not None else 0)
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued is sent; False when ``timeout`` ran out first."""
@@ -153,6 +158,7 @@ class AsyncMlflowSink:
                     return
                 run_id = next(iter(self._work))
                 work = self._work.pop(run_id)
+                self._in_flight = work
                 self._busy = True
             try:
                 self._send(run_id, work)
@@ -168,6 +174,7 @@ class AsyncMlflowSink:
                 delay = min(delay * 2, self._retry_max)
                 continue
             with self._lock:
+                self._in_flight = None
                 self._busy = False
                 self._lock.notify_all()
 
@@ -183,6 +190,7 @@ class AsyncMlflowSink:
                 work.reported = work.reported or newer.reported
                 work.name = newer.name or work.name
             self._work[run_id] = work
+            self._in_flight = None  # under the same lock: depth never counts it twice
 
     def _client_(self) -> MlflowClient:
         # Imported here, on the sink's thread: mlflow takes seconds to import, and workers

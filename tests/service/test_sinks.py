@@ -19,10 +19,12 @@ from mlflow.tracking import MlflowClient
 
 from monitor.measures import Event, PluginRegistry, PluginResult, RunContext, load_plugins
 from monitor.report import render_report
-from monitor.schema import AlertValue, IngestBatch, StepSummary
+from monitor.schema import AlertValue, IngestBatch, MeasureValue, StepSummary
 from monitor.service.app import create_app
 from monitor.settings import Settings
+from monitor.sinks.mlflow_async import AsyncMlflowSink
 from monitor.store import make_engine, upgrade
+from monitor.store.store import PluginOutcome
 
 SITES = model_sites(3, units=8)
 
@@ -73,6 +75,46 @@ def db_url(tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'service.db'}"
     upgrade(make_engine(url))
     return url
+
+
+def test_queue_depth_counts_the_metrics_of_a_send_under_way(
+    tmp_path: Path, mlflow_template: Path
+) -> None:
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sending = threading.Event()
+    release = threading.Event()
+    claimed: dict[str, str] = {}
+
+    def resolve(run_id: str) -> str | None:
+        # Called by the sink's thread at the start of each send: hold the send open here.
+        sending.set()
+        release.wait(timeout=60)
+        return claimed.get(run_id)
+
+    def claim(run_id: str, mlflow_id: str) -> str:
+        return claimed.setdefault(run_id, mlflow_id)
+
+    sink = AsyncMlflowSink(uri, "apmon", resolve=resolve, claim=claim)
+    outcomes = []
+    for step in range(30):
+        outcome = PluginOutcome("train")
+        outcome.measures.append(("entropy", "train", MeasureValue(name="entropy", value=step)))
+        outcomes.append((step, outcome))
+    try:
+        sink.add_outcomes("run-1", outcomes)
+        assert sending.wait(timeout=60)
+        assert sink.depth == 30  # taken off the queue by the sink's thread, not yet sent
+        sink.add_outcomes("run-1", outcomes[:5])
+        assert sink.depth == 35
+        release.set()
+        assert sink.flush(timeout=120)
+        assert sink.depth == 0
+        history = MlflowClient(tracking_uri=uri).get_metric_history(claimed["run-1"], "ap/entropy")
+        assert sorted(h.step for h in history) == sorted([*range(30), *range(5)])
+    finally:
+        release.set()
+        sink.close()
 
 
 def test_mlflow_away_then_back_gets_every_metric_once_in_batches(
