@@ -69,7 +69,6 @@ class AsyncMlflowSink:
         self._work: dict[str, _RunWork] = {}
         self._lock = threading.Condition()
         self._stopping = False
-        self._busy = False
         self._in_flight: _RunWork | None = None  # popped by the sink's thread, not yet sent
         self.failures = 0
         self.sent_batches = 0
@@ -131,7 +130,7 @@ class AsyncMlflowSink:
         """Wait until everything queued is sent; False when ``timeout`` ran out first."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._work or self._busy:
+            while self._work or self._in_flight is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -159,7 +158,6 @@ class AsyncMlflowSink:
                 run_id = next(iter(self._work))
                 work = self._work.pop(run_id)
                 self._in_flight = work
-                self._busy = True
             try:
                 self._send(run_id, work)
                 delay = 0.5
@@ -168,14 +166,12 @@ class AsyncMlflowSink:
                 logger.warning("MLflow is unavailable (%s); retrying in %.1f s", error, delay)
                 self._requeue(run_id, work)
                 with self._lock:
-                    self._busy = False
                     self._lock.notify_all()
                     self._lock.wait(delay)
                 delay = min(delay * 2, self._retry_max)
                 continue
             with self._lock:
                 self._in_flight = None
-                self._busy = False
                 self._lock.notify_all()
 
     def _requeue(self, run_id: str, work: _RunWork) -> None:
