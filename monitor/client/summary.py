@@ -235,7 +235,7 @@ def _pack_and_count(
     narrow = units <= cpu_kernels.PACKED_TABLE_UNITS and rows < 2**31  # int32 table counts
     if inner > 1 and narrow and use_table(units, rows):
         fingerprints, counts, nonfinite = cpu_kernels.pack_and_count_table(values, outer_class, on)
-        return PatternCounts(torch.from_numpy(fingerprints), torch.from_numpy(counts)), nonfinite
+        return _pattern_counts(fingerprints, counts), nonfinite
     words = np.zeros((rows, (units + 63) // 64), dtype=np.int64)
     if inner == 1:
         dense = values[:, :, 0]
@@ -257,14 +257,17 @@ def _count_with_kernels(words: np.ndarray, units: int) -> PatternCounts:
     if rows == 0:
         return empty_counts()
     if words.shape[1] == 1 and use_table(units, rows):
-        fingerprints, counts = cpu_kernels.count_table(words, units)
-        return PatternCounts(torch.from_numpy(fingerprints), torch.from_numpy(counts))
+        return _pattern_counts(*cpu_kernels.count_table(words, units))
     if units <= 32 and rows >= cpu_kernels.SORTED_MIN_ROWS:
-        fingerprints, counts = cpu_kernels.count_sorted32(words)
-        return PatternCounts(torch.from_numpy(fingerprints), torch.from_numpy(counts))
+        return _pattern_counts(*cpu_kernels.count_sorted32(words))
     fingerprints, counts, verified = cpu_kernels.count_hashed(words)
     if not verified:
         return count_words(torch.from_numpy(words), units)  # logs the collision, recounts
+    return _pattern_counts(fingerprints, counts)
+
+
+def _pattern_counts(fingerprints: np.ndarray, counts: np.ndarray) -> PatternCounts:
+    """A kernel's (fingerprints, counts) arrays as ``PatternCounts``, sharing their memory."""
     return PatternCounts(torch.from_numpy(fingerprints), torch.from_numpy(counts))
 
 
