@@ -32,6 +32,8 @@ NonNegInt = Annotated[int, Field(ge=0)]
 # Wire payloads from many runs and workers: bound every list so one request cannot blow memory.
 MAX_SITES = 4096
 MAX_UNITS = 1 << 20
+MAX_SCALARS = 64
+ScalarName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 
 
 class WireModel(BaseModel):
@@ -156,6 +158,9 @@ class StepSummary(WireModel):
     loss: float | None = None
     # Indices of the batch's samples in the data set, when the data loader provides them.
     sample_indices: list[NonNegInt] | None = None
+    # Step-level numbers the client measured beside the sites (learning rate, a scheduler's
+    # target, a norm): stored as measures of the step by the ``scalars`` plugin.
+    scalars: dict[ScalarName, float] | None = Field(default=None, max_length=MAX_SCALARS)
 
 
 class SiteProbe(WireModel):

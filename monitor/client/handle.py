@@ -11,8 +11,9 @@ import atexit
 import functools
 import logging
 import math
+import re
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -26,13 +27,14 @@ from monitor.client.probeset import evaluate as evaluate_probe_set
 from monitor.client.schedules import Schedule, as_schedule
 from monitor.client.summary import DEFAULT_SKETCH_K, SiteStats, measure, to_wire
 from monitor.client.transport import Transport
-from monitor.schema import AlertValue, RunStart, SiteInfo, SiteMode, StepSummary
+from monitor.schema import MAX_SCALARS, AlertValue, RunStart, SiteInfo, SiteMode, StepSummary
 from monitor.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 AlertCallback = Callable[[AlertValue], None]
+_SCALAR_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 
 
 class Monitor:
@@ -262,6 +264,30 @@ class Monitor:
         value = _as_float(loss)
         if value is not None and self._pending is not None:
             self._pending.loss = value if math.isfinite(value) else None
+
+    def record_scalars(self, values: Mapping[str, Any]) -> None:
+        """Attach named numbers to the step that just ended (call it after ``optimizer.step()``).
+
+        They are stored as run-level measures of that step (``scalars`` plugin) and logged to
+        MLflow. Names are 1-64 characters of letters, digits and ``_.:/-``; a bad name is a
+        ValueError. Non-finite values are left out; at most ``MAX_SCALARS`` names per step.
+        """
+        clean: dict[str, float] = {}
+        for key, raw in values.items():
+            name = str(key)
+            if not _SCALAR_NAME.fullmatch(name):
+                raise ValueError(f"scalar name {name!r} must be 1-64 of [A-Za-z0-9_.:/-]")
+            value = _as_float(raw)
+            if value is not None and math.isfinite(value):
+                clean[name] = value
+        if self.step == 0 or not clean:
+            return
+        if self._pending is None:
+            self._pending = StepSummary(step=self.step - 1, source="train", sites=[])
+        merged = {**(self._pending.scalars or {}), **clean}
+        if len(merged) > MAX_SCALARS:
+            raise ValueError(f"at most {MAX_SCALARS} scalars per step, got {len(merged)}")
+        self._pending.scalars = merged
 
     # -- use as decorator and context manager -------------------------------------------------
 
