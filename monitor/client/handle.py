@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 AlertCallback = Callable[[AlertValue], None]
+# The training forward's summary covers the first rows (samples) of each batch: the detectors
+# judge a batch by a sample of it, and the capture costs a quarter of a 128-batch's (see
+# benchmarks/e2e.py). ``capture_rows=None`` summarises every row.
+DEFAULT_CAPTURE_ROWS = 32
 _SCALAR_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 
 
@@ -58,6 +62,7 @@ class Monitor:
         sweep_every: int | Schedule | None = None,
         sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
         probe_rows: int | None = None,
+        capture_rows: int | None = DEFAULT_CAPTURE_ROWS,
         probe_set: ProbeSet | torch.Tensor | None = None,
         probe_every: int | Schedule = 100,
         merge_ranks: bool = False,
@@ -69,6 +74,9 @@ class Monitor:
         self.schedule = as_schedule(every)
         self.site_filter = SiteFilter(tuple(include), tuple(exclude))
         self.sketch_k = sketch_k
+        if capture_rows is not None and capture_rows < 1:
+            raise ValueError(f"capture_rows must be >= 1, got {capture_rows}")
+        self.capture_rows = capture_rows
         self.on_alert = on_alert
         self.step = 0
         self.sites: dict[str, SiteInfo] = {}
@@ -133,8 +141,12 @@ class Monitor:
         try:
             x = preactivation.detach()
             kind = site_kind(x)
+            labels = self._labels
+            if self.capture_rows is not None and x.dim() > 1 and x.shape[0] > self.capture_rows:
+                x = x[: self.capture_rows]
+                labels = None if labels is None else labels[: self.capture_rows]
             with torch.no_grad():
-                stats = measure(x, kind, self._labels)
+                stats = measure(x, kind, labels)
             if name not in self.sites:
                 info = SiteInfo(name=name, kind=kind, mode=mode, units=stats.units)
                 self.sites[name] = info
