@@ -21,8 +21,9 @@ from torch import nn
 
 from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
+from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
-from monitor.client.probeset import ProbeSet, probe_summary
+from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
 from monitor.client.schedules import Schedule, as_schedule
 from monitor.client.summary import DEFAULT_SKETCH_K, SiteStats, measure, to_wire
@@ -58,8 +59,10 @@ class Monitor:
         sweep_every: int | Schedule | None = None,
         sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
         probe_rows: int | None = None,
-        probe_set: ProbeSet | torch.Tensor | None = None,
+        probe_set: ProbeSet | torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         probe_every: int | Schedule = 100,
+        apd_every: int | Schedule | None = None,
+        apd_rows: int = DEFAULT_DIAGRAM_ROWS,
         merge_ranks: bool = False,
         process_group: Any = None,
     ) -> None:
@@ -80,10 +83,11 @@ class Monitor:
         self._labels: torch.Tensor | None = None
         self._sample_indices: list[int] | None = None
         # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
-        if probe_set is not None and not isinstance(probe_set, ProbeSet):
-            probe_set = ProbeSet(probe_set)
-        self.probe_set: ProbeSet | None = probe_set
+        self.probe_set: ProbeSet | None = None if probe_set is None else as_probe_set(probe_set)
         self.probe_schedule = as_schedule(probe_every)
+        self.diagrams = DiagramSchedule(apd_every)  # diagrams of the labelled probe subset
+        self.apd_rows = apd_rows
+        self._last_probe_step: int | None = None
         self.merge_ranks = merge_ranks
         self.process_group = process_group
         if merge_ranks and not is_leader(process_group):
@@ -211,6 +215,12 @@ class Monitor:
     def _run_probe_set(self) -> None:
         if self.probe_set is None or not self.probe_schedule(self.step):
             return
+        self._evaluate_probe_set(self.step, diagram=self.diagrams.due(self.step))
+
+    def _evaluate_probe_set(self, step: int, diagram: bool) -> None:
+        if self.probe_set is None:
+            return
+        self._last_probe_step = step
         try:
             result = evaluate_probe_set(self.model, self.tracker, self.probe_set, self.site_filter)
             if self.merge_ranks:
@@ -225,9 +235,24 @@ class Monitor:
             if self._new_sites:
                 self.transport.add_sites(self._new_sites)
                 self._new_sites = []
-            self.transport.send_summary(probe_summary(self.step, result, self.sketch_k))
+            summary = probe_summary(step, result, self.sketch_k)
+            if diagram:  # with merged ranks: the leader's own probe subset
+                summary.diagram = sample_diagram(
+                    self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+                )
+                if summary.diagram is not None:
+                    self.diagrams.last_step = step
+            self.transport.send_summary(summary)
         except Exception:
-            logger.exception("apmon probe set failed at step %d; training continues", self.step)
+            logger.exception("apmon probe set failed at step %d; training continues", step)
+
+    def _final_diagram(self) -> None:
+        """Evaluate the probe set with a diagram on the final parameters, unless just done."""
+        final = self.step - 1
+        if self.probe_set is None or self._last_probe_step == final:
+            return
+        if self.diagrams.final_due(final):
+            self._evaluate_probe_set(final, diagram=True)
 
     # -- end of fixed probe set ---------------------------------------------------------------
 
@@ -314,6 +339,8 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
+        if not self.merge_ranks:  # ranks may close at different times: no collective here
+            self._final_diagram()
         self.tracker.close()
         self._step_hook.remove()
         for hook in self._probe_hooks:
@@ -375,8 +402,11 @@ def watch(
     ``name``, ``on_alert`` (called on the training thread; may raise to stop training),
     ``config`` (logged with the run); a fixed probe set: ``probe_set`` (tensor, DataLoader or
     ``ProbeSet``) evaluated every ``probe_every`` steps (int k or schedule; see
-    ``monitor.client.probeset``); ``merge_ranks`` (merge data-parallel ranks' statistics exactly,
-    rank 0 ships; ``process_group``); APT probes (see ``monitor.client.apt``): ``apt_every``
+    ``monitor.client.probeset``; a tuple ``(inputs, labels)`` or a DataLoader of labelled batches
+    adds the sample-set measures and activation pattern diagrams of ``apd_rows`` samples on the
+    evaluations ``apd_every`` selects, see ``monitor.client.diagram``); ``merge_ranks`` (merge
+    data-parallel ranks' statistics exactly, rank 0 ships; ``process_group``); APT probes (see
+    ``monitor.client.apt``): ``apt_every``
     (int k or schedule; the thesis probes every 8 steps), ``sweep_every`` (sensitivity sweeps),
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
     (probe only the first rows of the batch; default the whole batch).
