@@ -15,7 +15,7 @@ Checks of the findings that apply (Sec. 6 of the paper):
 3. deeper units become more class-sensitive: p_l rises over training, and ends higher in the
    deepest layer than in the first.
 
-    python benchmarks/sample_sets.py [--epochs 40] [--seeds 3] [--out benchmarks/sample_sets.png]
+    python benchmarks/sample_sets.py [--epochs 200] [--seeds 3] [--out benchmarks/sample_sets.png]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def series(store, run_id: str, name: str) -> dict[str, dict[int, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/sample_sets.png")
     args = parser.parse_args()

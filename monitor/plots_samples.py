@@ -49,7 +49,8 @@ def sankey(diagram: ActivationDiagram, step: int) -> go.Figure:
 
     Nodes are placed by level (x) and stacked by size within a level (y), most frequent first;
     every level's patterns beyond the kept ones form one "other" node, and each pair of levels'
-    edges beyond the kept ones one edge between the two "other" nodes.
+    edges beyond the kept ones one edge between the two "other" nodes. A kept node whose every
+    edge went into such a remainder has no link and is left out.
     """
     import plotly.graph_objects as go
 
@@ -108,6 +109,14 @@ def sankey(diagram: ActivationDiagram, step: int) -> go.Figure:
             values.append(samples)
             link_colours.append(error_colour(errors / samples))
             link_hover.append(f"{edges} smaller flows: {samples} samples, {errors} misclassified")
+    # plotly leaves nodes without links out of its layout and then misplaces the nodes after
+    # them, so a kept pattern whose only edges went into a remainder is not drawn
+    linked = sorted(set(sources) | set(targets))
+    renumber = {old: new for new, old in enumerate(linked)}
+    sources = [renumber[i] for i in sources]
+    targets = [renumber[i] for i in targets]
+    labels, colours, hover = ([texts[i] for i in linked] for texts in (labels, colours, hover))
+    xs, ys = ([places[i] for i in linked] for places in (xs, ys))
     figure = go.Figure(
         go.Sankey(
             arrangement="snap",

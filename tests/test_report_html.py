@@ -33,6 +33,7 @@ def test_sankey_carries_every_sample_and_colours_edges_by_error_share() -> None:
         for i, x in enumerate(trace.node.x):
             columns.setdefault(round(x, 3), []).append(i)
         assert len(columns) == 3  # a, b, predicted label
+        assert set(sources) | set(targets) == set(range(len(trace.node.x)))  # no lone nodes
         ordered = [columns[x] for x in sorted(columns)]
         for level in range(2):  # every sample flows from each level to the next
             flowing = sum(v for s, v in zip(sources, values, strict=True) if s in ordered[level])

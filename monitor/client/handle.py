@@ -88,6 +88,9 @@ class Monitor:
         self.diagrams = DiagramSchedule(apd_every)  # diagrams of the labelled probe subset
         self.apd_rows = apd_rows
         self._last_probe_step: int | None = None
+        # The latest probe-set summary waits one step, so that the run's end can still add a
+        # diagram to it when it was measured on the final parameters.
+        self._pending_probe: StepSummary | None = None
         self.merge_ranks = merge_ranks
         self.process_group = process_group
         if merge_ranks and not is_leader(process_group):
@@ -179,6 +182,7 @@ class Monitor:
     # -- end of APT probes and sweeps ----------------------------------------------------------
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._send_pending_probe()
         self._run_probes()
         self._run_probe_set()
         try:
@@ -242,17 +246,34 @@ class Monitor:
                 )
                 if summary.diagram is not None:
                     self.diagrams.last_step = step
-            self.transport.send_summary(summary)
+            self._send_pending_probe()
+            self._pending_probe = summary
         except Exception:
             logger.exception("apmon probe set failed at step %d; training continues", step)
 
+    def _send_pending_probe(self) -> None:
+        try:
+            if self._pending_probe is not None:
+                self.transport.send_summary(self._pending_probe)
+        except Exception:
+            logger.exception("apmon could not queue a probe-set summary; training continues")
+        self._pending_probe = None
+
     def _final_diagram(self) -> None:
-        """Evaluate the probe set with a diagram on the final parameters, unless just done."""
+        """A diagram of the final parameters, unless the last evaluation there has one."""
         final = self.step - 1
-        if self.probe_set is None or self._last_probe_step == final:
+        if self.probe_set is None or not self.diagrams.final_due(final):
             return
-        if self.diagrams.final_due(final):
+        pending = self._pending_probe
+        if pending is None or pending.step != final:
             self._evaluate_probe_set(final, diagram=True)
+            return
+        try:  # the last evaluation saw the final parameters: its summary gets the diagram
+            pending.diagram = sample_diagram(
+                self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+            )
+        except Exception:
+            logger.exception("apmon could not draw the final diagram; training is done anyway")
 
     # -- end of fixed probe set ---------------------------------------------------------------
 
@@ -346,6 +367,7 @@ class Monitor:
         for hook in self._probe_hooks:
             hook.remove()
         atexit.unregister(self._atexit)
+        self._send_pending_probe()
         try:
             self._flush_pending()
             self.transport.finish(max(self.step - 1, 0))

@@ -146,9 +146,9 @@ def test_monitor_ships_diagrams_of_a_labelled_tuple_probe_set() -> None:
     assert monitor.step == 11
     probes = [s for s in transport.summaries if s.source == "probe_set"]
     # evaluations at steps 0, 2, ..., 10 (indices 0-5); diagrams at indices 0, 1, 2, 4; the
-    # last evaluation (step 10) is the final step, so close adds nothing
+    # last evaluation (step 10) saw the final parameters: close adds the diagram to it
     assert [s.step for s in probes] == [0, 2, 4, 6, 8, 10]
-    assert [s.step for s in probes if s.diagram is not None] == [0, 2, 4, 8]
+    assert [s.step for s in probes if s.diagram is not None] == [0, 2, 4, 8, 10]
     for summary in probes:
         assert summary.sites[0].class_rows is not None  # labelled: per-class counts travel
         if summary.diagram is not None:
