@@ -5,8 +5,10 @@ pattern) pairs met by the subset's samples plus the predicted labels; each sampl
 edge from its pattern at one site to its pattern at the next site, and from its pattern at the
 last site to its predicted label. A sample's pattern at a site is the sign of every value the
 site computes for it: its units for a dense site, every (channel, position) of a conv site, every
-(token, unit) of a sequence site. Samples are grouped by these bits exactly (their packed bytes
-are the keys; no hash). Sites are levels in the order the forward first calls them.
+(token, unit) of a sequence site. Samples are grouped by these bits: exactly up to 128 bits,
+above that by a 128-bit digest of them (``_key``: no collision in practice, n^2 / 2^129 at most,
+and bounded memory for wide conv sites). Sites are levels in the order the forward first calls
+them.
 
 **Flow clusters** (seed 003, Sec. 3, Fig. 3): the samples that share their patterns at two
 consecutive levels; strength = their number, purity = the share of their most frequent predicted
@@ -27,6 +29,7 @@ per diagram (0.55 kB per level; 0.6 kB gzip-compressed).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +39,7 @@ import torch
 from torch import nn
 
 from monitor.client.capture import ModuleTracker, SiteFilter
+from monitor.client.patterns import pack_signs
 from monitor.client.probeset import ProbeSet, untouched
 from monitor.client.schedules import Schedule, as_schedule
 from monitor.schema import ActivationDiagram, DiagramFlows, DiagramLevel, SiteMode
@@ -47,6 +51,7 @@ DEFAULT_MAX_NODES = 20
 DEFAULT_MAX_EDGES = 40
 PURITY_BINS = 10
 LABEL_LEVEL = "predicted label"
+KEY_BYTES = 16
 
 
 def _level(
@@ -205,9 +210,8 @@ def sample_diagram(
     def on_site(name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
         if site_filter is not None and not site_filter(name):
             return
-        signs = (preactivation.detach()[:take].reshape(take, -1) > 0).cpu().numpy()
-        packed = np.packbits(signs, axis=1)
-        keys.setdefault(name, []).extend(row.tobytes() for row in packed)
+        row_bytes, _ = pack_signs(preactivation.detach()[:take].reshape(take, -1), -1)
+        keys.setdefault(name, []).extend(_key(row.tobytes()) for row in row_bytes.cpu().numpy())
 
     predicted: list[torch.Tensor] = []
     truth: list[torch.Tensor] = []
@@ -228,6 +232,18 @@ def sample_diagram(
     return build_diagram(
         sites, torch.cat(predicted).numpy(), torch.cat(truth).numpy(), max_nodes, max_edges
     )
+
+
+def _key(packed: bytes) -> bytes:
+    """A sample's grouping key: its packed sign bits, or their 128-bit BLAKE2b digest.
+
+    Up to 128 bits the key is the pattern itself; above, the digest bounds memory (16 bytes per
+    sample and site, where a conv site's bits can run to hundreds of kB) and two distinct
+    patterns among n share a key with probability below n^2 / 2^129.
+    """
+    if len(packed) <= KEY_BYTES:
+        return packed
+    return hashlib.blake2b(packed, digest_size=KEY_BYTES).digest()
 
 
 def _ids(keys: list[bytes]) -> np.ndarray:

@@ -192,3 +192,26 @@ def test_diagram_of_a_resnet_sized_model_is_small() -> None:
     # the bound of monitor/client/diagram.py at the default sizes: 2.5 kB per level
     assert size <= 2500 * len(diagram.levels), size
     assert size > 200 * len(diagram.levels)  # a level at the least: 20 nodes, 20 edges
+
+
+class Wide(nn.Module):
+    """One site of 300 units that is the input itself, then a fixed read-out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)[:, :2]
+
+
+def test_wide_sites_group_samples_by_every_bit() -> None:
+    x = -torch.ones(4, 300)
+    x[:, 0] = 1.0
+    x[2, 299] = 1.0  # sample 2 differs from 0 and 1 in the last unit only
+    x[3, 150] = 1.0
+    model = Wide()
+    tracker = ModuleTracker(model, lambda *a: None, sign_mode=False)
+    try:
+        diagram = sample_diagram(model, tracker, ProbeSet(x, labels=torch.zeros(4).long()))
+    finally:
+        tracker.close()
+    assert diagram is not None
+    site = diagram.levels[0]
+    assert (site.distinct, site.counts) == (3, [2, 1, 1])
