@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import ResNet20, mlp  # noqa: E402
-from overhead import median_interval  # noqa: E402
+from models import ResNet20, mlp
+from overhead import median_interval
 
 MODELS = ("resnet20", "mlp3072", "digits_cnn", "mlp_small")
 MODES = ("plain", "defaults", "every10", "capture")
@@ -227,7 +227,8 @@ def summarise(
     runs: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Namespace, threads: int
 ) -> dict[str, Any]:
     """Ratios per model and mode, printed as the README's table and a breakdown."""
-    label = f"torch threads: {threads or torch.get_num_threads()} ({'set' if threads else 'default'})"
+    how = "set" if threads else "default"
+    label = f"torch threads: {threads or torch.get_num_threads()} ({how})"
     out: dict[str, Any] = {}
     rows, details = [], []
     for name in args.models:
@@ -319,7 +320,8 @@ def soak(steps: int) -> dict[str, Any]:
         for i in range(steps):
             step()
             transport = mon.transport
-            lag = max(lag, getattr(transport, "_marks_sent", 0) - getattr(transport, "_marks_seen", 0))
+            behind = getattr(transport, "_marks_sent", 0) - getattr(transport, "_marks_seen", 0)
+            lag = max(lag, behind)
             if i % 500 == 0 or i == steps - 1:
                 rss.append(_current_rss_mb())
         mon.close()

@@ -65,7 +65,16 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
     }
     assert expected <= set(figures)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run_id, "apmon-report")}
-    assert artifacts == {f"apmon-report/{name}" for name in figures}
+    assert artifacts == {f"apmon-report/{name}" for name in [*figures, "report.html"]}
+    # the labelled probe set: seed-002 measures per site, diagrams at 0, 25 and the last step
+    sample_sets = {
+        (m.name, m.site) for m in store.measures(run_id, name="predictability") if m.site
+    }
+    assert sample_sets == {("predictability", site) for site in DEMO_SITES}
+    assert [step for step, _ in store.diagrams(run_id)] == [0, 25, 39]
+    assert {"heatmap_probe_set_predictability.png", "flow_clusters.png"} <= set(figures)
+    page = (tmp_path / "apmon-report" / run_id / "report.html").read_text(encoding="utf-8")
+    assert page.count('"type":"sankey"') == 3
 
 
 def test_commands_refuse_an_out_of_date_database_and_upgrade_fixes_it(tmp_path: Path) -> None:

@@ -21,8 +21,9 @@ from torch import nn
 
 from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
+from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
-from monitor.client.probeset import ProbeSet, probe_summary
+from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
 from monitor.client.schedules import Schedule, as_schedule
 from monitor.client.summary import DEFAULT_SKETCH_K, SiteStats, measure, to_wire
@@ -63,8 +64,10 @@ class Monitor:
         sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
         probe_rows: int | None = None,
         capture_rows: int | None = DEFAULT_CAPTURE_ROWS,
-        probe_set: ProbeSet | torch.Tensor | None = None,
+        probe_set: ProbeSet | torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         probe_every: int | Schedule = 100,
+        apd_every: int | Schedule | None = None,
+        apd_rows: int = DEFAULT_DIAGRAM_ROWS,
         merge_ranks: bool = False,
         process_group: Any = None,
     ) -> None:
@@ -92,10 +95,14 @@ class Monitor:
         self._in_step_function = False
         self._marks: list[int] = []
         # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
-        if probe_set is not None and not isinstance(probe_set, ProbeSet):
-            probe_set = ProbeSet(probe_set)
-        self.probe_set: ProbeSet | None = probe_set
+        self.probe_set: ProbeSet | None = None if probe_set is None else as_probe_set(probe_set)
         self.probe_schedule = as_schedule(probe_every)
+        self.diagrams = DiagramSchedule(apd_every)  # diagrams of the labelled probe subset
+        self.apd_rows = apd_rows
+        self._last_probe_step: int | None = None
+        # The latest probe-set summary waits one step, so that the run's end can still add a
+        # diagram to it when it was measured on the final parameters.
+        self._pending_probe: StepSummary | None = None
         self.merge_ranks = merge_ranks
         self.process_group = process_group
         if merge_ranks and not is_leader(process_group):
@@ -195,7 +202,9 @@ class Monitor:
     # -- end of APT probes and sweeps ----------------------------------------------------------
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # A summary still held for its loss goes first: records reach the host in step order.
+        # Records still held (a summary waiting for its loss, the last probe-set summary) go
+        # first: records reach the host in step order.
+        self._send_pending_probe()
         self._flush_and_mark()
         self._run_probes()
         self._run_probe_set()
@@ -235,6 +244,12 @@ class Monitor:
     def _run_probe_set(self) -> None:
         if self.probe_set is None or not self.probe_schedule(self.step):
             return
+        self._evaluate_probe_set(self.step, diagram=self.diagrams.due(self.step))
+
+    def _evaluate_probe_set(self, step: int, diagram: bool) -> None:
+        if self.probe_set is None:
+            return
+        self._last_probe_step = step
         try:
             result = evaluate_probe_set(self.model, self.tracker, self.probe_set, self.site_filter)
             if self.merge_ranks:
@@ -249,9 +264,41 @@ class Monitor:
             if self._new_sites:
                 self.transport.add_sites(self._new_sites)
                 self._new_sites = []
-            self.transport.send_summary(probe_summary(self.step, result, self.sketch_k))
+            summary = probe_summary(step, result, self.sketch_k)
+            if diagram:  # with merged ranks: the leader's own probe subset
+                summary.diagram = sample_diagram(
+                    self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+                )
+                if summary.diagram is not None:
+                    self.diagrams.last_step = step
+            self._send_pending_probe()
+            self._pending_probe = summary
         except Exception:
-            logger.exception("apmon probe set failed at step %d; training continues", self.step)
+            logger.exception("apmon probe set failed at step %d; training continues", step)
+
+    def _send_pending_probe(self) -> None:
+        try:
+            if self._pending_probe is not None:
+                self.transport.send_summary(self._pending_probe)
+        except Exception:
+            logger.exception("apmon could not queue a probe-set summary; training continues")
+        self._pending_probe = None
+
+    def _final_diagram(self) -> None:
+        """A diagram of the final parameters, unless the last evaluation there has one."""
+        final = self.step - 1
+        if self.probe_set is None or not self.diagrams.final_due(final):
+            return
+        pending = self._pending_probe
+        if pending is None or pending.step != final:
+            self._evaluate_probe_set(final, diagram=True)
+            return
+        try:  # the last evaluation saw the final parameters: its summary gets the diagram
+            pending.diagram = sample_diagram(
+                self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+            )
+        except Exception:
+            logger.exception("apmon could not draw the final diagram; training is done anyway")
 
     # -- end of fixed probe set ---------------------------------------------------------------
 
@@ -379,11 +426,14 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
+        if not self.merge_ranks:  # ranks may close at different times: no collective here
+            self._final_diagram()
         self.tracker.close()
         self._step_hook.remove()
         for hook in self._probe_hooks:
             hook.remove()
         atexit.unregister(self._atexit)
+        self._send_pending_probe()
         try:
             self._flush_pending()
             self.transport.finish(max(self.step - 1, 0))
@@ -449,8 +499,11 @@ def watch(
     ``name``, ``on_alert`` (called on the training thread; may raise to stop training),
     ``config`` (logged with the run); a fixed probe set: ``probe_set`` (tensor, DataLoader or
     ``ProbeSet``) evaluated every ``probe_every`` steps (int k or schedule; see
-    ``monitor.client.probeset``); ``merge_ranks`` (merge data-parallel ranks' statistics exactly,
-    rank 0 ships; ``process_group``); APT probes (see ``monitor.client.apt``): ``apt_every``
+    ``monitor.client.probeset``; a tuple ``(inputs, labels)`` or a DataLoader of labelled batches
+    adds the sample-set measures and activation pattern diagrams of ``apd_rows`` samples on the
+    evaluations ``apd_every`` selects, see ``monitor.client.diagram``); ``merge_ranks`` (merge
+    data-parallel ranks' statistics exactly, rank 0 ships; ``process_group``); APT probes (see
+    ``monitor.client.apt``): ``apt_every``
     (int k or schedule; the thesis probes every 8 steps), ``sweep_every`` (sensitivity sweeps),
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
     (probe only the first rows of the batch; default the whole batch).

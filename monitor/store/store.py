@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import override
 
 from monitor.schema import (
+    ActivationDiagram,
     AlertValue,
     FitValue,
     MeasureValue,
@@ -50,6 +51,7 @@ from monitor.store.entities import AlertRecord, FitPoint, MeasurePoint, ProbePoi
 from monitor.store.models import (
     AlertRow,
     ApiTokenRow,
+    DiagramRow,
     FitRow,
     IngestBatchRow,
     MeasureRow,
@@ -120,6 +122,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def step_summaries(self, run_id: str, source: str) -> Iterator[StepSummary]:
         """Stored step summaries of one source, in step order."""
+
+    @abc.abstractmethod
+    def diagrams(self, run_id: str) -> list[tuple[int, ActivationDiagram]]:
+        """Stored activation pattern diagrams as (step, diagram), in step order."""
 
     @abc.abstractmethod
     def measures(
@@ -405,6 +411,24 @@ class SqlStore(Store):
                     )
                 )
             _insert_many(session, SummaryRow, rows)
+            if summary.diagram is not None:
+                session.add(
+                    DiagramRow(
+                        run_id=run_id,
+                        step=summary.step,
+                        payload=summary.diagram.model_dump(mode="json"),
+                    )
+                )
+
+    @override
+    def diagrams(self, run_id: str) -> list[tuple[int, ActivationDiagram]]:
+        with self._session("read diagrams") as session:
+            rows = session.execute(
+                select(DiagramRow.step, DiagramRow.payload)
+                .where(DiagramRow.run_id == run_id)
+                .order_by(DiagramRow.step)
+            ).all()
+        return [(step, ActivationDiagram.model_validate(payload)) for step, payload in rows]
 
     @override
     def step_summaries(self, run_id: str, source: str) -> Iterator[StepSummary]:
