@@ -168,7 +168,12 @@ class EmbeddedTransport:
         if self._process is None or self._done:
             return
         self._done = True
-        self._send(("finish", final_step))
+        costs = {
+            "dropped_records": float(self.dropped),
+            "waited_seconds": self.waited_seconds,
+            "late_marks": float(self.late_marks),
+        }
+        self._send(("finish", final_step, costs))
         deadline = time.monotonic() + self.settings.finish_timeout_seconds
         finished = False
         while not self._dead and time.monotonic() < deadline:
