@@ -83,6 +83,12 @@ class EmbeddedTransport:
                 env=env,
                 stdin=subprocess.DEVNULL,
             )
+        except OSError as error:
+            logger.error("apmon could not start its host process (%s); nothing is stored", error)
+            self._dead = True
+            for fd in (to_host_w, from_host_r):
+                os.close(fd)
+            return self.run_id
         finally:
             os.close(to_host_r)
             os.close(from_host_w)

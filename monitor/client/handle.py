@@ -337,7 +337,7 @@ class Monitor:
                 self._wait_for_mark(previous)
             except Exception:
                 logger.exception("apmon could not wait for its host")
-        alerts = self.transport.poll_alerts()
+        alerts = sorted(self.transport.poll_alerts(), key=lambda alert: alert.step)
         self.alerts.extend(alerts)
         if self.on_alert is not None:
             for alert in alerts:

@@ -227,3 +227,20 @@ def test_a_host_that_stops_reading_costs_bounded_memory_and_is_reported(tmp_path
     stored = len(list(store.step_summaries(mon.run_id, "train")))
     assert stored < 405  # the oldest records past the bound were dropped, as counted
     assert store.run(mon.run_id).status == "finished"
+
+
+def test_a_host_that_cannot_be_started_costs_no_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monkeypatch.setattr("sys.executable", str(tmp_path / "no-such-python"))
+    with caplog.at_level(logging.ERROR):
+        mon = watch(model, opt, settings=_settings(tmp_path))
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(8, 6)).sum().backward()
+            opt.step()
+        mon.close()
+    assert mon.step == 5
+    assert "could not start its host process" in caplog.text
