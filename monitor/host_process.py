@@ -219,8 +219,25 @@ class RunHost:
         return None if self.mlflow is None else str(self.mlflow.run_id)
 
 
+class _Replies:
+    """Answers to the training process; once it is gone, answers are dropped, work goes on."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.gone = False
+
+    def __call__(self, message: Any) -> None:
+        if self.gone:
+            return
+        try:
+            write_frame(self.fd, message)
+        except OSError:  # BrokenPipeError: the job died; its run is still finished below
+            self.gone = True
+
+
 def serve(in_fd: int, out_fd: int) -> int:
     """The process's loop: messages in, alerts and marks out, writes when idle."""
+    reply = _Replies(out_fd)
     reader = FrameReader()
     host: RunHost | None = None
     last_step = 0
@@ -243,7 +260,7 @@ def serve(in_fd: int, out_fd: int) -> int:
             kind = message[0]
             if kind == "start":
                 _, settings_dict, run_id, start = message
-                host = _start(out_fd, Settings(**settings_dict), run_id, start)
+                host = _start(reply, Settings(**settings_dict), run_id, start)
                 if host is None:
                     return 1
                 continue
@@ -255,13 +272,12 @@ def serve(in_fd: int, out_fd: int) -> int:
                 last_step = max(last_step, message[1].step)
                 alerts = host.handle(message[1])
                 if alerts:
-                    write_frame(out_fd, ("alerts", alerts))
+                    reply(("alerts", alerts))
             elif kind == "mark":
-                write_frame(out_fd, ("mark", message[1]))
+                reply(("mark", message[1]))
             elif kind == "finish":
                 alerts = host.finish(message[1], message[2] if len(message) > 2 else None)
-                write_frame(
-                    out_fd,
+                reply(
                     (
                         "done",
                         alerts,
@@ -273,14 +289,14 @@ def serve(in_fd: int, out_fd: int) -> int:
                 host.persist()
 
 
-def _start(out_fd: int, settings: Settings, run_id: str, start: RunStart) -> RunHost | None:
+def _start(reply: _Replies, settings: Settings, run_id: str, start: RunStart) -> RunHost | None:
     try:
         host = RunHost(settings, run_id, start)
     except Exception as error:
         logger.exception("apmon could not open the run's store")
-        write_frame(out_fd, ("failed", "".join(traceback.format_exception_only(error)).strip()))
+        reply(("failed", "".join(traceback.format_exception_only(error)).strip()))
         return None
-    write_frame(out_fd, ("started", host.mlflow_run_id))
+    reply(("started", host.mlflow_run_id))
     return host
 
 
@@ -289,10 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="apmon host: %(levelname)s %(message)s")
     in_fd, out_fd = int(args[0]), int(args[1])
-    try:
-        return serve(in_fd, out_fd)
-    except BrokenPipeError:
-        return 0
+    return serve(in_fd, out_fd)
 
 
 if __name__ == "__main__":
