@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import override
 
 from monitor.schema import (
+    MAX_INT,
     AlertValue,
     FitValue,
     MeasureValue,
@@ -760,16 +761,37 @@ class SqlStore(Store):
         with self._session("read batch") as session:
             return session.get(IngestBatchRow, (run_id, stream, seq)) is not None
 
+    def batch_digest(self, run_id: str, stream: str, seq: int) -> str | None:
+        """The digest (run, stream, seq) was received with; None if unknown or never recorded."""
+        with self._session("read batch digest") as session:
+            return session.scalar(
+                select(IngestBatchRow.digest).where(
+                    IngestBatchRow.run_id == run_id,
+                    IngestBatchRow.stream == stream,
+                    IngestBatchRow.seq == seq,
+                )
+            )
+
     def save_batch(
-        self, run_id: str, stream: str, seq: int, payload: dict[str, Any] | None
+        self,
+        run_id: str,
+        stream: str,
+        seq: int,
+        payload: dict[str, Any] | None,
+        digest: str | None = None,
     ) -> None:
         """Record a received batch.
 
         ``payload`` keeps it until its turn comes (see ``ready_batches``); None when the caller
-        processes it in this same transaction.
+        processes it in this same transaction. ``digest`` identifies its content, so that a later
+        batch under the same seq can be told a retry or a conflict.
         """
         with self._session(f"save batch {stream}/{seq}") as session:
-            session.add(IngestBatchRow(run_id=run_id, stream=stream, seq=seq, payload=payload))
+            session.add(
+                IngestBatchRow(
+                    run_id=run_id, stream=stream, seq=seq, payload=payload, digest=digest
+                )
+            )
 
     def keep_batch_payload(
         self, run_id: str, stream: str, seq: int, payload: dict[str, Any]
@@ -797,24 +819,48 @@ class SqlStore(Store):
         order, skipping seqs that never arrived.
         """
         with self._session("read pending batches") as session:
-            done = dict(
-                session.execute(
-                    select(IngestBatchRow.stream, func.max(IngestBatchRow.seq))
-                    .where(IngestBatchRow.run_id == run_id, IngestBatchRow.processed.is_(True))
-                    .group_by(IngestBatchRow.stream)
-                ).all()
-            )
             pending = session.execute(
                 select(IngestBatchRow.stream, IngestBatchRow.seq, IngestBatchRow.payload)
                 .where(IngestBatchRow.run_id == run_id, IngestBatchRow.processed.is_(False))
                 .order_by(IngestBatchRow.stream, IngestBatchRow.seq)
             ).all()
+            first: dict[str, int] = {}
+            for stream, seq, _ in pending:
+                first.setdefault(stream, seq)
+            # Per stream with waiting batches: how many seqs below its first waiting one are
+            # done, and which above it are (set aside out of turn); usually none.
+            done_below: dict[str, int] = {}
+            done_above: dict[str, set[int]] = {}
+            for stream, seq in first.items():
+                processed = (
+                    IngestBatchRow.run_id == run_id,
+                    IngestBatchRow.stream == stream,
+                    IngestBatchRow.processed.is_(True),
+                )
+                done_below[stream] = int(
+                    session.scalar(
+                        select(func.count())
+                        .select_from(IngestBatchRow)
+                        .where(*processed, IngestBatchRow.seq < seq)
+                    )
+                    or 0
+                )
+                done_above[stream] = set(
+                    session.scalars(
+                        select(IngestBatchRow.seq).where(*processed, IngestBatchRow.seq > seq)
+                    )
+                )
         ready: list[tuple[str, int, dict[str, Any] | None]] = []
-        expected: dict[str, int] = {}
+        expected: dict[str, int | None] = {
+            stream: seq if done_below[stream] == seq else None for stream, seq in first.items()
+        }
         for stream, seq, payload in pending:
-            following = expected.get(stream, done.get(stream, -1) + 1)
-            if seq != following and not include_gaps:
-                expected[stream] = -1  # a gap: nothing later in this stream is ready yet
+            following = expected[stream]
+            if following is not None:
+                while following in done_above[stream]:
+                    following += 1
+            if following != seq and not include_gaps:
+                expected[stream] = None  # a gap: nothing later in this stream is ready yet
                 continue
             expected[stream] = seq + 1
             ready.append((stream, seq, None if payload is None else dict(payload)))
@@ -865,9 +911,45 @@ class SqlStore(Store):
             self._run_row(session, run_id).heartbeat_at = utcnow()
 
     def record_error(self, run_id: str, source: str, step: int, error: str) -> None:
-        """Record a processing failure (a plugin, or ``source`` such as the ingest itself)."""
+        """Record a processing failure (a plugin, or ``source`` such as the ingest itself).
+
+        The step is clamped into the column's range and the text made storable, so recording a
+        failure caused by bad input cannot fail on that same input.
+        """
+        step = min(max(step, -1), MAX_INT)
         with self._session("record error") as session:
-            session.add(PluginErrorRow(run_id=run_id, plugin=source, step=step, error=error))
+            session.add(
+                PluginErrorRow(
+                    run_id=run_id, plugin=source[:128], step=step, error=storable_text(error)
+                )
+            )
+
+    def quarantine_batch(self, run_id: str, stream: str, seq: int, error: str) -> None:
+        """Set a batch aside: done, never processed, its payload kept and ``error`` saying why."""
+        with self._session(f"quarantine batch {stream}/{seq}") as session:
+            marked = session.execute(
+                update(IngestBatchRow)
+                .where(
+                    IngestBatchRow.run_id == run_id,
+                    IngestBatchRow.stream == stream,
+                    IngestBatchRow.seq == seq,
+                )
+                .values(processed=True, error=storable_text(error))
+            )
+            if marked.rowcount != 1:  # type: ignore[attr-defined]
+                raise NotFound(f"run {run_id!r} has no batch {stream}/{seq}")
+
+    def quarantined_batches(self, run_id: str) -> list[tuple[str, int, str]]:
+        """The run's quarantined batches as (stream, seq, error), in stream and seq order."""
+        with self._session("read quarantined batches") as session:
+            return [
+                (stream, seq, error or "")
+                for stream, seq, error in session.execute(
+                    select(IngestBatchRow.stream, IngestBatchRow.seq, IngestBatchRow.error)
+                    .where(IngestBatchRow.run_id == run_id, IngestBatchRow.error.is_not(None))
+                    .order_by(IngestBatchRow.stream, IngestBatchRow.seq)
+                )
+            ]
 
     def errors(self, run_id: str) -> list[tuple[str, int, str]]:
         """Recorded processing failures of a run as (source, step, error), oldest first."""
@@ -895,6 +977,11 @@ class SqlStore(Store):
                 .values(mlflow_run_id=mlflow_run_id)
             )
             return self._run_row(session, run_id).mlflow_run_id or mlflow_run_id
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what a database cannot keep (NUL, lone surrogates) replaced."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _copy_states(states: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
