@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_serializer,
@@ -34,7 +35,6 @@ MAX_INT = 2**63 - 1
 Fingerprint = Annotated[int, Field(ge=0, lt=2**64)]  # kept in JSON documents, never in a column
 NonNegInt = Annotated[int, Field(ge=0, le=MAX_INT)]
 Count = Annotated[int, Field(ge=1, le=MAX_INT)]  # a pattern that is listed occurred at least once
-StoredInt = Annotated[int, Field(ge=-MAX_INT - 1, le=MAX_INT)]
 # Wire payloads from many runs and workers: bound every list so one request cannot blow memory.
 MAX_SITES = 4096
 MAX_UNITS = 1 << 20
@@ -64,6 +64,23 @@ StoredText = Annotated[str, AfterValidator(_storable)]
 Name = Annotated[StoredText, Field(min_length=1, max_length=512)]
 ClassLabel = Annotated[StoredText, Field(max_length=64)]
 UnitCounts = Annotated[list[NonNegInt], Field(max_length=MAX_UNITS)]
+
+
+def _no_huge_int(value: Any) -> Any:
+    """Refuse an integer outside the store's range rather than let it become a rounded float."""
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not -MAX_INT - 1 <= value <= MAX_INT
+    ):
+        raise ValueError("integers must lie within [-2**63, 2**63 - 1]")
+    return value
+
+
+ConfigValue = Annotated[
+    Annotated[StoredText, Field(max_length=MAX_CONFIG_TEXT)] | int | float | bool | None,
+    BeforeValidator(_no_huge_int),
+]
 ScalarName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 
 
@@ -232,7 +249,7 @@ class RunStart(WireModel):
     sites: list[SiteInfo] = Field(default_factory=list, max_length=MAX_SITES)
     config: dict[
         Annotated[StoredText, Field(max_length=256)],
-        Annotated[StoredText, Field(max_length=MAX_CONFIG_TEXT)] | StoredInt | float | bool | None,
+        ConfigValue,
     ] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS)
     mlflow_run_id: StoredText | None = Field(default=None, max_length=64)
 
