@@ -5,7 +5,10 @@ seq resent with other content is a conflict."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -33,13 +36,14 @@ BIG = 2**63  # one past PostgreSQL's BIGINT
 class Api:
     """A token's view of the live server, plus the store behind it for exact counts."""
 
-    def __init__(self, server: LiveServer, token: str, store: SqlStore) -> None:
+    def __init__(self, server: LiveServer, token: str, store: SqlStore, database_url: str) -> None:
         self.http = httpx.Client(
             base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
         )
         self.store = store
         self.url = server.url
         self.token = token
+        self.database_url = database_url
 
     def put_run(self, **body: Any) -> str:
         run_id = f"r-{uuid.uuid4().hex[:12]}"
@@ -71,7 +75,7 @@ def api(service_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     store = SqlStore(engine)
     token = store.create_token("robust")
     with live_server(service_pg_url, tmp_path_factory.mktemp("robust"), workers=2) as server:
-        client = Api(server, token, store)
+        client = Api(server, token, store, service_pg_url)
         yield client
         client.http.close()
     engine.dispose()
@@ -121,6 +125,16 @@ def test_a_waiting_batch_that_cannot_be_processed_is_quarantined_and_listed(api:
     assert [(e["source"], e["step"]) for e in errors] == [("apmon.ingest", 1)]
     assert "main/1" in errors[0]["error"] and "ghost#0" in errors[0]["error"]
     assert api.store.quarantined_batches(run_id)[0][:2] == ("main", 1)
+    listed = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "errors", run_id],
+        env={**os.environ, "APMON_DATABASE_URL": api.database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert listed.returncode == 1, listed.stderr
+    assert "apmon.ingest" in listed.stdout and "quarantined batch main/1" in listed.stdout
     assert api.finish(run_id, 2).json()["status"] == "finished"
     # A retry of the quarantined batch is a duplicate, not a new chance to jam the run.
     assert api.post(run_id, ghost).json()["duplicate"] is True
