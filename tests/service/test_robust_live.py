@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from live_server import LiveServer, live_server, model_sites, site_summary, step_summaries
+from live_server import LiveServer, live_server, model_sites, step_summaries
 from torch import nn
 
 from monitor.client.handle import watch
-from monitor.schema import IngestBatch, RunStart, StepSummary
+from monitor.schema import IngestBatch, StepSummary
 from monitor.settings import Settings
 from monitor.store import make_engine
 from monitor.store.store import SqlStore
@@ -90,6 +90,13 @@ def detail(response: httpx.Response) -> str:
     return json.dumps(response.json()["detail"])
 
 
+def refused_at(response: httpx.Response, field: str) -> bool:
+    """A 422 from the wire schema whose error is located at ``field`` (not a database message)."""
+    if response.status_code != 422 or not isinstance(response.json()["detail"], list):
+        return False
+    return any(field in map(str, error["loc"]) for error in response.json()["detail"])
+
+
 # -- 1. one bad batch never wedges a run ---------------------------------------------------------
 
 
@@ -99,7 +106,7 @@ def test_the_reported_poisoned_batch_is_refused_and_the_run_goes_on(api: Api) ->
     poisoned = batch(1, summaries[1:], with_sites=True)
     poisoned["summaries"][0]["step"] = BIG
     refused = api.post(run_id, poisoned)
-    assert refused.status_code == 422 and "step" in detail(refused)
+    assert refused_at(refused, "step"), refused.text
     assert api.post(run_id, batch(0, summaries[:1], with_sites=True)).status_code == 200
     assert api.post(run_id, batch(1, summaries[1:])).status_code == 200
     done = api.finish(run_id, 1)
@@ -172,12 +179,11 @@ def test_out_of_range_integers_and_nul_get_422_naming_the_field(
     elif where == "unit_on":
         site["unit_on"][0] = value
     elif where == "count":
-        site["patterns"] = [[5, value]]
+        site["patterns"], site["patterns_exact"] = [[5, value]], False
     else:
         site[where] = value
     response = api.post(run_id, body)
-    assert response.status_code == 422, response.text
-    assert field in detail(response)
+    assert refused_at(response, field), response.text
     assert api.steps(run_id) == [] and api.errors(run_id) == []
     # The seq is still free: the good batch goes through.
     assert api.post(run_id, batch(0, step_summaries(3, 1, SITES))).status_code == 200
@@ -197,7 +203,7 @@ def test_a_nul_in_the_run_name_is_refused_at_watch_and_by_the_service(
         watch(model, optimizer, settings=settings, name="exp\x00 1")
     assert "NUL" in str(caught.value)
     put = api.http.put("/api/v1/runs/nul-name", json={"name": "exp\x00 1"})
-    assert put.status_code == 422 and "name" in detail(put)
+    assert refused_at(put, "name"), put.text
     assert len(api.store.runs("robust")) == runs_before
 
 
@@ -259,12 +265,12 @@ def test_class_statistics_and_config_are_bounded(api: Api) -> None:
     site = body["summaries"][0]["sites"][0]
     site["class_unit_on"] = {str(i): [0] * 4 for i in range(200_000)}
     response = api.post(run_id, body)
-    assert response.status_code == 422 and "class_unit_on" in detail(response)
+    assert refused_at(response, "class_unit_on"), response.text[:300]
     config = {f"k{i}": i for i in range(100_000)}
     response = api.http.put("/api/v1/runs/big-config", json={"config": config})
-    assert response.status_code == 422 and "config" in detail(response)
+    assert refused_at(response, "config"), response.text[:300]
     too_big = api.http.put("/api/v1/runs/big-int", json={"config": {"n": BIG}})
-    assert too_big.status_code == 422 and "config" in detail(too_big)
+    assert refused_at(too_big, "config"), too_big.text
 
 
 def test_an_oversized_chunked_body_gets_413_and_deep_nesting_a_clear_422(api: Api) -> None:
@@ -322,10 +328,3 @@ def test_docs_are_public_and_data_is_not(api: Api) -> None:
     assert httpx.get(f"{api.url}/docs").status_code == 200
     assert httpx.get(f"{api.url}/api/v1/runs").status_code == 401
     assert httpx.get(f"{api.url}/metrics").status_code == 401
-
-
-def test_site_summary_helper_still_makes_valid_counts() -> None:
-    # The synthetic records the suite builds keep to the bounds (a guard for the helpers).
-    summary = site_summary(random.Random(0), SITES[0])
-    assert all(count >= 1 for _, count in summary.patterns)
-    assert RunStart(name="ok").name == "ok"
