@@ -42,7 +42,7 @@ MAX_SCALARS = 64
 MAX_CLASSES = 4096  # labels with per-class statistics in one site summary
 MAX_RECORDS = 4096  # summaries, and probes, in one ingest batch
 MAX_SAMPLE_INDICES = 1 << 20
-MAX_CONFIG_KEYS = 256
+MAX_CONFIG_KEYS = 1024
 MAX_CONFIG_TEXT = 8192  # characters of one config value
 
 
