@@ -819,6 +819,13 @@ class SqlStore(Store):
         order, skipping seqs that never arrived.
         """
         with self._session("read pending batches") as session:
+            done = dict(
+                session.execute(
+                    select(IngestBatchRow.stream, func.max(IngestBatchRow.seq))
+                    .where(IngestBatchRow.run_id == run_id, IngestBatchRow.processed.is_(True))
+                    .group_by(IngestBatchRow.stream)
+                ).all()
+            )
             pending = session.execute(
                 select(IngestBatchRow.stream, IngestBatchRow.seq, IngestBatchRow.payload)
                 .where(IngestBatchRow.run_id == run_id, IngestBatchRow.processed.is_(False))
@@ -827,32 +834,39 @@ class SqlStore(Store):
             first: dict[str, int] = {}
             for stream, seq, _ in pending:
                 first.setdefault(stream, seq)
-            # Per stream with waiting batches: how many seqs below its first waiting one are
-            # done, and which above it are (set aside out of turn); usually none.
-            done_below: dict[str, int] = {}
+            # Per stream with waiting batches: whether every seq below its first waiting one is
+            # done, and which seqs above it are (quarantined out of turn, usually none). When
+            # the highest done seq is not right below, the count is not needed.
+            done_below: dict[str, bool] = {}
             done_above: dict[str, set[int]] = {}
             for stream, seq in first.items():
+                top = done.get(stream, -1)
+                if seq > top + 1:
+                    done_below[stream], done_above[stream] = False, set()
+                    continue
                 processed = (
                     IngestBatchRow.run_id == run_id,
                     IngestBatchRow.stream == stream,
                     IngestBatchRow.processed.is_(True),
                 )
-                done_below[stream] = int(
-                    session.scalar(
-                        select(func.count())
-                        .select_from(IngestBatchRow)
-                        .where(*processed, IngestBatchRow.seq < seq)
-                    )
-                    or 0
+                below = session.scalar(
+                    select(func.count())
+                    .select_from(IngestBatchRow)
+                    .where(*processed, IngestBatchRow.seq < seq)
                 )
-                done_above[stream] = set(
-                    session.scalars(
-                        select(IngestBatchRow.seq).where(*processed, IngestBatchRow.seq > seq)
+                done_below[stream] = below == seq
+                done_above[stream] = (
+                    set()
+                    if seq > top
+                    else set(
+                        session.scalars(
+                            select(IngestBatchRow.seq).where(*processed, IngestBatchRow.seq > seq)
+                        )
                     )
                 )
         ready: list[tuple[str, int, dict[str, Any] | None]] = []
         expected: dict[str, int | None] = {
-            stream: seq if done_below[stream] == seq else None for stream, seq in first.items()
+            stream: seq if done_below[stream] else None for stream, seq in first.items()
         }
         for stream, seq, payload in pending:
             following = expected[stream]
