@@ -322,6 +322,13 @@ def test_concurrent_puts_of_one_run_create_it_once(api: Api) -> None:
     assert [r.id for r in api.store.runs("robust")].count(run_id) == 1
 
 
+def test_a_nul_in_a_query_filter_is_a_422(api: Api) -> None:
+    run_id = api.put_run()
+    for param in ("name", "site"):
+        response = api.http.get(f"/api/v1/runs/{run_id}/measures", params={param: "a\x00b"})
+        assert refused_at(response, param), response.text
+
+
 def test_docs_are_public_and_data_is_not(api: Api) -> None:
     # The API's description is public (README: "Authentication"); every data route is not.
     assert httpx.get(f"{api.url}/openapi.json").status_code == 200
