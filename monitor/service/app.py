@@ -229,9 +229,13 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        # FastAPI answers a body its JSON parser gave up on with a bare 400: say why instead.
         if isinstance(error.__cause__, RecursionError):
-            # FastAPI's JSON parse gave up on a deeply nested body: say so, instead of a bare 400.
             detail = "the JSON body is nested too deeply for any apmon request"
+            return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            detail = f"the body is not UTF-8 JSON ({error.__cause__.reason} at byte "
+            detail += f"{error.__cause__.start})"
             return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
         return await http_exception_handler(request, error)
 

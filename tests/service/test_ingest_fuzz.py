@@ -199,7 +199,7 @@ def test_no_ingest_body_gets_a_5xx_on_postgres(target: tuple[httpx.Client, str])
     fuzz()
     assert sum(statuses.values()) == EXAMPLES
     assert statuses[200] > 0 and statuses[422] > 0 and statuses[413] > 0
-    assert all(code < 500 for code in statuses)
+    assert set(statuses) <= {200, 409, 413, 422}  # each refusal says why (no bare 400)
     # Nothing the fuzzer sent left the run unable to go on: a clean batch is still processed.
     finish = client.post(f"/api/v1/runs/{run_id}/finish", json={"final_step": 10**6})
     assert finish.status_code == 200, finish.text

@@ -291,6 +291,8 @@ def test_an_oversized_chunked_body_gets_413_and_deep_nesting_a_clear_422(api: Ap
     deep = b'{"seq": 0, "summaries": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     response = api.post(run_id, deep)
     assert response.status_code == 422 and "nested" in response.json()["detail"]
+    response = api.post(run_id, b'{"seq": 0, "stream": "\xff"}')
+    assert response.status_code == 422 and "UTF-8" in response.json()["detail"]
 
 
 def test_a_seq_resent_with_other_content_is_a_409_conflict(api: Api) -> None:
