@@ -31,6 +31,9 @@ SCALAR_PREFIX = "actcool/"
 # Section 3.3: "T_start = 3.17, i.e. D = 89%"; Eq. 3.45's gamma (see ActCoolLR for the choice).
 T_START = 3.17
 GAMMA = 1.0
+# Trial rates more than this many times the step's own count as changing every pattern (the
+# update direction cannot be scaled further in float32).
+_MAX_FACTOR = 1e30
 # Keys of ``state_dict``: the schedule's own numbers and its hyperparameters, nothing live.
 _STATE_KEYS = (
     "last_epoch",
@@ -145,6 +148,10 @@ class ActCoolLR(LRScheduler):
     - Each measured step costs one extra forward without autograd (the "before" patterns come
       from the training forward, as in App. A.4 step 2); a full update costs one per trial
       rate, typically 3 to 10; ``probe_forwards`` counts them.
+    - Trial rates scale the step's update, which float32 parameters resolve only down to about
+      1e-7 of their size: a step run at a rate near ``eta_min`` gives a direction of rounding
+      noise, so keep ``eta_min`` where the update is still visible if the schedule can get there
+      (the thesis's 1e-10 is reached only at t = t_max, where T = 0).
 
     With a monitor (``monitor=`` or found on the optimizer), after every ``step()`` the state of
     the step that ended goes to ``Monitor.record_scalars``: ``actcool/T_target``,
@@ -254,7 +261,7 @@ class ActCoolLR(LRScheduler):
             return [float(lr) for lr in self.base_lrs]
         eta = self.planned_lr(self.last_epoch)
         reference = float(self.base_lrs[0]) or 1.0
-        return [eta * float(base) / reference for base in self.base_lrs]
+        return [eta * (float(base) / reference) for base in self.base_lrs]
 
     def step(self, epoch: int | None = None) -> None:
         """Set the learning rate of the next step; report the step that ended to the monitor."""
@@ -361,8 +368,11 @@ class ActCoolLR(LRScheduler):
         trial = {name: torch.empty_like(p) for name, p in theta.items()}
 
         def measure(eta: float) -> float:
+            factor = eta / self._eta_ref
+            if not factor < _MAX_FACTOR:  # past what the parameters' dtype can scale: chaos
+                return 1.0
             for name, p in theta.items():
-                torch.add(p, delta[name], alpha=eta / self._eta_ref, out=trial[name])
+                torch.add(p, delta[name], alpha=factor, out=trial[name])
             p = patterns_probability(before, self._forward(batch, trial))
             return 1.0 if p is None else p
 

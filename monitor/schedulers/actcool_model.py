@@ -210,7 +210,9 @@ def full_update(
     usable = [(e, p) for e, p in zip(etas, probs, strict=True) if valid(p, epsilon)]
     model = fit([e for e, _ in usable], [p for _, p in usable])
     if model is None:
-        logger.warning("ActCoolLR: full update found %d usable (eta, P) pairs; model kept", len(usable))
+        logger.warning(
+            "ActCoolLR: full update found %d usable (eta, P) pairs; model kept", len(usable)
+        )
     return FullUpdate(etas, probs, model, used_grid)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -46,14 +47,18 @@ def test_inverse_edges() -> None:
 def test_search_brackets_the_target_from_either_side(start: float) -> None:
     measure = erf_curve(0.8, -2.0)
     for where, target in (("max", 0.75), ("min", 0.25)):
-        etas, probs = m.search_eta(measure, start, measure(start), target, where)
+        p_start = measure(start)
+        etas, probs = m.search_eta(measure, start, p_start, target, where)
         assert probs == [measure(e) for e in etas]
+        if (p_start > target) == (where == "max"):
+            assert etas == ([start] if m.valid(p_start, 0.0) else [])  # already past
+            continue
         crossed = probs[-1] >= target if where == "max" else probs[-1] <= target
         assert crossed
         if len(etas) >= 2:  # the point before the last was still on the wrong side
             before = probs[-2]
             assert before < target if where == "max" else before > target
-            ratios = [b / a for a, b in zip(etas, etas[1:], strict=False)]
+            ratios = [b / a for a, b in itertools.pairwise(etas)]
             expected = 2.0 if where == "max" else 0.5
             assert ratios == pytest.approx([expected] * len(ratios))
 
