@@ -371,8 +371,8 @@ class ActCoolLR(LRScheduler):
             factor = eta / self._eta_ref
             if not factor < _MAX_FACTOR:  # past what the parameters' dtype can scale: chaos
                 return 1.0
-            for name, p in theta.items():
-                torch.add(p, delta[name], alpha=factor, out=trial[name])
+            for name, start in theta.items():
+                torch.add(start, delta[name], alpha=factor, out=trial[name])
             p = patterns_probability(before, self._forward(batch, trial))
             return 1.0 if p is None else p
 

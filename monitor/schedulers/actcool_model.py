@@ -198,13 +198,30 @@ def full_update(
         low, high = min(remeasure_init), max(remeasure_init)
         eta_lo, p_lo = min(kept, key=lambda pair: pair[1])
         eta_hi, p_hi = max(kept, key=lambda pair: pair[1])
-        options = {"remeasure_jump": remeasure_jump, "max_while_loop": max_while_loop}
         if p_lo > low:
-            more = search_eta(measure, eta_lo, p_lo, low, "min", eta_min=eta_min, **options)
+            more = search_eta(
+                measure,
+                eta_lo,
+                p_lo,
+                low,
+                "min",
+                eta_min=eta_min,
+                remeasure_jump=remeasure_jump,
+                max_while_loop=max_while_loop,
+            )
             etas.extend(more[0][1:])
             probs.extend(more[1][1:])
         if p_hi < high:
-            more = search_eta(measure, eta_hi, p_hi, high, "max", eta_min=eta_min, **options)
+            more = search_eta(
+                measure,
+                eta_hi,
+                p_hi,
+                high,
+                "max",
+                eta_min=eta_min,
+                remeasure_jump=remeasure_jump,
+                max_while_loop=max_while_loop,
+            )
             etas.extend(more[0][1:])
             probs.extend(more[1][1:])
     usable = [(e, p) for e, p in zip(etas, probs, strict=True) if valid(p, epsilon)]
