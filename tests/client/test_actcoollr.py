@@ -239,3 +239,23 @@ def test_scalars_reach_sqlite_and_the_report_draws_the_temperature(tmp_path: Pat
     assert [p.step for p in measured] == [0, 4, 8]
     files = render_report(store, mon.run_id, tmp_path / "report")
     assert tmp_path / "report" / "actcool.png" in files
+
+
+def test_divergence_is_a_stored_alert(tmp_path: Path) -> None:
+    from monitor.schedulers import actcool
+    from plugins import actcool_divergence
+
+    assert actcool_divergence.KIND == actcool.DIVERGENCE_KIND
+    assert actcool_divergence.DIVERGED_SCALAR == actcool.SCALAR_PREFIX + "diverged"
+    model, opt = fresh()
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'a.db'}", mlflow_tracking_uri="")
+    with watch(model, opt, settings=settings, every=8) as mon:
+        sched = ActCoolLR(opt, 20, t_start=1.0)
+        train(model, opt, batches(3), sched)
+        sched.sigma = math.nan
+        with pytest.raises(ActCoolDivergence):
+            train(model, opt, batches(1), sched)
+    sched.close()
+    alerts = open_store(settings.database_url).alerts(mon.run_id)
+    assert [(a.kind, a.step, a.severity) for a in alerts] == [("actcool_divergence", 3, "critical")]
+    assert alerts[0].evidence["actcool/diverged"] == 1.0
