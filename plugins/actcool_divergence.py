@@ -38,7 +38,9 @@ class ActCoolDivergenceDetector:
             return PluginResult()
         if event.scalars.get(DIVERGED_SCALAR, 0.0) < 1.0:
             return PluginResult()
-        evidence = {k: v for k, v in event.scalars.items() if k.startswith("actcool/")}
+        evidence: dict[str, object] = {
+            k: v for k, v in event.scalars.items() if k.startswith("actcool/")
+        }
         return PluginResult(
             alerts=[
                 AlertValue(
