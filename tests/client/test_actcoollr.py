@@ -259,3 +259,18 @@ def test_divergence_is_a_stored_alert(tmp_path: Path) -> None:
     alerts = open_store(settings.database_url).alerts(mon.run_id)
     assert [(a.kind, a.step, a.severity) for a in alerts] == [("actcool_divergence", 3, "critical")]
     assert alerts[0].evidence["actcool/diverged"] == 1.0
+
+
+def test_a_step_that_changes_every_pattern_forces_a_full_update() -> None:
+    model, opt = fresh(norm=False, dropout=0.0)
+    sched = ActCoolLR(opt, 40, model, probing_step_size=2)
+    train(model, opt, batches(2), sched)  # step 0 (full update), step 1
+    updates = sched.full_updates
+    sched.sigma, sched.mu = 1.0, 19.0  # the model now asks for about e^20: every pattern flips
+    sched.step()
+    sched.step()  # skip to step 4, a measured one, at a rate from the new model
+    assert opt.param_groups[0]["lr"] > 1e8
+    train(model, opt, batches(1, seed=9), None)
+    assert sched.p_measured == 1.0
+    assert sched.full_updates == updates + 1
+    sched.close()
