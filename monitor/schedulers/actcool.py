@@ -93,7 +93,11 @@ def patterns_probability(before: SitePatterns, after: SitePatterns) -> float | N
 
 
 def find_monitor(optimizer: torch.optim.Optimizer) -> Monitor | None:
-    """The open ``Monitor`` watching ``optimizer`` (the owner of one of its step post-hooks)."""
+    """The open ``Monitor`` watching ``optimizer`` (the owner of one of its step post-hooks).
+
+    Reads torch's private ``_optimizer_step_post_hooks``, so that ``Monitor`` needs no new
+    attribute; None where that attribute is missing.
+    """
     hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
     for hook in hooks.values():
         owner = getattr(hook, "__self__", None)
@@ -122,8 +126,10 @@ class ActCoolLR(LRScheduler):
 
     Model upkeep. On a measured step, P_now in {0, 1} or the first measurement trigger a full
     update (Appendix A.4 step 4, ``actcool_model.full_update``); otherwise mu is moved to
-    log eta_now - sigma sqrt2 erfinv(2 P_now - 1), and a move larger than ``error_muthresh``
-    counts as an error; at ``error_num`` errors since the last full update the next is full.
+    log eta_now - sigma sqrt2 erfinv(2 P_now - 1); a move larger than ``error_muthresh``
+    counts as an error, and the ``error_num``-th error since the last full update triggers a
+    full update instead. A full update also uses the step's own (eta_now, P_now) pair (the
+    appendix's optional "previous measurement").
 
     Table A.1 hyperparameters, named as there: ``eta_min`` (1e-10, smallest learning rate),
     ``remeasure_init`` ((0.25, 0.5, 0.75), probabilities measured in a full update),
@@ -140,6 +146,9 @@ class ActCoolLR(LRScheduler):
     - gamma defaults to 1 (linear temperature, Fig. 3.22 right and Table 3.1); the text also
       says gamma = 4 "yields good results in most cases", but (1 - t/t_max)^4 cools *faster*
       than linear, against the stated intent of spending longer at high temperature.
+    - ``_search_eta``'s printed break condition is read as its loop condition, and the SVD's
+      "threshold of 10" as a bound on the condition number (``actcool_model.search_eta``,
+      ``actcool_model.fit`` say why).
     - The error counter counts since the last full update (Section 3.3: "more than 4 times
       since the last model update"); Table A.1 says "consecutive".
     - Step 0 runs at the optimizer's own learning rate: the model needs one update direction
