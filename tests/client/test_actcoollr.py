@@ -237,6 +237,7 @@ def test_scalars_reach_sqlite_and_the_report_draws_the_temperature(tmp_path: Pat
     assert [p.value for p in target] == pytest.approx([1.0 * (1 - t / 12) for t in range(12)])
     measured = store.measures(mon.run_id, name="actcool/T_measured")
     assert [p.step for p in measured] == [0, 4, 8]
+    assert not [a for a in store.alerts(mon.run_id) if a.kind == "actcool_divergence"]
     files = render_report(store, mon.run_id, tmp_path / "report")
     assert tmp_path / "report" / "actcool.png" in files
 
