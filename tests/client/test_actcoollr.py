@@ -59,15 +59,18 @@ def train(model, opt, data, sched=None, lrs=None) -> list[float]:
     return used
 
 
-def fresh(seed: int = 0, **net):
+def fresh(seed: int = 0, adam: bool = False, **net):
     torch.manual_seed(seed)
     model = Net(**net)
+    if adam:
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def test_training_is_bit_identical_to_the_same_rates_set_by_hand() -> None:
+@pytest.mark.parametrize("adam", [False, True])
+def test_training_is_bit_identical_to_the_same_rates_set_by_hand(adam: bool) -> None:
     data = batches(30)
-    model, opt = fresh()
+    model, opt = fresh(adam=adam)
     sched = ActCoolLR(opt, 30, model, t_start=1.0, probing_step_size=4)
     torch.manual_seed(123)
     used = train(model, opt, data, sched)
@@ -76,7 +79,7 @@ def test_training_is_bit_identical_to_the_same_rates_set_by_hand() -> None:
     assert sched.full_updates >= 1 and sched.probe_forwards > 8
     assert len(set(used)) > 20  # the schedule really moved the rate
 
-    by_hand, opt_hand = fresh()
+    by_hand, opt_hand = fresh(adam=adam)
     torch.manual_seed(123)
     train(by_hand, opt_hand, data, lrs=used)
     assert torch.equal(torch.get_rng_state(), rng_after)  # probes replayed, then restored RNG
@@ -84,7 +87,8 @@ def test_training_is_bit_identical_to_the_same_rates_set_by_hand() -> None:
         assert torch.equal(a, b), name  # parameters and BN running stats, bit for bit
     state = opt.state_dict()["state"]
     for key, value in opt_hand.state_dict()["state"].items():
-        assert torch.equal(state[key]["momentum_buffer"], value["momentum_buffer"])
+        for slot, tensor in value.items():  # momentum buffer; Adam's moments and step
+            assert torch.equal(state[key][slot], tensor), slot
 
 
 def _brute_force_p(model: nn.Module, after: nn.Module, x: torch.Tensor) -> float:
@@ -242,24 +246,39 @@ def test_scalars_reach_sqlite_and_the_report_draws_the_temperature(tmp_path: Pat
     assert tmp_path / "report" / "actcool.png" in files
 
 
-def test_divergence_is_a_stored_alert(tmp_path: Path) -> None:
+def test_divergence_is_a_stored_alert_and_an_mlflow_tag(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
     from monitor.schedulers import actcool
     from plugins import actcool_divergence
 
     assert actcool_divergence.KIND == actcool.DIVERGENCE_KIND
     assert actcool_divergence.DIVERGED_SCALAR == actcool.SCALAR_PREFIX + "diverged"
     model, opt = fresh()
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'a.db'}", mlflow_tracking_uri="")
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'a.db'}", mlflow_tracking_uri=mlflow_uri
+    )
     with watch(model, opt, settings=settings, every=8) as mon:
         sched = ActCoolLR(opt, 20, t_start=1.0)
-        train(model, opt, batches(3), sched)
+        used = train(model, opt, batches(3), sched)
         sched.sigma = math.nan
         with pytest.raises(ActCoolDivergence):
             train(model, opt, batches(1), sched)
     sched.close()
-    alerts = open_store(settings.database_url).alerts(mon.run_id)
+    store = open_store(settings.database_url)
+    alerts = store.alerts(mon.run_id)
     assert [(a.kind, a.step, a.severity) for a in alerts] == [("actcool_divergence", 3, "critical")]
     assert alerts[0].evidence["actcool/diverged"] == 1.0
+    mlflow_run_id = store.run(mon.run_id).mlflow_run_id
+    assert mlflow_run_id is not None
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    history = sorted(
+        client.get_metric_history(mlflow_run_id, "ap/actcool/lr"), key=lambda m: m.step
+    )
+    assert [m.step for m in history] == [0, 1, 2]
+    assert [m.value for m in history] == pytest.approx(used)
+    assert "apmon.alert.actcool_divergence" in client.get_run(mlflow_run_id).data.tags
 
 
 def test_a_step_that_changes_every_pattern_forces_a_full_update() -> None:
