@@ -257,7 +257,9 @@ def test_divergence_is_a_stored_alert_and_an_mlflow_tag(tmp_path: Path) -> None:
     model, opt = fresh()
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'a.db'}", mlflow_tracking_uri=mlflow_uri
+        database_url=f"sqlite:///{tmp_path / 'a.db'}",
+        mlflow_tracking_uri=mlflow_uri,
+        mlflow_min_interval_seconds=0,  # every step's point, not one per 0.1 s
     )
     with watch(model, opt, settings=settings, every=8) as mon:
         sched = ActCoolLR(opt, 20, t_start=1.0)
