@@ -278,6 +278,7 @@ def summarise(
                     f"{max(m['waited_s'] for m in measured):.3f}",
                     str(max(m["max_lag_steps"] for m in measured)),
                     str(max(m["late_marks"] for m in measured)),
+                    _worst_delay(measured),
                     f"{max(p.get('rss_mb', 0.0) for p in plain):.0f} / "
                     f"{max(m['rss_mb'] for m in measured):.0f} / "
                     f"{max(m['host_rss_mb'] for m in measured):.0f}",
@@ -302,11 +303,18 @@ def summarise(
                 "waited for host s",
                 "host lag (steps)",
                 "late marks",
+                "alert delay (steps, worst)",
                 "peak RSS MiB (plain job / job / host)",
             ],
         )
     )
     return out
+
+
+def _worst_delay(measured: list[dict[str, Any]]) -> str:
+    """The longest an alert took to reach on_alert, in steps after its own ("-": no alert)."""
+    delays = [m["max_alert_delay"] for m in measured if m.get("max_alert_delay") is not None]
+    return str(max(delays)) if delays else "-"
 
 
 def soak(steps: int) -> dict[str, Any]:

@@ -145,7 +145,11 @@ class RunHost:
         return True
 
     def persist(self, limit: int | None = SLICE_EVENTS) -> None:
-        """Write up to ``limit`` buffered events (all with None) in one transaction."""
+        """Write up to ``limit`` buffered events (every one with ``None``) in one transaction.
+
+        Plugin states are written with the slice that empties the buffer, and only those that
+        changed since they were last written.
+        """
         pending = self._pending
         if not pending.sites and not pending.events:
             return
