@@ -30,6 +30,8 @@ from monitor.settings import Settings
 logger = logging.getLogger(__name__)
 
 PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe to the host (Linux; best effort)
+# Marks a host that is behind must clear per training step (see ``wait_for_mark``).
+CATCH_UP = 2
 
 
 class EmbeddedTransport:
@@ -38,8 +40,8 @@ class EmbeddedTransport:
     Bounds: unsent bytes stay below ``settings.embedded_buffer_bytes``; past that the oldest
     records are dropped and counted in ``dropped`` (this happens only when the host stopped
     answering). ``wait_for_mark`` waits at most ``settings.alert_wait_seconds``; a host that
-    misses that once is not waited for again until it has caught up, so a stuck database slows
-    no step by more than that.
+    makes no progress in that time is not waited for again until it moves, so a stuck database
+    slows no step by more than that.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -57,6 +59,7 @@ class EmbeddedTransport:
         self._marks_sent = 0
         self._marks_seen = 0
         self._waiting = True
+        self._stalled_at = -1
         self._started = False
         self._dead = False
         self._done = False
@@ -123,29 +126,34 @@ class EmbeddedTransport:
     def wait_for_mark(self, mark: int) -> None:
         """Wait until the host has run the plugins over every record sent before ``mark``.
 
-        No wait before the host has started (its first second), after it failed, or while it is
-        catching up after a missed wait.
+        A host that is behind (it started late, or it is slower than training for a while) is
+        waited for only until it has caught up by ``CATCH_UP`` marks: training then runs at most
+        at half the host's pace until the host is level and alerts are timely again. No wait
+        before the host has started, after it failed, or while it makes no progress at all: a
+        host that does not move for ``settings.alert_wait_seconds`` is not waited for again
+        until it moves.
         """
         self._receive()
         if self._marks_seen >= mark or self._dead or not self._started:
             return
         if not self._waiting:
-            self._waiting = self._marks_seen >= self._marks_sent - 1
-            if not self._waiting:
+            if self._marks_seen == self._stalled_at:
                 return
+            self._waiting = True  # it moves again
+        target = min(mark, self._marks_seen + CATCH_UP)
         begin = time.perf_counter()
         deadline = begin + self.settings.alert_wait_seconds
-        while self._marks_seen < mark and not self._dead:
+        while self._marks_seen < target and not self._dead:
             left = deadline - time.perf_counter()
             if left <= 0:
                 self.late_marks += 1
-                if self._waiting:
-                    logger.warning(
-                        "apmon's host is more than %.3g s behind; training no longer waits for "
-                        "it until it catches up (alerts may come late)",
-                        self.settings.alert_wait_seconds,
-                    )
+                logger.warning(
+                    "apmon's host made no progress for %.3g s; training no longer waits for it "
+                    "until it moves (alerts may come late)",
+                    self.settings.alert_wait_seconds,
+                )
                 self._waiting = False
+                self._stalled_at = self._marks_seen
                 break
             writable = [self._to_host] if self._unsent else []
             readable, _, _ = select.select([self._from_host], writable, [], left)
