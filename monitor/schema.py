@@ -109,6 +109,9 @@ class SiteSummary(WireModel):
     # Optional per-class statistics when the client was given labels: rows and per-unit on counts.
     class_rows: dict[str, NonNegInt] | None = None
     class_unit_on: dict[str, list[NonNegInt]] | None = None
+    # Optional preactivation scale over the finite values: sum of squares, largest magnitude.
+    sumsq: float | None = Field(default=None, ge=0)
+    max_abs: float | None = Field(default=None, ge=0)
 
     @field_validator(
         "patterns",

@@ -46,17 +46,21 @@ def _mix64(x: np.uint64) -> np.uint64:  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def pack_and_count_on(
-    x: np.ndarray, outer_class: np.ndarray, words: np.ndarray, on: np.ndarray
+    x: np.ndarray, outer_class: np.ndarray, words: np.ndarray, on: np.ndarray, scale: np.ndarray
 ) -> int:  # pragma: no cover - compiled
     """Sign bits of ``x`` (outer, units, inner) into ``words`` (outer * inner, W), zeroed.
 
     Row ``o * inner + p`` gets bit ``u % 64`` of word ``u // 64`` set when ``x[o, u, p] > 0``;
     ``on[outer_class[o], u]`` counts those rows. Returns the number of non-finite values.
+    ``scale`` (2,) float64 gets the sum of squares of the finite values added to ``scale[0]``
+    and their largest magnitude maxed into ``scale[1]`` (the site's preactivation scale).
     Each unit's ``inner`` values are contiguous, so the inner loop runs along rows and
     vectorises; dense rows (inner 1) go through ``count_on_rows`` and numpy's ``packbits``.
     """
     outer, units, inner = x.shape
     nonfinite = 0
+    squares = 0.0
+    largest = 0.0
     for o in range(outer):
         base = o * inner
         label = outer_class[o]
@@ -69,25 +73,42 @@ def pack_and_count_on(
                 positive = value > 0
                 words[base + p, word] |= bit * positive
                 count += positive
-                nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+                bad = value - value != 0  # inf - inf and NaN - NaN are NaN
+                nonfinite += bad
+                finite = 0.0 if bad else np.float64(value)
+                squares += finite * finite
+                largest = max(largest, abs(finite))
             on[label, u] += count
+    scale[0] += squares
+    scale[1] = max(scale[1], largest)
     return nonfinite
 
 
 @numba.njit(cache=True, nogil=True)
-def count_on_rows(x: np.ndarray, row_class: np.ndarray, on: np.ndarray) -> int:  # pragma: no cover
+def count_on_rows(
+    x: np.ndarray, row_class: np.ndarray, on: np.ndarray, scale: np.ndarray
+) -> int:  # pragma: no cover - compiled
     """``on[row_class[r], u] += x[r, u] > 0`` over rows (rows, units); returns non-finite values.
 
-    The dense-row half of ``pack_and_count_on``: the loop runs along a row's contiguous units.
+    The dense-row half of ``pack_and_count_on`` (``scale`` as there): the loop runs along a
+    row's contiguous units.
     """
     rows, units = x.shape
     nonfinite = 0
+    squares = 0.0
+    largest = 0.0
     for r in range(rows):
         label = row_class[r]
         for u in range(units):
             value = x[r, u]
             on[label, u] += value > 0
-            nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+            bad = value - value != 0  # inf - inf and NaN - NaN are NaN
+            nonfinite += bad
+            finite = 0.0 if bad else np.float64(value)
+            squares += finite * finite
+            largest = max(largest, abs(finite))
+    scale[0] += squares
+    scale[1] = max(scale[1], largest)
     return nonfinite
 
 
@@ -106,7 +127,7 @@ PACKED_TABLE_UNITS = 16
 
 @numba.njit(cache=True, nogil=True)
 def pack_and_count_table(
-    x: np.ndarray, outer_class: np.ndarray, on: np.ndarray
+    x: np.ndarray, outer_class: np.ndarray, on: np.ndarray, scale: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, int]:  # pragma: no cover - compiled
     """``pack_and_count_on`` then ``count_table`` in one pass, for ``units`` <= 16 and inner > 1.
 
@@ -120,6 +141,8 @@ def pack_and_count_table(
     table = np.zeros(1 << units, dtype=np.int32)
     block = np.empty(inner, dtype=np.uint16)
     nonfinite = 0
+    squares = 0.0
+    largest = 0.0
     for o in range(outer):
         label = outer_class[o]
         block[:] = 0
@@ -131,10 +154,16 @@ def pack_and_count_table(
                 positive = value > 0
                 block[p] |= bit * positive
                 count += positive
-                nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+                bad = value - value != 0  # inf - inf and NaN - NaN are NaN
+                nonfinite += bad
+                finite = 0.0 if bad else np.float64(value)
+                squares += finite * finite
+                largest = max(largest, abs(finite))
             on[label, u] += count
         for p in range(inner):
             table[block[p]] += 1
+    scale[0] += squares
+    scale[1] = max(scale[1], largest)
     fingerprints, counts = _table_histogram(table)
     return fingerprints, counts, nonfinite
 
