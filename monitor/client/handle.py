@@ -19,7 +19,12 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber
+from monitor.client.apt import (
+    DEFAULT_APT_EVERY,
+    DEFAULT_PROBE_ROWS,
+    DEFAULT_SWEEP_ETAS,
+    AptProber,
+)
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
 from monitor.client.probeset import ProbeSet, probe_summary
@@ -54,10 +59,10 @@ class Monitor:
         name: str = "",
         on_alert: AlertCallback | None = None,
         config: dict[str, Any] | None = None,
-        apt_every: int | Schedule | None = None,
+        apt_every: int | Schedule | None = DEFAULT_APT_EVERY,
         sweep_every: int | Schedule | None = None,
         sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
-        probe_rows: int | None = None,
+        probe_rows: int | None = DEFAULT_PROBE_ROWS,
         probe_set: ProbeSet | torch.Tensor | None = None,
         probe_every: int | Schedule = 100,
         merge_ranks: bool = False,
@@ -377,9 +382,10 @@ def watch(
     ``ProbeSet``) evaluated every ``probe_every`` steps (int k or schedule; see
     ``monitor.client.probeset``); ``merge_ranks`` (merge data-parallel ranks' statistics exactly,
     rank 0 ships; ``process_group``); APT probes (see ``monitor.client.apt``): ``apt_every``
-    (int k or schedule; the thesis probes every 8 steps), ``sweep_every`` (sensitivity sweeps),
+    (int k or schedule; default every 8 steps, as the thesis; ``None`` turns probes off),
+    ``sweep_every`` (sensitivity sweeps, default none),
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
-    (probe only the first rows of the batch; default the whole batch).
+    (probe only the first rows of the batch; default 32, ``None``: the whole batch).
     """
     settings = settings or Settings()
     if transport is None:
