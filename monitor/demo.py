@@ -103,7 +103,7 @@ def run_demo(
             loss_value = float(train_step(images[index], labels[index]))
             bar.set_postfix(loss=f"{loss_value:.3f}")
     transport = mon.transport
-    mlflow_run_id = getattr(getattr(transport, "mlflow", None), "run_id", None)
+    mlflow_run_id = getattr(transport, "mlflow_run_id", None)
     return DemoResult(
         run_id=mon.run_id,
         mlflow_run_id=mlflow_run_id,

@@ -10,7 +10,14 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from monitor.measures import Event, PluginRegistry, PluginResult, RunContext, RunFinished
+from monitor.measures import (
+    Event,
+    MeasurePlugin,
+    PluginRegistry,
+    PluginResult,
+    RunContext,
+    RunFinished,
+)
 from monitor.schema import AlertValue, ProbeRecord, StepSummary
 from monitor.store.store import PluginOutcome, SqlStore
 
@@ -61,28 +68,12 @@ class PluginHost:
     def _dispatch(self, run_id: str, step: int, source: str, event: Event) -> PluginOutcome:
         context = RunContext(run_id=run_id, sites=self._store.sites(run_id))
         states = self._store.plugin_states(run_id)
-        outcome = PluginOutcome(source)
-        upstream: dict[str, PluginResult] = {}
-        for plugin in self._plugins:
-            state: dict[str, Any] = dict(states.get(plugin.name, {}))
-            try:
-                result = plugin.process(event, context, state, upstream)
-            except Exception as error:
-                logger.warning("plugin %s failed at step %d: %s", plugin.name, step, error)
-                outcome.errors.append((plugin.name, "".join(traceback.format_exception(error))))
-                continue
-            upstream[plugin.name] = result
-            outcome.states[plugin.name] = state
-            outcome.measures += [(plugin.name, plugin.version, m) for m in result.measures]
-            outcome.fits += [(plugin.name, plugin.version, f) for f in result.fits]
-            outcome.backfill += [
-                (plugin.name, plugin.version, at, m)
-                for at, measures in result.backfill.items()
-                for m in measures
-            ]
-            for alert in result.alerts:
-                if self._past_cooldown(run_id, alert, outcome):
-                    outcome.alerts.append((plugin.name, alert))
+        outcome = run_plugins(self._plugins, event, context, states, step, source)
+        outcome.alerts = [
+            (plugin, alert)
+            for plugin, alert in outcome.alerts
+            if self._past_cooldown(run_id, alert, outcome)
+        ]
         self._store.save_outcome(run_id, step, outcome)
         for listener in self._listeners:
             try:
@@ -92,9 +83,52 @@ class PluginHost:
         return outcome
 
     def _past_cooldown(self, run_id: str, alert: AlertValue, outcome: PluginOutcome) -> bool:
-        key = f"{alert.kind}:{alert.site or '*'}"
-        # Alerts of this same event are not stored yet: dedupe against them too.
-        if any(f"{a.kind}:{a.site or '*'}" == key for _, a in outcome.alerts):
-            return False
+        key = alert_key(alert)
         last = self._store.last_alert_step(run_id, key)
         return last is None or alert.step - last >= self._cooldown
+
+
+def alert_key(alert: AlertValue) -> str:
+    """The cool-down key of an alert: its kind and site (``*`` for run-level alerts)."""
+    return f"{alert.kind}:{alert.site or '*'}"
+
+
+def run_plugins(
+    plugins: Sequence[MeasurePlugin],
+    event: Event,
+    context: RunContext,
+    states: dict[str, dict[str, Any]],
+    step: int,
+    source: str,
+) -> PluginOutcome:
+    """Run every plugin over one event, in dependency order; touches no store.
+
+    ``states`` holds each plugin's state and is updated in place; the outcome carries the new
+    states of the plugins that ran. A plugin that raises is recorded in ``outcome.errors`` and
+    skipped (its state is left as it was). Of several alerts with one cool-down key in this
+    event only the first is kept; cool-downs against earlier events are the caller's.
+    """
+    outcome = PluginOutcome(source)
+    upstream: dict[str, PluginResult] = {}
+    for plugin in plugins:
+        state: dict[str, Any] = dict(states.get(plugin.name, {}))
+        try:
+            result = plugin.process(event, context, state, upstream)
+        except Exception as error:
+            logger.warning("plugin %s failed at step %d: %s", plugin.name, step, error)
+            outcome.errors.append((plugin.name, "".join(traceback.format_exception(error))))
+            continue
+        upstream[plugin.name] = result
+        states[plugin.name] = state
+        outcome.states[plugin.name] = state
+        outcome.measures += [(plugin.name, plugin.version, m) for m in result.measures]
+        outcome.fits += [(plugin.name, plugin.version, f) for f in result.fits]
+        outcome.backfill += [
+            (plugin.name, plugin.version, at, m)
+            for at, measures in result.backfill.items()
+            for m in measures
+        ]
+        for alert in result.alerts:
+            if all(alert_key(alert) != alert_key(a) for _, a in outcome.alerts):
+                outcome.alerts.append((plugin.name, alert))
+    return outcome

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,17 @@ class Settings(BaseSettings):
         description="MLflow tracking URI; empty string disables the MLflow sink.",
     )
     mlflow_experiment: str = Field(default="apmon", description="MLflow experiment for new runs.")
+    mlflow_keys: Literal["summary", "all"] = Field(
+        default="summary",
+        description="Embedded: 'summary' logs the run-level measures (site means, fits of the "
+        "mean, loss, step scalars) to MLflow; 'all' also every site's.",
+    )
+    mlflow_min_interval_seconds: float = Field(
+        default=0.1,
+        ge=0,
+        description="Embedded: a metric key gets a new MLflow point at most this often (0: every "
+        "step); the apmon database keeps every step.",
+    )
     project: str = Field(default="default", description="Project of embedded runs.")
     server_url: str | None = Field(
         default=None, description="apmon service URL; unset means embedded mode."
@@ -57,6 +69,17 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="Client: longest a record waits before its batch is sent."
     )
     request_timeout_seconds: float = Field(default=10.0, gt=0)
+    alert_wait_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Embedded: longest a step waits for the host to run the plugins over the "
+        "previous step (then training stops waiting until the host catches up).",
+    )
+    embedded_buffer_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Embedded: most bytes of records kept for a host that stopped reading.",
+    )
     finish_timeout_seconds: float = Field(
         default=30.0,
         ge=0,

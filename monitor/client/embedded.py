@@ -1,144 +1,272 @@
-"""Embedded transport: plugin host, SQL store and MLflow sink in-process, on a background thread."""
+"""Embedded transport: the run's plugins, store and MLflow mirror in a host process of its own.
+
+The training process only pickles its records onto a pipe (non-blocking, no thread of its own,
+so nothing contends with training for the GIL); ``monitor.host_process`` does the rest. Alerts
+come back on a second pipe. ``mark``/``wait_for_mark`` let the monitor wait, at the end of a
+step, until the host has run the plugins over the previous step's records, so that an alert
+reaches the training job within one step.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-import queue
-import threading
+import os
+import select
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from monitor.host import PluginHost
-from monitor.measures import load_plugins
+import monitor
+from monitor.frames import FrameReader, encode
 from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
 from monitor.settings import Settings
-from monitor.sinks.mlflow_sink import MlflowSink
-from monitor.store import open_store
-from monitor.store.store import PluginOutcome
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class _Sites:
-    sites: Sequence[SiteInfo]
-
-
-_STOP = object()
+PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe to the host (Linux; best effort)
 
 
 class EmbeddedTransport:
-    """Runs the plugin host in-process, so training never waits for it.
+    """Runs the plugin host in a child process, so training never waits for SQL or MLflow.
 
-    A fresh SQLite file is migrated on first use; any other database must already be at the
-    current schema (``apmon db upgrade``).
+    Bounds: unsent bytes stay below ``settings.embedded_buffer_bytes``; past that the oldest
+    records are dropped and counted in ``dropped`` (this happens only when the host stopped
+    answering). ``wait_for_mark`` waits at most ``settings.alert_wait_seconds``; a host that
+    misses that once is not waited for again until it has caught up, so a stuck database slows
+    no step by more than that.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        fresh_sqlite = settings.database_url.startswith("sqlite")
-        self.store = open_store(settings.database_url, auto_upgrade=fresh_sqlite)
-        self.registry = load_plugins(only=settings.plugins)
         self.run_id = ""
-        self.mlflow: MlflowSink | None = None
-        self._alerts: queue.SimpleQueue[AlertValue] = queue.SimpleQueue()
-        self._queue: queue.Queue[object] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._host: PluginHost | None = None
+        self.mlflow_run_id: str | None = None
         self.failures = 0
+        self.dropped = 0
+        self.waited_seconds = 0.0
+        self.late_marks = 0
+        self._alerts: list[AlertValue] = []
+        self._reader = FrameReader()
+        self._unsent: list[bytes] = []
+        self._unsent_bytes = 0
+        self._marks_sent = 0
+        self._marks_seen = 0
+        self._waiting = True
+        self._started = False
+        self._dead = False
+        self._done = False
+        self._process: subprocess.Popen[bytes] | None = None
+        self._to_host = -1
+        self._from_host = -1
+
+    # -- the run -----------------------------------------------------------------------------
 
     def start_run(self, start: RunStart) -> str:
-        """Create the run in SQL and MLflow and start the worker thread."""
-        listeners = [self._collect_alerts]
-        if self.settings.mlflow_tracking_uri:
-            try:
-                self.mlflow = MlflowSink(
-                    self.settings.mlflow_tracking_uri,
-                    self.settings.mlflow_experiment,
-                    start.name,
-                    start.mlflow_run_id,
-                )
-                start = start.model_copy(update={"mlflow_run_id": self.mlflow.run_id})
-                self.mlflow.log_params({f"apmon.{k}": v for k, v in start.config.items()})
-                listeners.append(self.mlflow)  # type: ignore[arg-type]
-            except Exception:
-                logger.exception("MLflow is unavailable; results go to SQL only")
-                self.mlflow = None
-        self.run_id = self.store.create_run(self.settings.project, start)
-        if self.mlflow is not None:
-            self.mlflow.client.set_tag(self.mlflow.run_id, "apmon.run_id", self.run_id)
-        self._host = PluginHost(
-            self.registry,
-            self.store,
-            listeners=listeners,
-            alert_cooldown_steps=self.settings.alert_cooldown_steps,
+        """Start the host process and hand it the run; returns at once with the run's id."""
+        self.run_id = str(uuid.uuid4())
+        to_host_r, to_host_w = os.pipe()
+        from_host_r, from_host_w = os.pipe()
+        env = dict(os.environ)
+        package_root = str(Path(monitor.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH", "")) if p
         )
-        self._thread = threading.Thread(target=self._work, name="apmon-embedded", daemon=True)
-        self._thread.start()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "monitor.host_process", str(to_host_r), str(from_host_w)],
+                pass_fds=(to_host_r, from_host_w),
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(to_host_r)
+            os.close(from_host_w)
+        self._to_host, self._from_host = to_host_w, from_host_r
+        os.set_blocking(self._to_host, False)
+        os.set_blocking(self._from_host, False)
+        # A smaller pipe only means that more records wait in this process.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._to_host, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+        settings = self.settings.model_dump()
+        self._send(("start", settings, self.run_id, start))
         return self.run_id
 
-    def _collect_alerts(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
-        for _, alert in outcome.alerts:
-            self._alerts.put(alert)
-
     def add_sites(self, sites: Sequence[SiteInfo]) -> None:
-        """Queue sites (kept in order with the summaries that use them)."""
-        self._queue.put(_Sites(list(sites)))
+        """Announce sites (kept in order with the records that use them)."""
+        self._send(("sites", list(sites)))
 
     def send_summary(self, summary: StepSummary) -> None:
-        """Queue a step summary."""
-        self._queue.put(summary)
+        """Hand a step summary to the host."""
+        self._send(("summary", summary))
 
     def send_probe(self, probe: ProbeRecord) -> None:
-        """Queue a probe record."""
-        self._queue.put(probe)
+        """Hand a probe record to the host."""
+        self._send(("probe", probe))
+
+    def mark(self) -> int:
+        """Follow the records sent so far with a mark; its number, for ``wait_for_mark``."""
+        self._marks_sent += 1
+        self._send(("mark", self._marks_sent))
+        return self._marks_sent
+
+    def wait_for_mark(self, mark: int) -> None:
+        """Wait until the host has run the plugins over every record sent before ``mark``.
+
+        No wait before the host has started (its first second), after it failed, or while it is
+        catching up after a missed wait.
+        """
+        self._receive()
+        if self._marks_seen >= mark or self._dead or not self._started:
+            return
+        if not self._waiting:
+            self._waiting = self._marks_seen >= self._marks_sent - 1
+            if not self._waiting:
+                return
+        begin = time.perf_counter()
+        deadline = begin + self.settings.alert_wait_seconds
+        while self._marks_seen < mark and not self._dead:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                self.late_marks += 1
+                if self._waiting:
+                    logger.warning(
+                        "apmon's host is more than %.3g s behind; training no longer waits for "
+                        "it until it catches up (alerts may come late)",
+                        self.settings.alert_wait_seconds,
+                    )
+                self._waiting = False
+                break
+            writable = [self._to_host] if self._unsent else []
+            readable, _, _ = select.select([self._from_host], writable, [], left)
+            self._flush()
+            if readable:
+                self._receive()
+        self.waited_seconds += time.perf_counter() - begin
 
     def poll_alerts(self) -> list[AlertValue]:
-        """Alerts raised since the last call."""
-        alerts: list[AlertValue] = []
-        while True:
-            try:
-                alerts.append(self._alerts.get_nowait())
-            except queue.Empty:
-                return alerts
-
-    def _work(self) -> None:
-        assert self._host is not None
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            try:
-                if isinstance(item, _Sites):
-                    self.store.add_sites(self.run_id, item.sites)
-                elif isinstance(item, StepSummary):
-                    self._host.handle_summary(self.run_id, item)
-                elif isinstance(item, ProbeRecord):
-                    self._host.handle_probe(self.run_id, item)
-            except Exception:
-                # The monitor never takes training down: record and carry on.
-                self.failures += 1
-                logger.exception("apmon could not process a record")
+        """Alerts that arrived since the last call."""
+        self._flush()
+        self._receive()
+        alerts, self._alerts = self._alerts, []
+        return alerts
 
     def pending(self) -> int:
-        """Records still queued."""
-        return self._queue.qsize()
+        """Records not yet handed to the host process."""
+        return len(self._unsent)
 
     def finish(self, final_step: int) -> None:
-        """Drain the queue, run end-of-run plugins, close the MLflow run."""
-        if self._thread is None or self._host is None:
+        """Hand over everything, let the host run end-of-run work, collect the last alerts.
+
+        Waits up to ``settings.finish_timeout_seconds`` for the host; past that the host goes on
+        on its own (it finishes the run and exits) and this returns.
+        """
+        if self._process is None or self._done:
             return
-        self._queue.put(_STOP)
-        self._thread.join()
-        self._thread = None
-        try:
-            outcome = self._host.finish(self.run_id, final_step)
-            self._collect_alerts(self.run_id, final_step, outcome)
-        except Exception:
-            self.failures += 1
-            logger.exception("apmon end-of-run processing failed")
-        if self.mlflow is not None:
+        self._done = True
+        self._send(("finish", final_step))
+        deadline = time.monotonic() + self.settings.finish_timeout_seconds
+        finished = False
+        while not self._dead and time.monotonic() < deadline:
+            writable = [self._to_host] if self._unsent else []
+            readable, _, _ = select.select([self._from_host], writable, [], 0.1)
+            self._flush()
+            if readable and self._receive(final=True):
+                finished = True
+                break
+        if not finished and not self._dead:
+            logger.warning(
+                "apmon's host is still storing the run after %.0f s; it finishes in the "
+                "background (run %s)",
+                self.settings.finish_timeout_seconds,
+                self.run_id,
+            )
+        self._close_pipes()
+        if finished:
+            self._process.wait(timeout=30)
+        if self.dropped:
+            logger.warning("apmon dropped %d records the host never took", self.dropped)
+
+    # -- the pipes ---------------------------------------------------------------------------
+
+    def _send(self, message: Any) -> None:
+        if self._dead:
+            return
+        frame = encode(message)
+        self._unsent.append(frame)
+        self._unsent_bytes += len(frame)
+        while self._unsent_bytes > self.settings.embedded_buffer_bytes and len(self._unsent) > 1:
+            # Only a host that stopped reading gets here; keep the start and the newest records.
+            dropped = self._unsent.pop(1)
+            self._unsent_bytes -= len(dropped)
+            self.dropped += 1
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._unsent and not self._dead:
+            frame = self._unsent[0]
             try:
-                self.mlflow.close()
-            except Exception:
-                logger.exception("could not close the MLflow run")
+                written = os.write(self._to_host, frame)
+            except BlockingIOError:
+                return
+            except (BrokenPipeError, OSError):
+                self._host_gone("the host process closed its pipe")
+                return
+            self._unsent_bytes -= written
+            if written == len(frame):
+                self._unsent.pop(0)
+            else:
+                self._unsent[0] = frame[written:]
+
+    def _receive(self, final: bool = False) -> bool:
+        """Read what the host said; True once it said the run is done."""
+        done = False
+        while not self._dead:
+            try:
+                data = os.read(self._from_host, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                if not done:
+                    self._host_gone("the host process exited")
+                break
+            for message in self._reader.feed(data):
+                kind = message[0]
+                if kind == "alerts":
+                    self._alerts.extend(message[1])
+                elif kind == "mark":
+                    self._marks_seen = max(self._marks_seen, message[1])
+                elif kind == "started":
+                    self._started = True
+                    self.mlflow_run_id = message[1]
+                elif kind == "failed":
+                    logger.error("apmon could not start the run's host: %s", message[1])
+                    self._host_gone(None)
+                elif kind == "done":
+                    self._alerts.extend(message[1])
+                    self.failures += int(message[2].get("failures", 0))
+                    self.mlflow_run_id = message[2].get("mlflow_run_id") or self.mlflow_run_id
+                    done = True
+            if done and final:
+                break
+        return done
+
+    def _host_gone(self, why: str | None) -> None:
+        if not self._dead and why is not None and not self._done:
+            logger.error("apmon's host process stopped (%s); results after this are lost", why)
+        self._dead = True
+        self.dropped += len(self._unsent)
+        self._unsent.clear()
+        self._unsent_bytes = 0
+
+    def _close_pipes(self) -> None:
+        for fd in (self._to_host, self._from_host):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._to_host = self._from_host = -1

@@ -84,6 +84,10 @@ class Monitor:
         self._pending: StepSummary | None = None
         self._labels: torch.Tensor | None = None
         self._sample_indices: list[int] | None = None
+        # Step ends and marks (see ``_flush_and_mark``); transports without marks skip the wait.
+        self._holds_for_loss = False
+        self._in_step_function = False
+        self._marks: list[int] = []
         # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
         if probe_set is not None and not isinstance(probe_set, ProbeSet):
             probe_set = ProbeSet(probe_set)
@@ -93,6 +97,10 @@ class Monitor:
         self.process_group = process_group
         if merge_ranks and not is_leader(process_group):
             self.transport = transport = SilentTransport()  # the leader ships for all ranks
+        self._mark: Callable[[], int] | None = getattr(transport, "mark", None)
+        self._wait_for_mark: Callable[[int], None] | None = getattr(
+            transport, "wait_for_mark", None
+        )
         # -- end of probe set and merging -----------------------------------------------------
         self.tracker = ModuleTracker(model, self._record_site, sign_mode=sign_mode)
         self._step_hook = optimizer.register_step_post_hook(self._after_optimizer_step)
@@ -180,10 +188,11 @@ class Monitor:
     # -- end of APT probes and sweeps ----------------------------------------------------------
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # A summary still held for its loss goes first: records reach the host in step order.
+        self._flush_and_mark()
         self._run_probes()
         self._run_probe_set()
         try:
-            self._flush_pending()
             stats = self._stats
             if self.merge_ranks and self.schedule(self.step):
                 stats = all_gather_stats(stats, self.process_group)
@@ -202,7 +211,10 @@ class Monitor:
             self.tracker.armed = self.schedule(self.step)
         except Exception:
             logger.exception("apmon failed at the end of step %d; training continues", self.step)
-        self._deliver_alerts()
+        if not self._holds_for_loss:
+            self._flush_and_mark()
+        if not self._in_step_function:
+            self._deliver_alerts()
 
     # -- fixed probe set (probeset.py) ---------------------------------------------------------
 
@@ -236,16 +248,41 @@ class Monitor:
 
     # -- end of fixed probe set ---------------------------------------------------------------
 
-    def _flush_pending(self) -> None:
+    def _flush_pending(self) -> bool:
+        """Send new sites and the held summary; whether a summary went out."""
         if self._new_sites:
             self.transport.add_sites(self._new_sites)
             self._new_sites = []
         if self._pending is not None:
             self.transport.send_summary(self._pending)
             self._pending = None
+            return True
+        return False
+
+    def _flush_and_mark(self) -> None:
+        """Send the held summary; follow a step's records with a mark when the transport has marks.
+
+        The end of the next step waits for that mark (``_deliver_alerts``): by then the host
+        has run the plugins over this step's records.
+        """
+        try:
+            if self._flush_pending() and self._mark is not None:
+                self._marks = [*self._marks[-1:], self._mark()]
+        except Exception:
+            logger.exception("apmon could not send step %d's summary", self.step)
 
     def _deliver_alerts(self) -> None:
-        # The user's callback runs on the training thread and may raise to stop training.
+        """At the end of a step: wait for the previous step's mark, then hand alerts over.
+
+        The user's callback runs on the training thread and may raise to stop training.
+        """
+        if self._wait_for_mark is not None and len(self._marks) == 2:
+            previous = self._marks[0]
+            self._marks = self._marks[1:]
+            try:
+                self._wait_for_mark(previous)
+            except Exception:
+                logger.exception("apmon could not wait for its host")
         alerts = self.transport.poll_alerts()
         self.alerts.extend(alerts)
         if self.on_alert is not None:
@@ -265,7 +302,15 @@ class Monitor:
             logger.exception("apmon could not read the batch's sample indices; ignored")
 
     def record_loss(self, loss: Any) -> None:
-        """Attach the step's loss to the summary of the step that just ended."""
+        """Attach the step's loss to the summary of the step that just ended.
+
+        Call it after ``optimizer.step()``. From the first call on, each step's summary is held
+        until its loss comes (and goes out at the next step), as the decorator does.
+        """
+        self._holds_for_loss = True
+        self._attach_loss(loss)
+
+    def _attach_loss(self, loss: Any) -> None:
         value = _as_float(loss)
         if value is not None and self._pending is not None:
             self._pending.loss = value if math.isfinite(value) else None
@@ -298,11 +343,19 @@ class Monitor:
 
     def __call__(self, step_fn: F) -> F:
         """Decorate the per-step function; a scalar it returns is recorded as the step's loss."""
+        self._holds_for_loss = True
 
         @functools.wraps(step_fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            result = step_fn(*args, **kwargs)
-            self.record_loss(result)
+            self._in_step_function = True
+            try:
+                result = step_fn(*args, **kwargs)
+            finally:
+                self._in_step_function = False
+            self._attach_loss(result)
+            # The step ends here: its summary goes out with its loss, alerts are delivered.
+            self._flush_and_mark()
+            self._deliver_alerts()
             return result
 
         wrapper.monitor = self  # type: ignore[attr-defined]
@@ -329,7 +382,16 @@ class Monitor:
             self.transport.finish(max(self.step - 1, 0))
         except Exception:
             logger.exception("apmon could not finish the run cleanly")
-        self.alerts.extend(self.transport.poll_alerts())
+        # Alerts raised by the last steps and by end-of-run work reach the callback too; training
+        # is over, so a callback that raises (to stop it) is only logged here.
+        alerts = self.transport.poll_alerts()
+        self.alerts.extend(alerts)
+        if self.on_alert is not None:
+            for alert in alerts:
+                try:
+                    self.on_alert(alert)
+                except Exception:
+                    logger.exception("on_alert raised for an alert delivered at close")
 
 
 def _register_atexit(monitor: Monitor) -> Callable[[], None]:

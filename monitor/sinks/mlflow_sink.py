@@ -30,6 +30,8 @@ class MlflowSink:
         run_name: str,
         mlflow_run_id: str | None = None,
         flush_every: int = MAX_BATCH,
+        keys: str = "all",
+        min_interval_seconds: float = 0.0,
     ) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         if mlflow_run_id is None:
@@ -45,6 +47,13 @@ class MlflowSink:
         self.run_id: str = mlflow_run_id
         self._buffer: list[Metric] = []
         self._flush_every = flush_every
+        # "summary": run-level measures only (site means, fits of the mean, step scalars), a
+        # number of keys that does not grow with the model; "all": every site's too.
+        self._all_sites = keys == "all"
+        # A key gets a new point only this long after its last one (0: every step). MLflow's
+        # charts sample long series anyway; the apmon database keeps every step.
+        self._min_interval = min_interval_seconds
+        self._last_logged: dict[str, float] = {}
 
     def log_params(self, params: dict[str, object]) -> None:
         """Log run configuration as MLflow params."""
@@ -55,10 +64,15 @@ class MlflowSink:
     def __call__(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
         """Result listener: buffer the outcome's measures, tag its alerts."""
         now = int(time.time() * 1000)
+        clock = time.monotonic()
         for _, _, measure in outcome.measures:
-            self._buffer.append(Metric(metric_key(measure), measure.value, now, step))
+            if self._all_sites or measure.site is None:
+                key = metric_key(measure)
+                if self._due(key, clock):
+                    self._buffer.append(Metric(key, measure.value, now, step))
         for _, _, at_step, measure in outcome.backfill:
-            self._buffer.append(Metric(metric_key(measure), measure.value, now, at_step))
+            if self._all_sites or measure.site is None:
+                self._buffer.append(Metric(metric_key(measure), measure.value, now, at_step))
         tags = [
             RunTag(f"apmon.alert.{alert.kind}", f"step {alert.step}: {alert.message}"[:5000])
             for _, alert in outcome.alerts
@@ -67,6 +81,20 @@ class MlflowSink:
             self.client.log_batch(self.run_id, tags=tags)
         if len(self._buffer) >= self._flush_every:
             self.flush()
+
+    def log_metric(self, key: str, value: float, step: int) -> None:
+        """Buffer one metric that is not a plugin measure (e.g. the training loss)."""
+        if self._due(key, time.monotonic()):
+            self._buffer.append(Metric(key, value, int(time.time() * 1000), step))
+
+    def _due(self, key: str, clock: float) -> bool:
+        if self._min_interval <= 0:
+            return True
+        last = self._last_logged.get(key)
+        if last is not None and clock - last < self._min_interval:
+            return False
+        self._last_logged[key] = clock
+        return True
 
     def flush(self) -> None:
         """Send buffered metrics in batches of at most 1000."""

@@ -1,0 +1,280 @@
+"""The embedded host process: plugins, SQL store and MLflow of one run, beside the training job.
+
+``python -m monitor.host_process IN_FD OUT_FD`` is started by the embedded transport. It reads
+framed messages from the training process on IN_FD and answers on OUT_FD (see ``frames``). It
+never imports torch, so it starts in about a second while training has already begun.
+
+Order of work, so that alerts are never held up by storage:
+
+1. Every message that has arrived is run through the plugins at once (their states live in
+   memory), and the alerts it raised and the marks that follow it are answered straight away.
+2. When no message has come for ``IDLE_SECONDS``, or ``FLUSH_SECONDS`` after the last write,
+   the process writes a slice of at most ``SLICE_EVENTS`` buffered events in one transaction
+   (``SqlStore.locked_run``), then the MLflow metrics in one ``log_batch``. At ``MAX_BUFFERED``
+   events it writes before it reads on, which bounds its memory; the training side's wait for
+   marks then slows training to the pace of the store (back-pressure, which the client counts
+   as wait time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.frames import FrameReader, write_frame
+from monitor.host import alert_key, run_plugins
+from monitor.measures import RunContext, RunFinished, load_plugins
+from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
+from monitor.settings import Settings
+from monitor.store import PluginOutcome, SqlStore, open_store
+
+logger = logging.getLogger("monitor.host_process")
+
+SLICE_EVENTS = 64
+MAX_BUFFERED = 1024
+IDLE_SECONDS = 0.002
+FLUSH_SECONDS = 0.5
+
+
+@dataclass
+class _Pending:
+    """Events whose plugin results are known but not yet written."""
+
+    sites: list[SiteInfo] = field(default_factory=list)
+    events: list[tuple[StepSummary | ProbeRecord, PluginOutcome]] = field(default_factory=list)
+
+
+class RunHost:
+    """One run's plugins, store writes and MLflow mirror, driven message by message.
+
+    ``handle`` runs the plugins over one event and returns its alerts; ``persist`` writes a
+    slice of what is buffered. Used by the host process and, in tests, directly.
+    """
+
+    def __init__(self, settings: Settings, run_id: str, start: RunStart) -> None:
+        self.settings = settings
+        self.run_id = run_id
+        fresh_sqlite = settings.database_url.startswith("sqlite")
+        self.store: SqlStore = open_store(settings.database_url, auto_upgrade=fresh_sqlite)
+        self.plugins = load_plugins(only=settings.plugins).ordered()
+        self.mlflow: Any = None
+        if settings.mlflow_tracking_uri:
+            try:
+                from monitor.sinks.mlflow_sink import MlflowSink
+
+                self.mlflow = MlflowSink(
+                    settings.mlflow_tracking_uri,
+                    settings.mlflow_experiment,
+                    start.name,
+                    start.mlflow_run_id,
+                    flush_every=sys.maxsize,  # flushed by ``persist``, off the alert path
+                    keys=settings.mlflow_keys,
+                    min_interval_seconds=settings.mlflow_min_interval_seconds,
+                )
+                start = start.model_copy(update={"mlflow_run_id": self.mlflow.run_id})
+                self.mlflow.log_params({f"apmon.{k}": v for k, v in start.config.items()})
+            except Exception:
+                logger.exception("MLflow is unavailable; results go to SQL only")
+                self.mlflow = None
+        self.store.create_run(settings.project, start, run_id=run_id)
+        if self.mlflow is not None:
+            self.mlflow.client.set_tag(self.mlflow.run_id, "apmon.run_id", run_id)
+        self.sites: dict[str, SiteInfo] = {site.name: site for site in start.sites}
+        self.states: dict[str, dict[str, Any]] = {}
+        self._written_states: dict[str, dict[str, Any]] = {}
+        self._last_alert: dict[str, int] = {}
+        self._pending = _Pending()
+        self.failures = 0
+        self.events = 0
+
+    @property
+    def buffered(self) -> int:
+        """Events whose results are not written yet."""
+        return len(self._pending.events) + (1 if self._pending.sites else 0)
+
+    def add_sites(self, sites: Sequence[SiteInfo]) -> None:
+        """Known from now on; written with the next slice, before the events that use them."""
+        for site in sites:
+            if site.name not in self.sites:
+                self.sites[site.name] = site
+                self._pending.sites.append(site)
+
+    def handle(self, event: StepSummary | ProbeRecord) -> list[AlertValue]:
+        """Run the plugins over one event; its alerts, past their cool-down."""
+        self.events += 1
+        source = event.source if isinstance(event, StepSummary) else event.kind
+        context = RunContext(run_id=self.run_id, sites=self.sites)
+        outcome = run_plugins(self.plugins, event, context, self.states, event.step, source)
+        outcome.alerts = [(p, a) for p, a in outcome.alerts if self._admit(a)]
+        outcome.states = {}  # written once per slice, see ``persist``
+        self._pending.events.append((event, outcome))
+        if self.mlflow is not None:
+            try:
+                self.mlflow(self.run_id, event.step, outcome)
+                if isinstance(event, StepSummary) and event.loss is not None:
+                    self.mlflow.log_metric(f"{event.source}/loss", event.loss, event.step)
+            except Exception:
+                self.failures += 1
+                logger.exception("MLflow could not take the results of step %d", event.step)
+        for plugin, error in outcome.errors:
+            self.failures += 1
+            logger.debug("plugin %s failed: %s", plugin, error)
+        return [alert for _, alert in outcome.alerts]
+
+    def _admit(self, alert: AlertValue) -> bool:
+        key = alert_key(alert)
+        last = self._last_alert.get(key)
+        if last is not None and alert.step - last < self.settings.alert_cooldown_steps:
+            return False
+        self._last_alert[key] = alert.step
+        return True
+
+    def persist(self, limit: int | None = SLICE_EVENTS) -> None:
+        """Write up to ``limit`` buffered events (all with None) in one transaction."""
+        pending = self._pending
+        if not pending.sites and not pending.events:
+            return
+        count = len(pending.events) if limit is None else min(limit, len(pending.events))
+        events, rest = pending.events[:count], pending.events[count:]
+        sites = pending.sites
+        changed = {
+            name: state
+            for name, state in self.states.items()
+            if self._written_states.get(name) != state
+        }
+        try:
+            self.store.save_events(self.run_id, sites, events, changed if not rest else {})
+        except Exception:
+            # Nothing of this slice is stored; keep going with the next ones, never stall.
+            self.failures += 1
+            logger.exception("apmon could not store %d events of run %s", count, self.run_id)
+        else:
+            if changed and not rest:
+                self._written_states.update(pickle.loads(pickle.dumps(changed)))
+        pending.sites = []
+        pending.events = rest
+        if self.mlflow is not None:
+            try:
+                self.mlflow.flush()
+            except Exception:
+                self.failures += 1
+                logger.exception("could not send metrics to MLflow")
+
+    def finish(self, final_step: int) -> list[AlertValue]:
+        """Write everything, run end-of-run plugins, close the run and the MLflow run."""
+        self.persist(limit=None)
+        alerts: list[AlertValue] = []
+        try:
+            event = RunFinished(
+                final_step, lambda source: self.store.step_summaries(self.run_id, source)
+            )
+            context = RunContext(run_id=self.run_id, sites=self.sites)
+            outcome = run_plugins(self.plugins, event, context, self.states, final_step, "train")
+            outcome.alerts = [(p, a) for p, a in outcome.alerts if self._admit(a)]
+            self.store.save_outcome(self.run_id, final_step, outcome)
+            self.store.finish_run(self.run_id)
+            alerts = [alert for _, alert in outcome.alerts]
+            if self.mlflow is not None:
+                self.mlflow(self.run_id, final_step, outcome)
+        except Exception:
+            self.failures += 1
+            logger.exception("apmon end-of-run processing failed")
+        if self.mlflow is not None:
+            try:
+                self.mlflow.close()
+            except Exception:
+                logger.exception("could not close the MLflow run")
+        return alerts
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The MLflow run this run is mirrored into, if any."""
+        return None if self.mlflow is None else str(self.mlflow.run_id)
+
+
+def serve(in_fd: int, out_fd: int) -> int:
+    """The process's loop: messages in, alerts and marks out, writes when idle."""
+    reader = FrameReader()
+    host: RunHost | None = None
+    last_step = 0
+    last_write = time.monotonic()
+    while True:
+        waiting = host is not None and host.buffered > 0
+        due = waiting and time.monotonic() - last_write > FLUSH_SECONDS
+        readable, _, _ = select.select([in_fd], [], [], IDLE_SECONDS if waiting else None)
+        if host is not None and waiting and (due or not readable):
+            host.persist()
+            last_write = time.monotonic()
+        if not readable:
+            continue
+        data = os.read(in_fd, 1 << 20)
+        if not data:  # the training process is gone without saying finish: end the run
+            if host is not None:
+                host.finish(last_step)
+            return 0
+        for message in reader.feed(data):
+            kind = message[0]
+            if kind == "start":
+                _, settings_dict, run_id, start = message
+                host = _start(out_fd, Settings(**settings_dict), run_id, start)
+                if host is None:
+                    return 1
+                continue
+            if host is None:
+                continue
+            if kind == "sites":
+                host.add_sites(message[1])
+            elif kind in ("summary", "probe"):
+                last_step = max(last_step, message[1].step)
+                alerts = host.handle(message[1])
+                if alerts:
+                    write_frame(out_fd, ("alerts", alerts))
+            elif kind == "mark":
+                write_frame(out_fd, ("mark", message[1]))
+            elif kind == "finish":
+                alerts = host.finish(message[1])
+                write_frame(
+                    out_fd,
+                    (
+                        "done",
+                        alerts,
+                        {"failures": host.failures, "mlflow_run_id": host.mlflow_run_id},
+                    ),
+                )
+                return 0
+            if host.buffered >= MAX_BUFFERED:
+                host.persist()
+
+
+def _start(out_fd: int, settings: Settings, run_id: str, start: RunStart) -> RunHost | None:
+    try:
+        host = RunHost(settings, run_id, start)
+    except Exception as error:
+        logger.exception("apmon could not open the run's store")
+        write_frame(out_fd, ("failed", "".join(traceback.format_exception_only(error)).strip()))
+        return None
+    write_frame(out_fd, ("started", host.mlflow_run_id))
+    return host
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``python -m monitor.host_process IN_FD OUT_FD``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="apmon host: %(levelname)s %(message)s")
+    in_fd, out_fd = int(args[0]), int(args[1])
+    try:
+        return serve(in_fd, out_fd)
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

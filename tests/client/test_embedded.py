@@ -1,0 +1,179 @@
+"""The embedded pipeline: a real host process, a real SQLite file, real torch training.
+
+Alerts reach ``on_alert`` by the end of the step after the one that raised them, once each and in
+step order; everything sent is stored; a host that dies or cannot start never stops training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from monitor.client import watch
+from monitor.schema import AlertValue
+from monitor.settings import Settings
+from monitor.store import open_store
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+
+
+def _settings(tmp_path: Path, **extra: object) -> Settings:
+    return Settings(
+        database_url=f"sqlite:///{tmp_path / 'apmon.db'}",
+        mlflow_tracking_uri="",
+        alert_wait_seconds=60.0,  # a loaded CI machine must not turn waits into misses
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def _wait_until_started(mon: object) -> None:
+    """Train only once the host answers, so that every step's alert can be waited for."""
+    transport = mon.transport  # type: ignore[attr-defined]
+    for _ in range(600):
+        transport.poll_alerts()
+        if transport._started:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the host process did not start within 60 s")
+
+
+def test_an_alert_reaches_on_alert_by_the_end_of_the_next_step(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    received: list[tuple[int, int]] = []  # (alert step, steps the job had finished then)
+    finished = 0
+
+    def on_alert(alert: AlertValue) -> None:
+        received.append((alert.step, finished))
+
+    mon = watch(model, opt, settings=_settings(tmp_path), on_alert=on_alert)
+    _wait_until_started(mon)
+
+    @mon
+    def step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    bad_step = 7
+    for i in range(12):
+        x = torch.randn(8, 6)
+        if i == bad_step:
+            x[0, 0] = float("nan")  # non-finite activations: a hard divergence sign at step 7
+        step(x)
+        finished += 1
+    mon.close()
+    divergence = [(s, done) for s, done in received if s == bad_step]
+    assert divergence, received
+    _alert_step, done_when_received = divergence[0]
+    # Received inside the step function of step 8 at the latest: the job had finished <= 8 steps.
+    assert done_when_received <= bad_step + 1
+    # Once each, in step order, and mon.alerts holds the same alerts.
+    assert [a.step for a in mon.alerts] == sorted(a.step for a in mon.alerts)
+    assert len(mon.alerts) == len(received)
+    keys = [(a.kind, a.step, a.site) for a in mon.alerts]
+    assert len(keys) == len(set(keys))
+    stored = open_store(_settings(tmp_path).database_url).alerts(mon.run_id)
+    assert sorted((a.kind, a.step) for a in stored) == sorted((a.kind, a.step) for a in mon.alerts)
+
+
+def test_every_step_is_stored_once_with_its_loss(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = watch(model, opt, settings=_settings(tmp_path), apt_every=1)
+
+    @mon
+    def step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    losses = [float(step(torch.randn(8, 6))) for _ in range(40)]
+    mon.close()
+    store = open_store(_settings(tmp_path).database_url)
+    summaries = list(store.step_summaries(mon.run_id, "train"))
+    assert [s.step for s in summaries] == list(range(40))
+    assert [s.loss for s in summaries] == pytest.approx(losses)
+    assert sorted({p.step for p in store.probes(mon.run_id)}) == list(range(40))
+    assert store.run(mon.run_id).status == "finished"
+    assert mon.transport.failures == 0  # type: ignore[attr-defined]
+
+
+def test_a_killed_host_never_stops_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = watch(model, opt, settings=_settings(tmp_path))
+    _wait_until_started(mon)
+    transport = mon.transport
+    with caplog.at_level(logging.ERROR):
+        for i in range(30):
+            if i == 10:
+                os.kill(transport._process.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+                transport._process.wait()  # type: ignore[attr-defined]
+            opt.zero_grad()
+            model(torch.randn(8, 6)).sum().backward()
+            opt.step()
+        mon.close()
+    assert mon.step == 30
+    assert "host process" in caplog.text
+
+
+def test_a_store_that_cannot_open_costs_no_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    settings = Settings(database_url=f"sqlite:///{blocked / 'apmon.db'}", mlflow_tracking_uri="")
+    with caplog.at_level(logging.ERROR):
+        mon = watch(model, opt, settings=settings)
+        for _ in range(20):
+            opt.zero_grad()
+            model(torch.randn(8, 6)).sum().backward()
+            opt.step()
+        mon.close()
+    assert mon.step == 20
+    assert "could not start the run's host" in caplog.text
+
+
+def test_records_reach_the_host_in_step_order_with_probes_every_step(tmp_path: Path) -> None:
+    from memory_transport import ListTransport
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    transport = ListTransport()
+    mon = watch(model, opt, transport=transport, apt_every=1)
+
+    @mon
+    def step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(6):
+        step(torch.randn(8, 6))
+    mon.close()
+    steps = [e.step for e in transport.events if hasattr(e, "step")]
+    assert steps == sorted(steps)
+    assert len(transport.summaries) == 6 and len(transport.probes) == 6
