@@ -83,6 +83,20 @@ class Tee:
         self.inner.send_probe(probe)
 
 
+def wait_for_host(transport: Any, limit: float = 60.0) -> None:
+    """Before step 0: wait until the embedded host process has started (at most ``limit`` s).
+
+    A real job spends its first seconds loading data; these runs of a few seconds do not, and
+    the training thread does not wait for a host that has not started yet (``EmbeddedTransport.
+    wait_for_mark``), so without this pause a whole run could pass before the first plugin runs.
+    The flag read is the transport's own (private) one: this is benchmark scaffolding.
+    """
+    deadline = time.perf_counter() + limit
+    while not getattr(transport, "_started", True) and time.perf_counter() < deadline:
+        transport.poll_alerts()  # reads the host's messages, "started" among them
+        time.sleep(0.01)
+
+
 def diverged_at(losses: list[float], classes: int, bad: Iterable[int] = ()) -> int | None:
     """SPEC "What counts": the first step after step 20 whose loss is non-finite or > 3 ln C.
 
@@ -136,6 +150,7 @@ def train(spec: RunSpec, record: bool = False) -> Result:
             opt.step()
             return float(loss.detach())
 
+        wait_for_host(mon.transport)
         order, cursor = torch.randperm(len(data.y), generator=g), 0
         try:
             for s in range(spec.steps):
