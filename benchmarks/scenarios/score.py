@@ -75,6 +75,7 @@ class BadBatchScore:
     alerts: int = 0  # alerts on healthy and bad-batch runs, label-shuffle hits left out
     true_alerts: int = 0
     per_kind: dict[str, list[int]] = field(default_factory=dict)
+    signals: dict[str, int] = field(default_factory=dict)  # of the alerts that hit
 
     def figures(self) -> tuple[float, float, float]:
         """Precision, recall and F1 on input corruptions."""
@@ -92,6 +93,7 @@ class BadBatchScore:
             "f1": round(f1, 3),
             "label_recall": f"{self.label_hits}/{self.label_injected}",
             "per_kind": {k: f"{v[0]}/{v[1]}" for k, v in sorted(self.per_kind.items())},
+            "signals": dict(sorted(self.signals.items())),
         }
 
 
@@ -140,6 +142,7 @@ def score_bad_batches(score: BadBatchScore, result: Result, alerts: Alerts) -> N
         return
     injected = result.spec.corrupt
     steps = {a[0] for a in alerts}
+    signal_at = {a[0]: a[2] for a in alerts}
     for at, kind in injected.items():
         hit = at in steps or at + 1 in steps
         if kind == LABELS:
@@ -157,6 +160,8 @@ def score_bad_batches(score: BadBatchScore, result: Result, alerts: Alerts) -> N
             continue  # a label-shuffle hit: reported apart
         score.alerts += 1
         score.true_alerts += bool(near)
+        if near:
+            score.signals[signal_at[step]] = score.signals.get(signal_at[step], 0) + 1
 
 
 def score_all(results: list[Result]) -> dict[str, dict[str, object]]:
