@@ -63,7 +63,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(site_table(store.measures(result.run_id)))
     if not args.no_report:
         files = _render_and_attach(settings, store, result.run_id, Path(args.report_dir))
-        print(f"\nFigures:       {files[0].parent.resolve()}/ ({len(files)} PNG files", end="")
+        pngs = sum(1 for path in files if path.suffix == ".png")
+        print(f"\nFigures:       {files[0].parent.resolve()}/ ({pngs} PNG files", end="")
+        print(" and report.html", end="")
         print(", also attached to the MLflow run)" if result.mlflow_run_id else ")")
     return 0
 

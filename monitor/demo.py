@@ -76,14 +76,16 @@ def run_demo(
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     loss_value = float("nan")
-    # A fixed probe set (the same 256 digits each time) is what Jaccard and changes compare.
+    # A fixed, labelled probe set (the same 256 digits each time) is what Jaccard and changes
+    # compare; its labels give the sample-set measures of seed 002 and the activation pattern
+    # diagrams (of all 256 digits, at evaluations 0, 1, 2, 4, 8 and at the end).
     # Its own generator: choosing it leaves the training batches as they are without it.
     chosen = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed + 1))
-    probe_images = images[chosen[:256]]
+    probe = (images[chosen[:256]], labels[chosen[:256]])
     options: dict[str, Any] = {
         "apt_every": 8,  # APT probe every 8 steps, the thesis default (Table A.1)
         "sweep_every": 25,  # learning-rate sensitivity sweep over 16 trial rates
-        "probe_set": probe_images,
+        "probe_set": probe,
         "probe_every": 25,
         "config": {"steps": steps, "batch_size": batch_size, "lr": 0.05},
     }

@@ -32,7 +32,14 @@ from typing import Any
 from monitor.frames import FrameReader, write_frame
 from monitor.host import alert_key, run_plugins
 from monitor.measures import RunContext, RunFinished, load_plugins
-from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
+from monitor.schema import (
+    AlertValue,
+    MeasureValue,
+    ProbeRecord,
+    RunStart,
+    SiteInfo,
+    StepSummary,
+)
 from monitor.settings import Settings
 from monitor.store import PluginOutcome, SqlStore, open_store
 
@@ -168,8 +175,20 @@ class RunHost:
                 self.failures += 1
                 logger.exception("could not send metrics to MLflow")
 
-    def finish(self, final_step: int) -> list[AlertValue]:
-        """Write everything, run end-of-run plugins, close the run and the MLflow run."""
+    def finish(self, final_step: int, costs: dict[str, float] | None = None) -> list[AlertValue]:
+        """Write everything, run end-of-run plugins, close the run and the MLflow run.
+
+        ``costs`` are the training side's own figures (records dropped, seconds waited for this
+        host, waits that ran out), stored as run-level measures ``monitor/<name>`` of the final
+        step so that a thinned or slowed run says so.
+        """
+        if costs:
+            outcome = PluginOutcome("train")
+            outcome.measures = [
+                ("monitor", "1", MeasureValue(name=f"monitor/{name}", value=value))
+                for name, value in sorted(costs.items())
+            ]
+            self._pending.events.append((StepSummary(step=final_step, sites=[]), outcome))
         self.persist(limit=None)
         alerts: list[AlertValue] = []
         try:
@@ -240,7 +259,7 @@ def serve(in_fd: int, out_fd: int) -> int:
             elif kind == "mark":
                 write_frame(out_fd, ("mark", message[1]))
             elif kind == "finish":
-                alerts = host.finish(message[1])
+                alerts = host.finish(message[1], message[2] if len(message) > 2 else None)
                 write_frame(
                     out_fd,
                     (

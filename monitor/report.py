@@ -22,6 +22,10 @@ HEATMAPS = (
     ("jaccard_final", "probe_set"),
     ("signed", "probe_set"),
     ("D", "apt"),
+    # sample-set averages of seed 002 (plugins/sample_sets.py), on a labelled probe set
+    ("activation_fraction", "probe_set"),
+    ("predictability", "probe_set"),
+    ("informativeness", "probe_set"),
 )
 TIMELINE = (
     ("T_mean", "apt"),
@@ -53,7 +57,11 @@ def site_table(points: Sequence[MeasurePoint], measures: Sequence[str] = TABLE_M
 
 
 def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
-    """Render every figure of a stored run into ``out_dir``; returns the files written."""
+    """Render every figure of a stored run into ``out_dir``; returns the files written.
+
+    The PNG figures, then ``report.html``: the page with the run's facts, the figures and an
+    interactive Sankey per stored activation pattern diagram (``monitor.report_html``).
+    """
     import matplotlib.pyplot as plt
 
     from monitor import plots
@@ -82,13 +90,23 @@ def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
     ]
     panels = [panel for panel in TIMELINE if panel in present]
     figures["timeline"] = plots.timeline(losses, measures, panels, alerts)
+    diagrams = store.diagrams(run_id)
+    if diagrams:
+        from monitor.plots_samples import flow_clusters
+
+        figures["flow_clusters"] = flow_clusters(diagrams)
     written = []
     for name, figure in figures.items():
         path = out_dir / f"{name}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
-    return written
+    from monitor.report_html import write_html_report
+
+    page = write_html_report(
+        store.run(run_id), sites, measures, written, diagrams, out_dir / "report.html"
+    )
+    return [*written, page]
 
 
 def log_report_to_mlflow(tracking_uri: str, mlflow_run_id: str, files: Sequence[Path]) -> None:

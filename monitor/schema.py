@@ -152,6 +152,77 @@ class SiteSummary(WireModel):
         return self
 
 
+# -- activation pattern diagrams (Craighero et al., seed 003; monitor/client/diagram.py) ---------
+# Bounds of one diagram: nodes kept per level, edges kept per pair of levels, Fig. 3 cells.
+MAX_DIAGRAM_NODES = 256
+MAX_DIAGRAM_EDGES = 1024
+MAX_DIAGRAM_CELLS = 512
+
+
+class DiagramLevel(WireModel):
+    """One level of a diagram: a site's patterns on the probe subset, or the predicted labels.
+
+    ``counts[i]``/``errors[i]`` are the samples of kept node i and how many of them were
+    misclassified, most frequent node first; ``other``/``other_errors`` those of every pattern
+    not kept (one "other patterns" node). ``labels[i]`` is node i's label on the label level.
+    """
+
+    name: str = Field(min_length=1, max_length=512)
+    distinct: NonNegInt
+    counts: list[NonNegInt] = Field(max_length=MAX_DIAGRAM_NODES)
+    errors: list[NonNegInt] = Field(max_length=MAX_DIAGRAM_NODES)
+    other: NonNegInt = 0
+    other_errors: NonNegInt = 0
+    labels: list[int] | None = Field(default=None, max_length=MAX_DIAGRAM_NODES)
+
+
+class DiagramFlows(WireModel):
+    """The flows of samples from one level to the next.
+
+    ``edges`` holds (source node, target node, samples, errors, top) for the kept edges, largest
+    first; node -1 is the level's "other patterns" node, ``top`` the count of the edge's most
+    frequent predicted label. ``rest`` is (samples, errors, edges) of the edges not kept.
+    A flow cluster is a set of samples with the same pattern at both levels (the source's
+    "flows"): ``clusters`` counts them, ``strength_sum`` is sum over samples of their cluster's
+    size, ``top_sum`` the sum over clusters of their most frequent predicted label's count (so the
+    sample-weighted mean purity is top_sum / samples), and ``cells`` the source's Fig. 3
+    histogram: (strength bin b: size in [2^b, 2^(b+1)), purity bin q: purity in [q/10, (q+1)/10),
+    the last bin closed, samples, errors).
+    """
+
+    edges: list[tuple[int, int, NonNegInt, NonNegInt, NonNegInt]] = Field(
+        max_length=MAX_DIAGRAM_EDGES
+    )
+    rest: tuple[NonNegInt, NonNegInt, NonNegInt] = (0, 0, 0)
+    clusters: NonNegInt
+    strength_sum: NonNegInt
+    top_sum: NonNegInt
+    cells: list[tuple[NonNegInt, NonNegInt, NonNegInt, NonNegInt]] = Field(
+        max_length=MAX_DIAGRAM_CELLS
+    )
+
+
+class ActivationDiagram(WireModel):
+    """An activation pattern diagram of a labelled probe subset (seed 003, Sec. 2, extended).
+
+    ``levels`` are the sites in forward order and, last, the predicted labels; ``flows[i]`` goes
+    from ``levels[i]`` to ``levels[i + 1]``.
+    """
+
+    samples: NonNegInt
+    levels: list[DiagramLevel] = Field(max_length=MAX_SITES + 1)
+    flows: list[DiagramFlows] = Field(max_length=MAX_SITES)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ActivationDiagram:
+        if self.levels and len(self.flows) != len(self.levels) - 1:
+            raise ValueError("a diagram has one flows entry per pair of consecutive levels")
+        return self
+
+
+# -- end of activation pattern diagrams ----------------------------------------------------------
+
+
 class StepSummary(WireModel):
     """All sites' summaries at one step from one source."""
 
@@ -164,6 +235,8 @@ class StepSummary(WireModel):
     # Step-level numbers the client measured beside the sites (learning rate, a scheduler's
     # target, a norm): stored as measures of the step by the ``scalars`` plugin.
     scalars: dict[ScalarName, float] | None = Field(default=None, max_length=MAX_SCALARS)
+    # An activation pattern diagram of the labelled probe subset, on some probe-set evaluations.
+    diagram: ActivationDiagram | None = None
 
 
 class SiteProbe(WireModel):

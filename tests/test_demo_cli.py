@@ -48,11 +48,21 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
             m for m in store.measures(run_id, name="rel_entropy", site=site) if m.source == "train"
         ]
         assert [m.step for m in stored] == list(range(40))
-        history = client.get_metric_history(
+        # MLflow gets the site means by default (mlflow_keys="summary"), not each site's keys.
+        assert not client.get_metric_history(
             mlflow_run_id, f"ap/rel_entropy/{site.replace('#', ':')}"
         )
-        assert sorted(m.step for m in history) == list(range(40))
-        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [m.value for m in stored]
+    means = {
+        m.step: m.value
+        for m in store.measures(run_id, name="rel_entropy_mean")
+        if m.source == "train"
+    }
+    history = client.get_metric_history(mlflow_run_id, "ap/rel_entropy_mean")
+    # A key gets a point at most every 0.1 s, and its last point always: steps 0 and 39 are in.
+    steps = [m.step for m in history]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 39
+    assert all(m.value == means[m.step] for m in history)
+    assert [m.step for m in client.get_metric_history(mlflow_run_id, "train/loss")][-1] == 39
     assert client.get_run(mlflow_run_id).data.tags["apmon.run_id"] == run_id
     figures = sorted(p.name for p in (tmp_path / "apmon-report" / run_id).glob("*.png"))
     expected = {
@@ -65,7 +75,16 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
     }
     assert expected <= set(figures)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run_id, "apmon-report")}
-    assert artifacts == {f"apmon-report/{name}" for name in figures}
+    assert artifacts == {f"apmon-report/{name}" for name in [*figures, "report.html"]}
+    # the labelled probe set: seed-002 measures per site, diagrams at 0, 25 and the last step
+    sample_sets = {
+        (m.name, m.site) for m in store.measures(run_id, name="predictability") if m.site
+    }
+    assert sample_sets == {("predictability", site) for site in DEMO_SITES}
+    assert [step for step, _ in store.diagrams(run_id)] == [0, 25, 39]
+    assert {"heatmap_probe_set_predictability.png", "flow_clusters.png"} <= set(figures)
+    page = (tmp_path / "apmon-report" / run_id / "report.html").read_text(encoding="utf-8")
+    assert page.count('"type":"sankey"') == 3
 
 
 def test_commands_refuse_an_out_of_date_database_and_upgrade_fixes_it(tmp_path: Path) -> None:

@@ -82,6 +82,8 @@ def _fill_run(store: SqlStore) -> str:
 def test_render_report_writes_every_figure(store: SqlStore, tmp_path: Path) -> None:
     run_id = _fill_run(store)
     files = render_report(store, run_id, tmp_path / "out")
+    assert files[-1] == tmp_path / "out" / "report.html"  # the page comes last
+    files = files[:-1]
     names = {f.stem for f in files}
     assert names == {
         "heatmap_train_rel_entropy",

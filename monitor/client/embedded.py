@@ -83,6 +83,12 @@ class EmbeddedTransport:
                 env=env,
                 stdin=subprocess.DEVNULL,
             )
+        except OSError as error:
+            logger.error("apmon could not start its host process (%s); nothing is stored", error)
+            self._dead = True
+            for fd in (to_host_w, from_host_r):
+                os.close(fd)
+            return self.run_id
         finally:
             os.close(to_host_r)
             os.close(from_host_w)
@@ -168,7 +174,12 @@ class EmbeddedTransport:
         if self._process is None or self._done:
             return
         self._done = True
-        self._send(("finish", final_step))
+        costs = {
+            "dropped_records": float(self.dropped),
+            "waited_seconds": self.waited_seconds,
+            "late_marks": float(self.late_marks),
+        }
+        self._send(("finish", final_step, costs))
         deadline = time.monotonic() + self.settings.finish_timeout_seconds
         finished = False
         while not self._dead and time.monotonic() < deadline:

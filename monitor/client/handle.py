@@ -26,8 +26,9 @@ from monitor.client.apt import (
     AptProber,
 )
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
+from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
-from monitor.client.probeset import ProbeSet, probe_summary
+from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
 from monitor.client.schedules import Schedule, as_schedule
 from monitor.client.summary import DEFAULT_SKETCH_K, SiteStats, measure, to_wire
@@ -39,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 AlertCallback = Callable[[AlertValue], None]
+# The training forward's summary covers the first rows (samples) of each batch: the detectors
+# judge a batch by a sample of it, and the capture costs a quarter of a 128-batch's (see
+# benchmarks/e2e.py). ``capture_rows=None`` summarises every row.
+DEFAULT_CAPTURE_ROWS = 32
 _SCALAR_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 
 
@@ -63,8 +68,11 @@ class Monitor:
         sweep_every: int | Schedule | None = None,
         sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
         probe_rows: int | None = DEFAULT_PROBE_ROWS,
-        probe_set: ProbeSet | torch.Tensor | None = None,
+        capture_rows: int | None = DEFAULT_CAPTURE_ROWS,
+        probe_set: ProbeSet | torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         probe_every: int | Schedule = 100,
+        apd_every: int | Schedule | None = None,
+        apd_rows: int = DEFAULT_DIAGRAM_ROWS,
         merge_ranks: bool = False,
         process_group: Any = None,
     ) -> None:
@@ -74,6 +82,9 @@ class Monitor:
         self.schedule = as_schedule(every)
         self.site_filter = SiteFilter(tuple(include), tuple(exclude))
         self.sketch_k = sketch_k
+        if capture_rows is not None and capture_rows < 1:
+            raise ValueError(f"capture_rows must be >= 1, got {capture_rows}")
+        self.capture_rows = capture_rows
         self.on_alert = on_alert
         self.step = 0
         self.sites: dict[str, SiteInfo] = {}
@@ -89,10 +100,14 @@ class Monitor:
         self._in_step_function = False
         self._marks: list[int] = []
         # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
-        if probe_set is not None and not isinstance(probe_set, ProbeSet):
-            probe_set = ProbeSet(probe_set)
-        self.probe_set: ProbeSet | None = probe_set
+        self.probe_set: ProbeSet | None = None if probe_set is None else as_probe_set(probe_set)
         self.probe_schedule = as_schedule(probe_every)
+        self.diagrams = DiagramSchedule(apd_every)  # diagrams of the labelled probe subset
+        self.apd_rows = apd_rows
+        self._last_probe_step: int | None = None
+        # The latest probe-set summary waits one step, so that the run's end can still add a
+        # diagram to it when it was measured on the final parameters.
+        self._pending_probe: StepSummary | None = None
         self.merge_ranks = merge_ranks
         self.process_group = process_group
         if merge_ranks and not is_leader(process_group):
@@ -138,8 +153,12 @@ class Monitor:
         try:
             x = preactivation.detach()
             kind = site_kind(x)
+            labels = self._labels
+            if self.capture_rows is not None and x.dim() > 1 and x.shape[0] > self.capture_rows:
+                x = x[: self.capture_rows]
+                labels = None if labels is None else labels[: self.capture_rows]
             with torch.no_grad():
-                stats = measure(x, kind, self._labels)
+                stats = measure(x, kind, labels)
             if name not in self.sites:
                 info = SiteInfo(name=name, kind=kind, mode=mode, units=stats.units)
                 self.sites[name] = info
@@ -188,7 +207,9 @@ class Monitor:
     # -- end of APT probes and sweeps ----------------------------------------------------------
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        # A summary still held for its loss goes first: records reach the host in step order.
+        # Records still held (a summary waiting for its loss, the last probe-set summary) go
+        # first: records reach the host in step order.
+        self._send_pending_probe()
         self._flush_and_mark()
         self._run_probes()
         self._run_probe_set()
@@ -228,6 +249,12 @@ class Monitor:
     def _run_probe_set(self) -> None:
         if self.probe_set is None or not self.probe_schedule(self.step):
             return
+        self._evaluate_probe_set(self.step, diagram=self.diagrams.due(self.step))
+
+    def _evaluate_probe_set(self, step: int, diagram: bool) -> None:
+        if self.probe_set is None:
+            return
+        self._last_probe_step = step
         try:
             result = evaluate_probe_set(self.model, self.tracker, self.probe_set, self.site_filter)
             if self.merge_ranks:
@@ -242,9 +269,41 @@ class Monitor:
             if self._new_sites:
                 self.transport.add_sites(self._new_sites)
                 self._new_sites = []
-            self.transport.send_summary(probe_summary(self.step, result, self.sketch_k))
+            summary = probe_summary(step, result, self.sketch_k)
+            if diagram:  # with merged ranks: the leader's own probe subset
+                summary.diagram = sample_diagram(
+                    self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+                )
+                if summary.diagram is not None:
+                    self.diagrams.last_step = step
+            self._send_pending_probe()
+            self._pending_probe = summary
         except Exception:
-            logger.exception("apmon probe set failed at step %d; training continues", self.step)
+            logger.exception("apmon probe set failed at step %d; training continues", step)
+
+    def _send_pending_probe(self) -> None:
+        try:
+            if self._pending_probe is not None:
+                self.transport.send_summary(self._pending_probe)
+        except Exception:
+            logger.exception("apmon could not queue a probe-set summary; training continues")
+        self._pending_probe = None
+
+    def _final_diagram(self) -> None:
+        """A diagram of the final parameters, unless the last evaluation there has one."""
+        final = self.step - 1
+        if self.probe_set is None or not self.diagrams.final_due(final):
+            return
+        pending = self._pending_probe
+        if pending is None or pending.step != final:
+            self._evaluate_probe_set(final, diagram=True)
+            return
+        try:  # the last evaluation saw the final parameters: its summary gets the diagram
+            pending.diagram = sample_diagram(
+                self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+            )
+        except Exception:
+            logger.exception("apmon could not draw the final diagram; training is done anyway")
 
     # -- end of fixed probe set ---------------------------------------------------------------
 
@@ -283,7 +342,7 @@ class Monitor:
                 self._wait_for_mark(previous)
             except Exception:
                 logger.exception("apmon could not wait for its host")
-        alerts = self.transport.poll_alerts()
+        alerts = sorted(self.transport.poll_alerts(), key=lambda alert: alert.step)
         self.alerts.extend(alerts)
         if self.on_alert is not None:
             for alert in alerts:
@@ -372,11 +431,14 @@ class Monitor:
         if self.closed:
             return
         self.closed = True
+        if not self.merge_ranks:  # ranks may close at different times: no collective here
+            self._final_diagram()
         self.tracker.close()
         self._step_hook.remove()
         for hook in self._probe_hooks:
             hook.remove()
         atexit.unregister(self._atexit)
+        self._send_pending_probe()
         try:
             self._flush_pending()
             self.transport.finish(max(self.step - 1, 0))
@@ -442,8 +504,11 @@ def watch(
     ``name``, ``on_alert`` (called on the training thread; may raise to stop training),
     ``config`` (logged with the run); a fixed probe set: ``probe_set`` (tensor, DataLoader or
     ``ProbeSet``) evaluated every ``probe_every`` steps (int k or schedule; see
-    ``monitor.client.probeset``); ``merge_ranks`` (merge data-parallel ranks' statistics exactly,
-    rank 0 ships; ``process_group``); APT probes (see ``monitor.client.apt``): ``apt_every``
+    ``monitor.client.probeset``; a tuple ``(inputs, labels)`` or a DataLoader of labelled batches
+    adds the sample-set measures and activation pattern diagrams of ``apd_rows`` samples on the
+    evaluations ``apd_every`` selects, see ``monitor.client.diagram``); ``merge_ranks`` (merge
+    data-parallel ranks' statistics exactly, rank 0 ships; ``process_group``); APT probes (see
+    ``monitor.client.apt``): ``apt_every``
     (int k or schedule; default every 8 steps, as the thesis; ``None`` turns probes off),
     ``sweep_every`` (sensitivity sweeps, default none),
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``

@@ -70,6 +70,27 @@ class ProbeSet:
         return x
 
 
+def as_probe_set(value: ProbeSet | torch.Tensor | tuple[Any, ...] | Iterable[Any]) -> ProbeSet:
+    """What ``watch(probe_set=...)`` accepts, as a ``ProbeSet``.
+
+    A ``ProbeSet`` as it is; a tuple ``(inputs, labels)`` of two tensors as a labelled probe set
+    (the per-class counts of seed 002 and the diagrams need labels); a tensor or an iterable such
+    as a DataLoader as the data (a DataLoader of ``(inputs, labels)`` batches is labelled).
+    """
+    if isinstance(value, ProbeSet):
+        return value
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(part, torch.Tensor) for part in value)
+    ):
+        inputs, labels = value
+        if labels.shape[0] != inputs.shape[0]:
+            raise ValueError(f"probe set of {inputs.shape[0]} inputs but {labels.shape[0]} labels")
+        return ProbeSet(inputs, labels=labels)
+    return ProbeSet(value)
+
+
 @contextmanager
 def untouched(model: nn.Module) -> Iterator[None]:
     """Run a block that forwards ``model``; leave every buffer and random generator as it was.

@@ -54,6 +54,7 @@ class MlflowSink:
         # charts sample long series anyway; the apmon database keeps every step.
         self._min_interval = min_interval_seconds
         self._last_logged: dict[str, float] = {}
+        self._held: dict[str, Metric] = {}  # each key's newest point not logged yet
 
     def log_params(self, params: dict[str, object]) -> None:
         """Log run configuration as MLflow params."""
@@ -68,8 +69,7 @@ class MlflowSink:
         for _, _, measure in outcome.measures:
             if self._all_sites or measure.site is None:
                 key = metric_key(measure)
-                if self._due(key, clock):
-                    self._buffer.append(Metric(key, measure.value, now, step))
+                self._add(Metric(key, measure.value, now, step), clock)
         for _, _, at_step, measure in outcome.backfill:
             if self._all_sites or measure.site is None:
                 self._buffer.append(Metric(metric_key(measure), measure.value, now, at_step))
@@ -84,17 +84,18 @@ class MlflowSink:
 
     def log_metric(self, key: str, value: float, step: int) -> None:
         """Buffer one metric that is not a plugin measure (e.g. the training loss)."""
-        if self._due(key, time.monotonic()):
-            self._buffer.append(Metric(key, value, int(time.time() * 1000), step))
+        self._add(Metric(key, value, int(time.time() * 1000), step), time.monotonic())
 
-    def _due(self, key: str, clock: float) -> bool:
-        if self._min_interval <= 0:
-            return True
-        last = self._last_logged.get(key)
-        if last is not None and clock - last < self._min_interval:
-            return False
-        self._last_logged[key] = clock
-        return True
+    def _add(self, metric: Metric, clock: float) -> None:
+        """Buffer a point when its key is due; else hold it as the key's newest (see close)."""
+        if self._min_interval > 0:
+            last = self._last_logged.get(metric.key)
+            if last is not None and clock - last < self._min_interval:
+                self._held[metric.key] = metric
+                return
+            self._last_logged[metric.key] = clock
+            self._held.pop(metric.key, None)
+        self._buffer.append(metric)
 
     def flush(self) -> None:
         """Send buffered metrics in batches of at most 1000."""
@@ -103,7 +104,9 @@ class MlflowSink:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def close(self, status: str = "FINISHED") -> None:
-        """Flush, and end the MLflow run when this sink created it."""
+        """Flush (each key's last point included), and end the MLflow run if this sink made it."""
+        self._buffer += self._held.values()
+        self._held.clear()
         self.flush()
         if self._owns_run:
             self.client.set_terminated(self.run_id, status=status)

@@ -127,6 +127,20 @@ class StepRow(Base):
     sample_indices: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
 
 
+class DiagramRow(Base):
+    """An activation pattern diagram of the labelled probe subset at one step.
+
+    ``payload`` is the wire ``ActivationDiagram``, bounded in size by the client (a few kB).
+    """
+
+    __tablename__ = "diagrams"
+    __table_args__ = (UniqueConstraint("run_id", "step"),)
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class MeasureRow(Base):
     """One scalar produced by a plugin; ``site_id`` NULL means run-level."""
 

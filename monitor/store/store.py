@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import override
 
 from monitor.schema import (
+    ActivationDiagram,
     AlertValue,
     FitValue,
     MeasureValue,
@@ -50,6 +51,7 @@ from monitor.store.entities import AlertRecord, FitPoint, MeasurePoint, ProbePoi
 from monitor.store.models import (
     AlertRow,
     ApiTokenRow,
+    DiagramRow,
     FitRow,
     IngestBatchRow,
     MeasureRow,
@@ -120,6 +122,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def step_summaries(self, run_id: str, source: str) -> Iterator[StepSummary]:
         """Stored step summaries of one source, in step order."""
+
+    @abc.abstractmethod
+    def diagrams(self, run_id: str) -> list[tuple[int, ActivationDiagram]]:
+        """Stored activation pattern diagrams as (step, diagram), in step order."""
 
     @abc.abstractmethod
     def measures(
@@ -380,31 +386,17 @@ class SqlStore(Store):
 
     @override
     def save_summary(self, run_id: str, summary: StepSummary) -> None:
-        with self._session(f"save summary of step {summary.step}") as session:
-            self._check_run(session, run_id)
-            ids = self._site_id_map(session, run_id)
-            rows = [
-                {
-                    "run_id": run_id,
-                    "site_id": self._site_id(ids, site.site, run_id),
-                    "step": summary.step,
-                    "source": summary.source,
-                    "rows": site.rows,
-                    "payload": site.model_dump(mode="json", exclude={"site"}),
-                }
-                for site in summary.sites
-            ]
-            if summary.loss is not None or summary.sample_indices is not None:
-                session.add(
-                    StepRow(
-                        run_id=run_id,
-                        step=summary.step,
-                        source=summary.source,
-                        loss=summary.loss,
-                        sample_indices=summary.sample_indices,
-                    )
-                )
-            _insert_many(session, SummaryRow, rows)
+        self.save_events(run_id, [], [(summary, PluginOutcome(summary.source))], {})
+
+    @override
+    def diagrams(self, run_id: str) -> list[tuple[int, ActivationDiagram]]:
+        with self._session("read diagrams") as session:
+            rows = session.execute(
+                select(DiagramRow.step, DiagramRow.payload)
+                .where(DiagramRow.run_id == run_id)
+                .order_by(DiagramRow.step)
+            ).all()
+        return [(step, ActivationDiagram.model_validate(payload)) for step, payload in rows]
 
     @override
     def step_summaries(self, run_id: str, source: str) -> Iterator[StepSummary]:
@@ -438,24 +430,7 @@ class SqlStore(Store):
 
     @override
     def save_probe(self, run_id: str, probe: ProbeRecord) -> None:
-        with self._session(f"save probe of step {probe.step}") as session:
-            self._run_row(session, run_id)
-            ids = self._site_id_map(session, run_id)
-            for site in probe.sites:
-                site_id = self._site_id(ids, site.site, run_id)
-                for eta, changed in zip(site.etas, site.changed, strict=True):
-                    session.add(
-                        ProbeRow(
-                            run_id=run_id,
-                            site_id=site_id,
-                            step=probe.step,
-                            kind=probe.kind,
-                            lr=probe.lr,
-                            eta=eta,
-                            rows=site.rows,
-                            changed=changed,
-                        )
-                    )
+        self.save_events(run_id, [], [(probe, PluginOutcome(probe.kind))], {})
 
     # -- plugin results ----------------------------------------------------------------------
 
@@ -573,7 +548,7 @@ class SqlStore(Store):
         steps at a time this way (per-event sessions cost milliseconds each).
         """
         with self._session(f"save {len(events)} events") as session:
-            self._run_row(session, run_id)
+            self._check_run(session, run_id)
             if sites:
                 self._add_sites(session, run_id, sites)
             ids = self._site_id_map(session, run_id)
@@ -588,8 +563,17 @@ class SqlStore(Store):
             fits: list[dict[str, Any]] = []
             alerts: list[dict[str, Any]] = []
             errors: list[dict[str, Any]] = []
+            diagrams: list[dict[str, Any]] = []
             for event, outcome in events:
                 if isinstance(event, StepSummary):
+                    if event.diagram is not None:
+                        diagrams.append(
+                            {
+                                "run_id": run_id,
+                                "step": event.step,
+                                "payload": event.diagram.model_dump(mode="json"),
+                            }
+                        )
                     if event.loss is not None or event.sample_indices is not None:
                         steps.append(
                             {
@@ -678,6 +662,7 @@ class SqlStore(Store):
             _insert_many(session, SummaryRow, summaries)
             _insert_many(session, ProbeRow, probes)
             _insert_many(session, MeasureRow, measures)
+            _insert_many(session, DiagramRow, diagrams)
             for model, rows in ((FitRow, fits), (AlertRow, alerts), (PluginErrorRow, errors)):
                 if rows:  # ORM bulk insert: fills Python-side defaults such as created_at
                     session.execute(insert(model), rows)
@@ -693,7 +678,9 @@ class SqlStore(Store):
                     PluginStateRow,
                     [{"run_id": run_id, "plugin": n, "state": st} for n, st in states.items()],
                 )
-        self._states_cache.pop(run_id, None)
+        cached = self._states_cache.get(run_id)
+        if states and cached is not None:
+            cached.update(_copy_states(dict(states)))
 
     def last_alert_step(self, run_id: str, dedup_key: str) -> int | None:
         """Step of the newest stored alert with this key (for cool-downs)."""

@@ -131,19 +131,21 @@ def test_sequence_site_counts_one_row_per_token():
     assert site.rows == 21 and len(site.unit_on) == 5
 
 
-def test_dense_summary_equals_brute_force():
+@pytest.mark.parametrize("capture_rows", [None, 1, 32, 199, 200, 500])
+def test_dense_summary_equals_brute_force(capture_rows: int | None) -> None:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     x = torch.randn(200, 3)
-    pre = (model[0](x) > 0).tolist()
+    rows = 200 if capture_rows is None else min(capture_rows, 200)
+    pre = (model[0](x[:rows]) > 0).tolist()  # the summary covers the batch's first rows
     transport = ListTransport()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with Monitor(model, opt, transport):
+    with Monitor(model, opt, transport, capture_rows=capture_rows):
         model(x).sum().backward()
         opt.step()
     site = transport.summaries[0].sites[0]
     counter = Counter(tuple(r) for r in pre)
-    assert site.rows == 200 and site.distinct == len(counter)
+    assert site.rows == rows and site.distinct == len(counter)
     assert sorted(site.spectrum) == sorted(Counter(counter.values()).items())
     assert site.unit_on == [sum(r[j] for r in pre) for j in range(4)]
     assert site.patterns_exact and sorted(c for _, c in site.patterns) == sorted(counter.values())

@@ -113,6 +113,11 @@ def test_every_step_is_stored_once_with_its_loss(tmp_path: Path) -> None:
     assert sorted({p.step for p in store.probes(mon.run_id)}) == list(range(40))
     assert store.run(mon.run_id).status == "finished"
     assert mon.transport.failures == 0  # type: ignore[attr-defined]
+    # What the run cost the training side is stored with it.
+    (dropped,) = store.measures(mon.run_id, name="monitor/dropped_records")
+    assert (dropped.step, dropped.value) == (39, 0.0)
+    (waited,) = store.measures(mon.run_id, name="monitor/waited_seconds")
+    assert waited.value == pytest.approx(mon.transport.waited_seconds)  # type: ignore[attr-defined]
 
 
 def test_a_killed_host_never_stops_training(
@@ -177,3 +182,65 @@ def test_records_reach_the_host_in_step_order_with_probes_every_step(tmp_path: P
     steps = [e.step for e in transport.events if hasattr(e, "step")]
     assert steps == sorted(steps)
     assert len(transport.summaries) == 6 and len(transport.probes) == 6
+
+
+def test_a_host_that_stops_reading_costs_bounded_memory_and_is_reported(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    # Wide sites make records of several kB: 400 steps overflow the 1 MiB pipe and the buffer.
+    model = nn.Sequential(nn.Linear(6, 1024), nn.ReLU(), nn.Linear(1024, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'apmon.db'}",
+        mlflow_tracking_uri="",
+        alert_wait_seconds=0.2,
+        embedded_buffer_bytes=64 * 1024,
+    )
+    mon = watch(model, opt, settings=settings)
+    _wait_until_started(mon)
+    transport = mon.transport
+    pid = transport._process.pid  # type: ignore[attr-defined]
+
+    @mon
+    def step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    for _ in range(5):
+        step(torch.randn(64, 6))
+    os.kill(pid, signal.SIGSTOP)  # the host stops reading: the pipe fills, then the buffer
+    try:
+        for _ in range(400):
+            step(torch.randn(64, 6))
+            assert transport._unsent_bytes <= 64 * 1024  # type: ignore[attr-defined]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    mon.close()
+    assert mon.step == 405
+    assert transport.late_marks >= 1  # type: ignore[attr-defined]
+    assert transport.dropped > 0  # type: ignore[attr-defined]
+    store = open_store(settings.database_url)
+    (dropped,) = store.measures(mon.run_id, name="monitor/dropped_records")
+    assert dropped.value == transport.dropped  # type: ignore[attr-defined]
+    stored = len(list(store.step_summaries(mon.run_id, "train")))
+    assert stored < 405  # the oldest records past the bound were dropped, as counted
+    assert store.run(mon.run_id).status == "finished"
+
+
+def test_a_host_that_cannot_be_started_costs_no_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monkeypatch.setattr("sys.executable", str(tmp_path / "no-such-python"))
+    with caplog.at_level(logging.ERROR):
+        mon = watch(model, opt, settings=_settings(tmp_path))
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(8, 6)).sum().backward()
+            opt.step()
+        mon.close()
+    assert mon.step == 5
+    assert "could not start its host process" in caplog.text

@@ -13,7 +13,7 @@ from monitor.store.models import Base
 
 
 def test_one_head() -> None:
-    assert head_revision() == "0001"
+    assert head_revision() == "0003"
 
 
 def test_migrated_database_matches_models(db_engine: Engine) -> None:

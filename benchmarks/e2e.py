@@ -1,0 +1,386 @@
+"""What a user pays: a whole monitored run (loop + ``close()``) against plain training.
+
+Each measurement is a fresh process that builds the model, trains it plainly or under
+``@monitor.watch(model, opt, ...)`` with the embedded store (SQLite) and MLflow (SQLite store)
+on, and reports its times. Processes of one round run one after another, modes interleaved, so
+the machine's load hits every mode alike; ratios are medians over rounds with a 90% bootstrap
+interval. Modes:
+
+- ``plain``: no monitor;
+- ``defaults``: ``watch(model, opt)`` as a user writes it (detectors on at their defaults);
+- ``every10``: ``watch(model, opt, every=10)``;
+- ``capture``: ``watch(model, opt)`` with a transport that drops every record: the capture path
+  alone, the breakdown of ``defaults``.
+
+    python benchmarks/e2e.py                       # the table, torch at its default threads
+    python benchmarks/e2e.py --threads 1 --threads 0 --rounds 3
+    python benchmarks/e2e.py --soak 10000           # RSS and queue of 10,000 small-MLP steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import ResNet20, mlp
+from overhead import median_interval
+
+MODELS = ("resnet20", "mlp3072", "digits_cnn", "mlp_small")
+MODES = ("plain", "defaults", "every10", "capture")
+TARGETS = {"resnet20": 1.10, "mlp3072": 1.15, "digits_cnn": 1.5}
+
+
+def digits_cnn() -> nn.Module:
+    """The demo's CNN: two conv ReLU sites and one dense, 8x8 inputs."""
+    from monitor.demo import DigitsCNN
+
+    return DigitsCNN()
+
+
+def small_mlp() -> nn.Module:
+    """MLP 32-128-128-64 with three ReLU sites."""
+    return nn.Sequential(
+        nn.Linear(32, 128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The model and one fixed batch (inputs, labels) of the size in the issue's table."""
+    torch.manual_seed(0)
+    makers: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+        "resnet20": (ResNet20, (128, 3, 32, 32)),
+        "mlp3072": (mlp, (128, 3072)),
+        "digits_cnn": (digits_cnn, (64, 1, 8, 8)),
+        "mlp_small": (small_mlp, (64, 32)),
+    }
+    make, shape = makers[name]
+    return make(), torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+
+
+class DropTransport:
+    """Takes every record and keeps nothing: what the capture path costs on its own."""
+
+    run_id = "capture-only"
+
+    def start_run(self, start: Any) -> str:
+        return self.run_id
+
+    def add_sites(self, sites: Any) -> None:
+        """Drop."""
+
+    def send_summary(self, summary: Any) -> None:
+        """Drop."""
+
+    def send_probe(self, probe: Any) -> None:
+        """Drop."""
+
+    def poll_alerts(self) -> list[Any]:
+        return []
+
+    def finish(self, final_step: int) -> None:
+        """Nothing to finish."""
+
+
+def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict[str, Any]:
+    """One measurement in this process; the figures as a dict."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, x, y = build(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    for _ in range(3):  # allocator and thread-pool warm-up, as a user's first steps
+        step()
+    figures: dict[str, Any] = {"model": name, "mode": mode, "threads": threads, "steps": steps}
+    if mode == "plain":
+        begin = time.perf_counter()
+        for _ in range(steps):
+            step()
+        figures["total_s"] = time.perf_counter() - begin
+        return figures
+    import monitor
+    from monitor.settings import Settings
+
+    settings = Settings(
+        database_url=f"sqlite:///{folder / 'apmon.db'}",
+        mlflow_tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+    )
+    options: dict[str, Any] = {"every": 10} if mode == "every10" else {}
+    transport = DropTransport() if mode == "capture" else None
+    delays: list[int] = []
+    begin = time.perf_counter()
+    mon = monitor.watch(
+        model,
+        opt,
+        settings=settings,
+        transport=transport,
+        on_alert=lambda alert: delays.append(mon.step - 1 - alert.step),
+        **options,
+    )
+    setup = time.perf_counter() - begin
+    monitored = mon(step)
+    lag = 0
+    for _ in range(steps):
+        monitored()
+        marks = getattr(mon.transport, "_marks_sent", 0) - getattr(mon.transport, "_marks_seen", 0)
+        lag = max(lag, marks)
+    loop_end = time.perf_counter()
+    mon.close()
+    end = time.perf_counter()
+    figures.update(
+        total_s=end - begin,
+        setup_s=setup,
+        loop_s=loop_end - begin - setup,
+        close_s=end - loop_end,
+        captured=sum(1 for s in range(steps + 3) if mon.schedule(s)),
+        waited_s=getattr(mon.transport, "waited_seconds", 0.0),
+        late_marks=getattr(mon.transport, "late_marks", 0),
+        dropped=getattr(mon.transport, "dropped", 0),
+        max_lag_steps=lag,
+        alerts=len(mon.alerts),
+        max_alert_delay=max(delays, default=None),
+        rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        host_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    )
+    return figures
+
+
+def spawn(args: list[str]) -> dict[str, Any]:
+    """Run one worker process; its JSON figures."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def calibrate(name: str, threads: int, seconds: float, folder: Path) -> int:
+    """Steps whose plain loop takes about ``seconds``."""
+    probe = spawn([name, "plain", str(threads), "20", str(folder)])
+    per_step = probe["total_s"] / 20
+    return max(20, int(seconds / per_step))
+
+
+def prepare_stores(folder: Path) -> None:
+    """Create the SQLite and MLflow stores once, as a user's first run does, outside the timing."""
+    spawn(["mlp_small", "defaults", "1", "20", str(folder)])
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_table(args: argparse.Namespace) -> dict[str, Any]:
+    """Every model x mode x thread setting, in interleaved rounds; prints the tables."""
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="apmon-e2e-") as tmp:
+        folder = Path(tmp)
+        prepare_stores(folder)
+        for threads in args.threads:
+            steps = {m: calibrate(m, threads, args.seconds, folder) for m in args.models}
+            runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for round_no in range(args.rounds):
+                for name in args.models:
+                    for mode in args.modes:
+                        figures = spawn([name, mode, str(threads), str(steps[name]), str(folder)])
+                        runs.setdefault((name, mode), []).append(figures)
+                print(
+                    f"threads={threads or 'default'}: round {round_no + 1}/{args.rounds} done",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            results[str(threads)] = summarise(runs, args, threads)
+    return results
+
+
+def summarise(
+    runs: dict[tuple[str, str], list[dict[str, Any]]], args: argparse.Namespace, threads: int
+) -> dict[str, Any]:
+    """Ratios per model and mode, printed as the README's table and a breakdown."""
+    how = "set" if threads else "default"
+    label = f"torch threads: {threads or torch.get_num_threads()} ({how})"
+    out: dict[str, Any] = {}
+    rows, details = [], []
+    for name in args.models:
+        plain = runs[(name, "plain")]
+        per_step_ms = statistics.median(r["total_s"] / r["steps"] for r in plain) * 1e3
+        row = [name, f"{per_step_ms:.2f}"]
+        out[name] = {"plain_ms": per_step_ms}
+        for mode in args.modes:
+            if mode == "plain":
+                continue
+            ratios = [
+                m["total_s"] / p["total_s"] for m, p in zip(runs[(name, mode)], plain, strict=True)
+            ]
+            low, high = median_interval(ratios)
+            ratio = statistics.median(ratios)
+            measured = runs[(name, mode)]
+            added = [
+                (m["total_s"] - p["total_s"]) / max(m["captured"], 1) * 1e3
+                for m, p in zip(measured, plain, strict=True)
+            ]
+            out[name][mode] = {"ratio": ratio, "interval": [low, high], "runs": measured}
+            row.append(f"{ratio:.3f}x ({low:.3f}..{high:.3f})")
+            details.append(
+                [
+                    name,
+                    mode,
+                    f"{statistics.median(added):.3f}",
+                    f"{statistics.median(m['setup_s'] for m in measured):.3f}",
+                    f"{statistics.median(m['close_s'] for m in measured):.3f}",
+                    f"{max(m['waited_s'] for m in measured):.3f}",
+                    str(max(m["max_lag_steps"] for m in measured)),
+                    str(max(m["late_marks"] for m in measured)),
+                    f"{max(m['rss_mb'] for m in measured):.0f} / "
+                    f"{max(m['host_rss_mb'] for m in measured):.0f}",
+                ]
+            )
+        target = TARGETS.get(name)
+        row.append(f"<= {target}x" if target else "-")
+        rows.append(row)
+    print(f"\n## Whole run (loop + close) against plain training; {label}\n")
+    header = ["model", "plain ms/step", *[m for m in args.modes if m != "plain"], "target"]
+    print(table(rows, header))
+    print("\nBreakdown (medians over rounds; waits, lags and RSS the worst round):\n")
+    print(
+        table(
+            details,
+            [
+                "model",
+                "mode",
+                "added ms / captured step",
+                "watch() s",
+                "close() s",
+                "waited for host s",
+                "host lag (steps)",
+                "late marks",
+                "peak RSS MiB (job / host)",
+            ],
+        )
+    )
+    return out
+
+
+def soak(steps: int) -> dict[str, Any]:
+    """RSS growth and the host's lag over a long run of the small MLP at defaults."""
+    torch.set_num_threads(1)
+    import monitor
+    from monitor.settings import Settings
+
+    model, x, y = build("mlp_small")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with tempfile.TemporaryDirectory(prefix="apmon-soak-") as tmp:
+        folder = Path(tmp)
+        settings = Settings(
+            database_url=f"sqlite:///{folder / 'apmon.db'}",
+            mlflow_tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+        )
+        mon = monitor.watch(model, opt, settings=settings)
+
+        @mon
+        def step() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        rss: list[float] = []
+        lag = 0
+        for i in range(steps):
+            step()
+            transport = mon.transport
+            behind = getattr(transport, "_marks_sent", 0) - getattr(transport, "_marks_seen", 0)
+            lag = max(lag, behind)
+            if i % 500 == 0 or i == steps - 1:
+                rss.append(_current_rss_mb())
+        mon.close()
+        figures = {
+            "steps": steps,
+            "rss_mb_after_first_500": rss[1] if len(rss) > 1 else rss[0],
+            "rss_mb_end": rss[-1],
+            "growth_mb": rss[-1] - (rss[1] if len(rss) > 1 else rss[0]),
+            "max_lag_steps": lag,
+            "pending_end": transport.pending() if hasattr(transport, "pending") else 0,
+            "dropped": getattr(transport, "dropped", 0),
+            "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        }
+    print(json.dumps(figures, indent=2))
+    return figures
+
+
+def _current_rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        action="append",
+        help="torch threads per process (0: torch's default); repeat for several",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=8.0, help="length of each plain loop (sets the steps)"
+    )
+    parser.add_argument("--soak", type=int, metavar="STEPS", help="RSS/queue run of the small MLP")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.worker:
+        name, mode, threads, steps, folder = args.worker
+        print(json.dumps(worker(name, mode, int(threads), int(steps), Path(folder))))
+        return 0
+    if args.soak:
+        figures: dict[str, Any] = {"soak": soak(args.soak)}
+    else:
+        args.threads = args.threads or [0]
+        if "plain" not in args.modes:
+            args.modes = ["plain", *args.modes]
+        figures = run_table(args)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
