@@ -77,8 +77,11 @@ class StrikeDetector:
     carried it (``signal``: the one furthest past its limit), every statistic past its limit
     with its band, and the batch's sample indices when the summary carried them.
 
-    Tuning half / held-out half of ``benchmarks/scenarios`` (alerts as ``on_alert`` got them):
-    see the README there for the measured precision and recall.
+    Measured at ``watch()`` defaults on ``benchmarks/scenarios`` (alerts as ``on_alert`` got
+    them; thresholds tuned on the tuning half): on input corruptions, held-out precision 0.844,
+    recall 0.844 (tuning half 1.00 / 0.875; the loss-spike rule 0.076 / 0.719), label shuffles
+    8 of 8 (through the loss). The held-out hits were carried by the loss 13 times, the on-rate
+    shift 10, RMS 3, max |x| 1. Target (both >= 0.9) not met on the held-out half.
     """
 
     name = "strikes"
