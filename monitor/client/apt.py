@@ -35,11 +35,8 @@ def log_grid(low: float, high: float, points: int) -> tuple[float, ...]:
 # keep a sweep cheap and still give the transition fit several points inside the transition.
 THESIS_SWEEP_ETAS = log_grid(1e-4, 1e2, 50)
 DEFAULT_SWEEP_ETAS = log_grid(1e-4, 1e2, 16)
-# Thesis Appendix A.4, Table A.1: probing_step_size = 8. ``watch()`` probes at this schedule by
-# default, on the first DEFAULT_PROBE_ROWS rows of the batch (the detectors' temperature signal;
-# its cost is measured in benchmarks/scenarios/README.md).
+# Thesis Appendix A.4, Table A.1: probing_step_size = 8.
 DEFAULT_APT_EVERY = 8
-DEFAULT_PROBE_ROWS = 32
 
 
 def apt_temperature(d: float) -> float:

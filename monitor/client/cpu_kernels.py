@@ -52,15 +52,18 @@ def pack_and_count_on(
 
     Row ``o * inner + p`` gets bit ``u % 64`` of word ``u // 64`` set when ``x[o, u, p] > 0``;
     ``on[outer_class[o], u]`` counts those rows. Returns the number of non-finite values.
-    ``scale`` (2,) float64 gets the sum of squares of the finite values added to ``scale[0]``
-    and their largest magnitude maxed into ``scale[1]`` (the site's preactivation scale).
+    ``scale`` (2,) float64 gets the sum of squares added to ``scale[0]`` and the largest
+    magnitude maxed into ``scale[1]`` (the site's preactivation scale); both are meaningless when
+    a value is non-finite (the caller then recomputes them over the finite values). They are
+    accumulated per position in arrays, not in one scalar, so that the loop still vectorises
+    (a scalar float sum is a reduction LLVM may not reorder).
     Each unit's ``inner`` values are contiguous, so the inner loop runs along rows and
     vectorises; dense rows (inner 1) go through ``count_on_rows`` and numpy's ``packbits``.
     """
     outer, units, inner = x.shape
     nonfinite = 0
-    squares = 0.0
-    largest = 0.0
+    squares = np.zeros(inner, dtype=np.float64)
+    largest = np.zeros(inner, dtype=np.float64)
     for o in range(outer):
         base = o * inner
         label = outer_class[o]
@@ -73,14 +76,13 @@ def pack_and_count_on(
                 positive = value > 0
                 words[base + p, word] |= bit * positive
                 count += positive
-                bad = value - value != 0  # inf - inf and NaN - NaN are NaN
-                nonfinite += bad
-                finite = 0.0 if bad else np.float64(value)
-                squares += finite * finite
-                largest = max(largest, abs(finite))
+                nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+                wide = np.float64(value)
+                squares[p] += wide * wide
+                size = abs(wide)
+                largest[p] = size if size > largest[p] else largest[p]
             on[label, u] += count
-    scale[0] += squares
-    scale[1] = max(scale[1], largest)
+    _add_scale(scale, squares, largest)
     return nonfinite
 
 
@@ -90,26 +92,35 @@ def count_on_rows(
 ) -> int:  # pragma: no cover - compiled
     """``on[row_class[r], u] += x[r, u] > 0`` over rows (rows, units); returns non-finite values.
 
-    The dense-row half of ``pack_and_count_on`` (``scale`` as there): the loop runs along a
-    row's contiguous units.
+    The dense-row half of ``pack_and_count_on`` (``scale`` as there, accumulated per unit): the
+    loop runs along a row's contiguous units.
     """
     rows, units = x.shape
     nonfinite = 0
-    squares = 0.0
-    largest = 0.0
+    squares = np.zeros(units, dtype=np.float64)
+    largest = np.zeros(units, dtype=np.float64)
     for r in range(rows):
         label = row_class[r]
         for u in range(units):
             value = x[r, u]
             on[label, u] += value > 0
-            bad = value - value != 0  # inf - inf and NaN - NaN are NaN
-            nonfinite += bad
-            finite = 0.0 if bad else np.float64(value)
-            squares += finite * finite
-            largest = max(largest, abs(finite))
-    scale[0] += squares
-    scale[1] = max(scale[1], largest)
+            nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+            wide = np.float64(value)
+            squares[u] += wide * wide
+            size = abs(wide)
+            largest[u] = size if size > largest[u] else largest[u]
+    _add_scale(scale, squares, largest)
     return nonfinite
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_scale(
+    scale: np.ndarray, squares: np.ndarray, largest: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    """Fold per-position sums of squares and maxima into ``scale`` = (sum, max)."""
+    scale[0] += squares.sum()
+    if largest.size:
+        scale[1] = max(scale[1], largest.max())
 
 
 @numba.njit(cache=True, nogil=True)
@@ -141,8 +152,8 @@ def pack_and_count_table(
     table = np.zeros(1 << units, dtype=np.int32)
     block = np.empty(inner, dtype=np.uint16)
     nonfinite = 0
-    squares = 0.0
-    largest = 0.0
+    squares = np.zeros(inner, dtype=np.float64)
+    largest = np.zeros(inner, dtype=np.float64)
     for o in range(outer):
         label = outer_class[o]
         block[:] = 0
@@ -154,16 +165,15 @@ def pack_and_count_table(
                 positive = value > 0
                 block[p] |= bit * positive
                 count += positive
-                bad = value - value != 0  # inf - inf and NaN - NaN are NaN
-                nonfinite += bad
-                finite = 0.0 if bad else np.float64(value)
-                squares += finite * finite
-                largest = max(largest, abs(finite))
+                nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+                wide = np.float64(value)
+                squares[p] += wide * wide
+                size = abs(wide)
+                largest[p] = size if size > largest[p] else largest[p]
             on[label, u] += count
         for p in range(inner):
             table[block[p]] += 1
-    scale[0] += squares
-    scale[1] = max(scale[1], largest)
+    _add_scale(scale, squares, largest)
     fingerprints, counts = _table_histogram(table)
     return fingerprints, counts, nonfinite
 

@@ -19,12 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from monitor.client.apt import (
-    DEFAULT_APT_EVERY,
-    DEFAULT_PROBE_ROWS,
-    DEFAULT_SWEEP_ETAS,
-    AptProber,
-)
+from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
@@ -64,10 +59,10 @@ class Monitor:
         name: str = "",
         on_alert: AlertCallback | None = None,
         config: dict[str, Any] | None = None,
-        apt_every: int | Schedule | None = DEFAULT_APT_EVERY,
+        apt_every: int | Schedule | None = None,
         sweep_every: int | Schedule | None = None,
         sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
-        probe_rows: int | None = DEFAULT_PROBE_ROWS,
+        probe_rows: int | None = None,
         capture_rows: int | None = DEFAULT_CAPTURE_ROWS,
         probe_set: ProbeSet | torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         probe_every: int | Schedule = 100,
@@ -509,10 +504,9 @@ def watch(
     evaluations ``apd_every`` selects, see ``monitor.client.diagram``); ``merge_ranks`` (merge
     data-parallel ranks' statistics exactly, rank 0 ships; ``process_group``); APT probes (see
     ``monitor.client.apt``): ``apt_every``
-    (int k or schedule; default every 8 steps, as the thesis; ``None`` turns probes off),
-    ``sweep_every`` (sensitivity sweeps, default none),
+    (int k or schedule; the thesis probes every 8 steps), ``sweep_every`` (sensitivity sweeps),
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
-    (probe only the first rows of the batch; default 32, ``None``: the whole batch).
+    (probe only the first rows of the batch; default the whole batch).
     """
     settings = settings or Settings()
     if transport is None:

@@ -222,13 +222,16 @@ def _measure_with_kernels(
     on = np.zeros((max(classes, 1), units), dtype=np.int64)
     scale = np.zeros(2, dtype=np.float64)
     counts, nonfinite = _pack_and_count(x3.numpy(), outer_class, on, scale)
+    sumsq, max_abs = float(scale[0]), float(scale[1])
+    if nonfinite:  # the kernels' scale is over every value: take it over the finite ones
+        sumsq, max_abs = _scale_with_torch(x, True)
     stats = SiteStats(
         units=units,
         counts=counts,
         unit_on=torch.from_numpy(on.sum(axis=0)),
         nonfinite_rows=_nonfinite_rows(x, unit_dim) if nonfinite else 0,
-        sumsq=float(scale[0]),
-        max_abs=float(scale[1]),
+        sumsq=sumsq,
+        max_abs=max_abs,
     )
     return stats, torch.from_numpy(on)
 

@@ -87,8 +87,7 @@ def test_stored_entropy_family_equals_brute_force(case: str, tmp_path: Path) -> 
             lambda _m, _i, out, site=site: recorded.__setitem__(site, out.detach().clone())
         )
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'a.db'}", mlflow_tracking_uri="")
-    # no APT probe: its forward on fewer rows would overwrite what the hooks recorded
-    with watch(model, optimizer, settings=settings, apt_every=None) as mon:
+    with watch(model, optimizer, settings=settings) as mon:
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
