@@ -87,7 +87,7 @@ def test_a_recorded_run_replays_to_the_same_alerts(tmp_path: Path) -> None:
             corrupt={40: "constant"},
         )  # fmt: skip
         trained = driver.train(spec, record=True)
-        assert {kind for _, kind, _ in trained.events} == {"sites", "summary", "probe"}
+        assert {kind for _, kind, _ in trained.events} == {"sites", "summary"}
         with gzip.open(tmp_path / f"{spec.key}.pkl.gz", "wb") as f:
             pickle.dump(trained, f)
         (replayed,) = run.replay(tmp_path, lambda _: None)
