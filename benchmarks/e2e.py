@@ -123,6 +123,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
         for _ in range(steps):
             step()
         figures["total_s"] = time.perf_counter() - begin
+        figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return figures
     import monitor
     from monitor.settings import Settings
@@ -151,6 +152,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
         marks = getattr(mon.transport, "_marks_sent", 0) - getattr(mon.transport, "_marks_seen", 0)
         lag = max(lag, marks)
     loop_end = time.perf_counter()
+    host_rss = _host_peak_rss_mb(mon.transport)
     mon.close()
     end = time.perf_counter()
     figures.update(
@@ -166,9 +168,24 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
         alerts=len(mon.alerts),
         max_alert_delay=max(delays, default=None),
         rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        host_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        host_rss_mb=host_rss,
     )
     return figures
+
+
+def _host_peak_rss_mb(transport: Any) -> float:
+    """Peak RSS of the embedded host process (0 without one), read before it exits."""
+    process = getattr(transport, "_process", None)
+    if process is None:
+        return 0.0
+    try:
+        with open(f"/proc/{process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def spawn(args: list[str]) -> dict[str, Any]:
@@ -264,6 +281,8 @@ def summarise(
                     f"{max(m['waited_s'] for m in measured):.3f}",
                     str(max(m["max_lag_steps"] for m in measured)),
                     str(max(m["late_marks"] for m in measured)),
+                    _worst_delay(measured),
+                    f"{max(p.get('rss_mb', 0.0) for p in plain):.0f} / "
                     f"{max(m['rss_mb'] for m in measured):.0f} / "
                     f"{max(m['host_rss_mb'] for m in measured):.0f}",
                 ]
@@ -287,11 +306,18 @@ def summarise(
                 "waited for host s",
                 "host lag (steps)",
                 "late marks",
-                "peak RSS MiB (job / host)",
+                "alert delay (steps, worst)",
+                "peak RSS MiB (plain job / job / host)",
             ],
         )
     )
     return out
+
+
+def _worst_delay(measured: list[dict[str, Any]]) -> str:
+    """The longest an alert took to reach on_alert, in steps after its own ("-": no alert)."""
+    delays = [m["max_alert_delay"] for m in measured if m.get("max_alert_delay") is not None]
+    return str(max(delays)) if delays else "-"
 
 
 def soak(steps: int) -> dict[str, Any]:
@@ -327,6 +353,7 @@ def soak(steps: int) -> dict[str, Any]:
             lag = max(lag, behind)
             if i % 500 == 0 or i == steps - 1:
                 rss.append(_current_rss_mb())
+        host_rss = _host_peak_rss_mb(mon.transport)
         mon.close()
         figures = {
             "steps": steps,
@@ -336,7 +363,7 @@ def soak(steps: int) -> dict[str, Any]:
             "max_lag_steps": lag,
             "pending_end": transport.pending() if hasattr(transport, "pending") else 0,
             "dropped": getattr(transport, "dropped", 0),
-            "host_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "host_peak_rss_mb": host_rss,
         }
     print(json.dumps(figures, indent=2))
     return figures

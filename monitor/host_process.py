@@ -23,6 +23,7 @@ import os
 import pickle
 import select
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -72,28 +73,18 @@ class RunHost:
         fresh_sqlite = settings.database_url.startswith("sqlite")
         self.store: SqlStore = open_store(settings.database_url, auto_upgrade=fresh_sqlite)
         self.plugins = load_plugins(only=settings.plugins).ordered()
-        self.mlflow: Any = None
-        if settings.mlflow_tracking_uri:
-            try:
-                from monitor.sinks.mlflow_sink import MlflowSink
-
-                self.mlflow = MlflowSink(
-                    settings.mlflow_tracking_uri,
-                    settings.mlflow_experiment,
-                    start.name,
-                    start.mlflow_run_id,
-                    flush_every=sys.maxsize,  # flushed by ``persist``, off the alert path
-                    keys=settings.mlflow_keys,
-                    min_interval_seconds=settings.mlflow_min_interval_seconds,
-                )
-                start = start.model_copy(update={"mlflow_run_id": self.mlflow.run_id})
-                self.mlflow.log_params({f"apmon.{k}": v for k, v in start.config.items()})
-            except Exception:
-                logger.exception("MLflow is unavailable; results go to SQL only")
-                self.mlflow = None
         self.store.create_run(settings.project, start, run_id=run_id)
-        if self.mlflow is not None:
-            self.mlflow.client.set_tag(self.mlflow.run_id, "apmon.run_id", run_id)
+        # MLflow (seconds to import and to open its store) connects on a thread of its own, so
+        # that the plugins answer from the first step; what they produce meanwhile waits in
+        # ``_mlflow_backlog`` and reaches MLflow once it is there.
+        self.mlflow: Any = None
+        self._mlflow_backlog: list[tuple[StepSummary | ProbeRecord | None, int, PluginOutcome]] = []
+        self._mlflow_thread: threading.Thread | None = None
+        if settings.mlflow_tracking_uri:
+            self._mlflow_thread = threading.Thread(
+                target=self._connect_mlflow, args=(start,), name="apmon-mlflow", daemon=True
+            )
+            self._mlflow_thread.start()
         self.sites: dict[str, SiteInfo] = {site.name: site for site in start.sites}
         self.states: dict[str, dict[str, Any]] = {}
         self._written_states: dict[str, dict[str, Any]] = {}
@@ -101,6 +92,54 @@ class RunHost:
         self._pending = _Pending()
         self.failures = 0
         self.events = 0
+
+    def _connect_mlflow(self, start: RunStart) -> None:
+        try:
+            from monitor.sinks.mlflow_sink import MlflowSink
+
+            sink = MlflowSink(
+                self.settings.mlflow_tracking_uri,
+                self.settings.mlflow_experiment,
+                start.name,
+                start.mlflow_run_id,
+                flush_every=sys.maxsize,  # flushed by ``persist``, off the alert path
+                keys=self.settings.mlflow_keys,
+                min_interval_seconds=self.settings.mlflow_min_interval_seconds,
+            )
+            sink.log_params({f"apmon.{k}": v for k, v in start.config.items()})
+            sink.client.set_tag(sink.run_id, "apmon.run_id", self.run_id)
+            self.store.claim_mlflow_run_id(self.run_id, sink.run_id)
+        except Exception:
+            logger.exception("MLflow is unavailable; results go to SQL only")
+            return
+        self.mlflow = sink  # one assignment: the main thread sees all of it or nothing
+
+    def _mirror(
+        self, event: StepSummary | ProbeRecord | None, step: int, outcome: PluginOutcome
+    ) -> None:
+        """Hand one outcome (and a summary's loss) to MLflow, or keep it until MLflow is there."""
+        if self.mlflow is None:
+            if self._mlflow_thread is not None and self._mlflow_thread.is_alive():
+                self._mlflow_backlog.append((event, step, outcome))
+            return
+        self._drain_mlflow_backlog()
+        self._to_mlflow(event, step, outcome)
+
+    def _drain_mlflow_backlog(self) -> None:
+        backlog, self._mlflow_backlog = self._mlflow_backlog, []
+        for event, step, outcome in backlog:
+            self._to_mlflow(event, step, outcome)
+
+    def _to_mlflow(
+        self, event: StepSummary | ProbeRecord | None, step: int, outcome: PluginOutcome
+    ) -> None:
+        try:
+            self.mlflow(self.run_id, step, outcome)
+            if isinstance(event, StepSummary) and event.loss is not None:
+                self.mlflow.log_metric(f"{event.source}/loss", event.loss, step)
+        except Exception:
+            self.failures += 1
+            logger.exception("MLflow could not take the results of step %d", step)
 
     @property
     def buffered(self) -> int:
@@ -123,14 +162,7 @@ class RunHost:
         outcome.alerts = [(p, a) for p, a in outcome.alerts if self._admit(a)]
         outcome.states = {}  # written once per slice, see ``persist``
         self._pending.events.append((event, outcome))
-        if self.mlflow is not None:
-            try:
-                self.mlflow(self.run_id, event.step, outcome)
-                if isinstance(event, StepSummary) and event.loss is not None:
-                    self.mlflow.log_metric(f"{event.source}/loss", event.loss, event.step)
-            except Exception:
-                self.failures += 1
-                logger.exception("MLflow could not take the results of step %d", event.step)
+        self._mirror(event, event.step, outcome)
         for plugin, error in outcome.errors:
             self.failures += 1
             logger.debug("plugin %s failed: %s", plugin, error)
@@ -145,7 +177,11 @@ class RunHost:
         return True
 
     def persist(self, limit: int | None = SLICE_EVENTS) -> None:
-        """Write up to ``limit`` buffered events (all with None) in one transaction."""
+        """Write up to ``limit`` buffered events (every one with ``None``) in one transaction.
+
+        Plugin states are written with the slice that empties the buffer, and only those that
+        changed since they were last written.
+        """
         pending = self._pending
         if not pending.sites and not pending.events:
             return
@@ -168,6 +204,8 @@ class RunHost:
                 self._written_states.update(pickle.loads(pickle.dumps(changed)))
         pending.sites = []
         pending.events = rest
+        if self.mlflow is not None:
+            self._drain_mlflow_backlog()
         if self.mlflow is not None:
             try:
                 self.mlflow.flush()
@@ -201,8 +239,9 @@ class RunHost:
             self.store.save_outcome(self.run_id, final_step, outcome)
             self.store.finish_run(self.run_id)
             alerts = [alert for _, alert in outcome.alerts]
-            if self.mlflow is not None:
-                self.mlflow(self.run_id, final_step, outcome)
+            if self._mlflow_thread is not None:
+                self._mlflow_thread.join()  # a short run ends before MLflow is there
+            self._mirror(None, final_step, outcome)
         except Exception:
             self.failures += 1
             logger.exception("apmon end-of-run processing failed")
@@ -219,8 +258,25 @@ class RunHost:
         return None if self.mlflow is None else str(self.mlflow.run_id)
 
 
+class _Replies:
+    """Answers to the training process; once it is gone, answers are dropped, work goes on."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.gone = False
+
+    def __call__(self, message: Any) -> None:
+        if self.gone:
+            return
+        try:
+            write_frame(self.fd, message)
+        except OSError:  # BrokenPipeError: the job died; its run is still finished below
+            self.gone = True
+
+
 def serve(in_fd: int, out_fd: int) -> int:
     """The process's loop: messages in, alerts and marks out, writes when idle."""
+    reply = _Replies(out_fd)
     reader = FrameReader()
     host: RunHost | None = None
     last_step = 0
@@ -243,7 +299,7 @@ def serve(in_fd: int, out_fd: int) -> int:
             kind = message[0]
             if kind == "start":
                 _, settings_dict, run_id, start = message
-                host = _start(out_fd, Settings(**settings_dict), run_id, start)
+                host = _start(reply, Settings(**settings_dict), run_id, start)
                 if host is None:
                     return 1
                 continue
@@ -255,13 +311,12 @@ def serve(in_fd: int, out_fd: int) -> int:
                 last_step = max(last_step, message[1].step)
                 alerts = host.handle(message[1])
                 if alerts:
-                    write_frame(out_fd, ("alerts", alerts))
+                    reply(("alerts", alerts))
             elif kind == "mark":
-                write_frame(out_fd, ("mark", message[1]))
+                reply(("mark", message[1]))
             elif kind == "finish":
                 alerts = host.finish(message[1], message[2] if len(message) > 2 else None)
-                write_frame(
-                    out_fd,
+                reply(
                     (
                         "done",
                         alerts,
@@ -273,14 +328,14 @@ def serve(in_fd: int, out_fd: int) -> int:
                 host.persist()
 
 
-def _start(out_fd: int, settings: Settings, run_id: str, start: RunStart) -> RunHost | None:
+def _start(reply: _Replies, settings: Settings, run_id: str, start: RunStart) -> RunHost | None:
     try:
         host = RunHost(settings, run_id, start)
     except Exception as error:
         logger.exception("apmon could not open the run's store")
-        write_frame(out_fd, ("failed", "".join(traceback.format_exception_only(error)).strip()))
+        reply(("failed", "".join(traceback.format_exception_only(error)).strip()))
         return None
-    write_frame(out_fd, ("started", host.mlflow_run_id))
+    reply(("started", host.mlflow_run_id))
     return host
 
 
@@ -289,10 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="apmon host: %(levelname)s %(message)s")
     in_fd, out_fd = int(args[0]), int(args[1])
-    try:
-        return serve(in_fd, out_fd)
-    except BrokenPipeError:
-        return 0
+    # The MLflow thread imports and writes in Python for seconds: a short switch interval keeps
+    # the plugins' answers to the training job from waiting the default 5 ms for the GIL.
+    sys.setswitchinterval(0.0005)
+    return serve(in_fd, out_fd)
 
 
 if __name__ == "__main__":

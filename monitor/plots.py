@@ -7,6 +7,7 @@
 - ``transition_curves``: mu and sigma of the transition fit of the site mean over steps
   (thesis Fig. 3.19), alerts as vertical lines.
 - ``timeline``: loss and run-level measures over steps, alerts on the time line.
+- ``actcool_curves``: ActCoolLR's target and measured temperature and its learning rate.
 """
 
 from __future__ import annotations
@@ -184,5 +185,36 @@ def timeline(
     axes_list[0, 0].set_title("time line")
     if alerts:
         axes_list[0, 0].legend(loc="upper right")
+    figure.tight_layout()
+    return figure
+
+
+def actcool_curves(points: Sequence[MeasurePoint], alerts: Sequence[AlertRecord] = ()) -> Figure:
+    """ActCoolLR's target vs measured temperature (bits) and its learning rate over steps.
+
+    Reads the run-level ``actcool/T_target``, ``actcool/T_measured`` and ``actcool/lr``
+    measures that ``monitor.schedulers.ActCoolLR`` records through the monitor.
+    """
+
+    def series(name: str) -> tuple[list[int], list[float]]:
+        chosen = sorted((p.step, p.value) for p in points if p.name == name and p.site is None)
+        return [s for s, _ in chosen], [v for _, v in chosen]
+
+    figure, (t_axes, lr_axes) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    t_axes.plot(*series("actcool/T_target"), color="black", linewidth=1.5, label="target T(t)")
+    t_axes.plot(
+        *series("actcool/T_measured"), ".", color="tab:red", markersize=4, label="measured T"
+    )
+    t_axes.set_ylabel("temperature (bits)")
+    t_axes.set_title("ActCoolLR: activation-pattern temperature and learning rate")
+    lr_steps, lrs = series("actcool/lr")
+    lr_axes.plot(lr_steps, lrs, color="tab:blue", linewidth=1)
+    if lrs and min(lrs) > 0:
+        lr_axes.set_yscale("log")
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_xlabel("step")
+    for axes in (t_axes, lr_axes):
+        _mark_alerts(axes, alerts)
+    t_axes.legend(loc="upper right")
     figure.tight_layout()
     return figure

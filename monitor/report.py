@@ -83,6 +83,8 @@ def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
         figures["phase_diagram"] = plots.phase_diagram(probes, alerts)
     if any(f.site is None and f.ok for f in fits):
         figures["transition_fit"] = plots.transition_curves(fits, alerts)
+    if any(p.name == "actcool/T_target" for p in measures):
+        figures["actcool"] = plots.actcool_curves(measures, alerts)
     losses = [
         (summary.step, summary.loss)
         for summary in store.step_summaries(run_id, "train")

@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_serializer,
@@ -27,12 +29,58 @@ SiteMode = Literal["relu", "sign"]
 SummarySource = Literal["train", "probe_set"]
 ProbeKind = Literal["apt", "sweep"]
 
-Fingerprint = Annotated[int, Field(ge=0, lt=2**64)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Every integer the store keeps goes into a signed 64-bit column (PostgreSQL BIGINT), so the wire
+# refuses larger ones with a 422 that names the field instead of letting the database fail.
+MAX_INT = 2**63 - 1
+Fingerprint = Annotated[int, Field(ge=0, lt=2**64)]  # kept in JSON documents, never in a column
+NonNegInt = Annotated[int, Field(ge=0, le=MAX_INT)]
+Count = Annotated[int, Field(ge=1, le=MAX_INT)]  # a pattern that is listed occurred at least once
 # Wire payloads from many runs and workers: bound every list so one request cannot blow memory.
 MAX_SITES = 4096
 MAX_UNITS = 1 << 20
 MAX_SCALARS = 64
+MAX_CLASSES = 4096  # labels with per-class statistics in one site summary
+MAX_RECORDS = 4096  # summaries, and probes, in one ingest batch
+MAX_SAMPLE_INDICES = 1 << 20
+MAX_CONFIG_KEYS = 1024
+MAX_CONFIG_TEXT = 8192  # characters of one config value
+
+
+def _storable(value: str) -> str:
+    """Refuse text a database cannot keep.
+
+    That is NUL (PostgreSQL text cannot hold it) and lone UTF-16 surrogates (not UTF-8).
+    """
+    if "\x00" in value:
+        raise ValueError("text must not contain the NUL character (\\x00)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+StoredText = Annotated[str, AfterValidator(_storable)]
+Name = Annotated[StoredText, Field(min_length=1, max_length=512)]
+ClassLabel = Annotated[StoredText, Field(max_length=64)]
+UnitCounts = Annotated[list[NonNegInt], Field(max_length=MAX_UNITS)]
+
+
+def _no_huge_int(value: Any) -> Any:
+    """Refuse an integer outside the store's range rather than let it become a rounded float."""
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not -MAX_INT - 1 <= value <= MAX_INT
+    ):
+        raise ValueError("integers must lie within [-2**63, 2**63 - 1]")
+    return value
+
+
+ConfigValue = Annotated[
+    Annotated[StoredText, Field(max_length=MAX_CONFIG_TEXT)] | int | float | bool | None,
+    BeforeValidator(_no_huge_int),
+]
 ScalarName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
 
 
@@ -45,7 +93,7 @@ class WireModel(BaseModel):
 class SiteInfo(WireModel):
     """One activation site, as the client discovered it."""
 
-    name: str = Field(min_length=1, max_length=512)
+    name: Name
     kind: SiteKind
     mode: SiteMode = "relu"
     units: int = Field(ge=1, le=MAX_UNITS)
@@ -60,7 +108,7 @@ class PackedPatterns(WireModel):
     """
 
     fingerprints: str
-    counts: list[int]
+    counts: list[Count]
 
     def pairs(self) -> list[tuple[int, int]]:
         """The ``(fingerprint, count)`` pairs; ValueError when the two parts do not match."""
@@ -97,18 +145,18 @@ class SiteSummary(WireModel):
     weighted Jaccard and changes are estimated from.
     """
 
-    site: str = Field(min_length=1, max_length=512)
+    site: Name
     rows: NonNegInt
     distinct: NonNegInt
-    spectrum: list[tuple[int, int]] = Field(default_factory=list)
-    patterns: list[tuple[Fingerprint, int]] = Field(default_factory=list)
+    spectrum: list[tuple[Count, Count]] = Field(default_factory=list)
+    patterns: list[tuple[Fingerprint, Count]] = Field(default_factory=list)
     patterns_exact: bool = True
-    sketch_k: int | None = Field(default=None, ge=1)
-    unit_on: list[NonNegInt] = Field(default_factory=list)
+    sketch_k: int | None = Field(default=None, ge=1, le=MAX_INT)
+    unit_on: UnitCounts = Field(default_factory=list)
     nonfinite_rows: NonNegInt = 0
     # Optional per-class statistics when the client was given labels: rows and per-unit on counts.
-    class_rows: dict[str, NonNegInt] | None = None
-    class_unit_on: dict[str, list[NonNegInt]] | None = None
+    class_rows: dict[ClassLabel, NonNegInt] | None = Field(default=None, max_length=MAX_CLASSES)
+    class_unit_on: dict[ClassLabel, UnitCounts] | None = Field(default=None, max_length=MAX_CLASSES)
     # Optional preactivation scale over the finite values: sum of squares, largest magnitude.
     sumsq: float | None = Field(default=None, ge=0)
     max_abs: float | None = Field(default=None, ge=0)
@@ -116,7 +164,7 @@ class SiteSummary(WireModel):
     @field_validator(
         "patterns",
         mode="before",
-        json_schema_input_type=list[tuple[Fingerprint, int]] | PackedPatterns,
+        json_schema_input_type=list[tuple[Fingerprint, Count]] | PackedPatterns,
     )
     @classmethod
     def _unpack_patterns(cls, value: Any) -> Any:
@@ -231,7 +279,7 @@ class StepSummary(WireModel):
     sites: list[SiteSummary] = Field(max_length=MAX_SITES)
     loss: float | None = None
     # Indices of the batch's samples in the data set, when the data loader provides them.
-    sample_indices: list[NonNegInt] | None = None
+    sample_indices: list[NonNegInt] | None = Field(default=None, max_length=MAX_SAMPLE_INDICES)
     # Step-level numbers the client measured beside the sites (learning rate, a scheduler's
     # target, a norm): stored as measures of the step by the ``scalars`` plugin.
     scalars: dict[ScalarName, float] | None = Field(default=None, max_length=MAX_SCALARS)
@@ -246,10 +294,10 @@ class SiteProbe(WireModel):
     with learning rate ``etas[i]``.
     """
 
-    site: str = Field(min_length=1, max_length=512)
-    rows: int = Field(ge=1)
-    etas: list[Annotated[float, Field(gt=0)]]
-    changed: list[NonNegInt]
+    site: Name
+    rows: int = Field(ge=1, le=MAX_INT)
+    etas: list[Annotated[float, Field(gt=0)]] = Field(max_length=MAX_UNITS)
+    changed: list[NonNegInt] = Field(max_length=MAX_UNITS)
 
     @model_validator(mode="after")
     def _aligned(self) -> SiteProbe:
@@ -273,20 +321,23 @@ class ProbeRecord(WireModel):
 class RunStart(WireModel):
     """What the client says when a monitored run begins."""
 
-    name: str = Field(default="", max_length=256)
+    name: StoredText = Field(default="", max_length=256)
     sites: list[SiteInfo] = Field(default_factory=list, max_length=MAX_SITES)
-    config: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-    mlflow_run_id: str | None = Field(default=None, max_length=64)
+    config: dict[
+        Annotated[StoredText, Field(max_length=256)],
+        ConfigValue,
+    ] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS)
+    mlflow_run_id: StoredText | None = Field(default=None, max_length=64)
 
 
 class IngestBatch(WireModel):
     """A batch of records from one client stream, idempotent per (run, stream, seq)."""
 
-    stream: str = Field(default="main", min_length=1, max_length=64)
+    stream: StoredText = Field(default="main", min_length=1, max_length=64)
     seq: NonNegInt
     sites: list[SiteInfo] = Field(default_factory=list, max_length=MAX_SITES)
-    summaries: list[StepSummary] = Field(default_factory=list)
-    probes: list[ProbeRecord] = Field(default_factory=list)
+    summaries: list[StepSummary] = Field(default_factory=list, max_length=MAX_RECORDS)
+    probes: list[ProbeRecord] = Field(default_factory=list, max_length=MAX_RECORDS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,3 +85,9 @@ class Settings(BaseSettings):
         ge=0,
         description="Client: how long finish waits for the service before leaving the spool.",
     )
+    spool_memory_records: int = Field(
+        default=10_000,
+        ge=0,
+        description="Client: records kept in memory while the spool directory cannot be "
+        "written; beyond this the oldest are dropped (counted and reported).",
+    )

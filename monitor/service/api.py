@@ -45,9 +45,13 @@ class IngestOut(ApiModel):
 
 
 class FinishIn(ApiModel):
-    """End of a run: the last step trained."""
+    """End of a run: the last step trained, and what the client lost on its way."""
 
     final_step: NonNegInt
+    dropped_records: NonNegInt = Field(
+        default=0,
+        description="Records the client dropped because its spool was full; listed in /errors.",
+    )
 
 
 class FinishOut(ApiModel):

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request, status
+from fastapi import FastAPI, Request, Response, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from monitor.measures import PluginRegistry, load_plugins
@@ -45,6 +47,34 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send)
+            return
+        if declared is None:
+            # A chunked body: read it whole first, so that one over the limit gets a clear 413
+            # (refusing half-way through the parse would come out as a vague 400).
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.limit:
+                    await self._refuse(scope, receive, send)
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+            await self.app(scope, replay, send)
             return
         seen = 0
 
@@ -170,8 +200,9 @@ def create_app(
         title="apmon monitoring service",
         version=API_VERSION,
         description="Ingest of activation-pattern summaries and probes from training jobs, "
-        "measure plugins, alerts, and queries of the results. Every route except /healthz and "
-        "/readyz needs 'Authorization: Bearer <token>' (apmon tokens create --project P).",
+        "measure plugins, alerts, and queries of the results. Every /api/v1 route and /metrics "
+        "need 'Authorization: Bearer <token>' (apmon tokens create --project P); /healthz, "
+        "/readyz and this description (/docs, /redoc, /openapi.json) need none.",
         lifespan=lifespan,
     )
     app.state.services = services
@@ -185,11 +216,28 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
         # The offending input is left out: it may be NaN or huge, and the client has it anyway.
+        # Keys in 'loc' come from the input and may hold lone surrogates: escaped to be sent.
         detail = [
-            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            {
+                "loc": [_printable(part) for part in e.get("loc", ())],
+                "msg": _printable(e.get("msg", "")),
+                "type": e.get("type"),
+            }
             for e in error.errors()
         ]
         return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        # FastAPI answers a body its JSON parser gave up on with a bare 400: say why instead.
+        if isinstance(error.__cause__, RecursionError):
+            detail = "the JSON body is nested too deeply for any apmon request"
+            return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            detail = f"the body is not UTF-8 JSON ({error.__cause__.reason} at byte "
+            detail += f"{error.__cause__.start})"
+            return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+        return await http_exception_handler(request, error)
 
     @app.exception_handler(StoreError)
     async def store_error(_request: Request, error: StoreError) -> JSONResponse:
@@ -201,6 +249,13 @@ def create_app(
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
+
+
+def _printable(value: object) -> object:
+    """Text that can be sent as UTF-8 JSON (lone surrogates escaped); other values as they are."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def _sweep_pending(services: Services) -> None:

@@ -60,6 +60,26 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_errors(args: argparse.Namespace) -> int:
+    """Print a run's recorded failures and its quarantined batches; exit 1 when there are any."""
+    from monitor.store import open_store
+
+    store = open_store(_settings(args).database_url)
+    store.run(args.run_id)  # NotFound (exit 2) for an unknown run
+    errors = store.errors(args.run_id)
+    quarantined = store.quarantined_batches(args.run_id)
+    for source, step, error in errors:
+        last_line = (
+            error.strip().splitlines()[-1] if error.strip() else ""
+        )  # a traceback ends in its message
+        print(f"step {step:>8}  {source:<24} {last_line}")
+    for stream, seq, _ in quarantined:
+        print(f"quarantined batch {stream}/{seq} (its payload is kept in ingest_batches)")
+    if not errors and not quarantined:
+        print(f"run {args.run_id}: no errors", file=sys.stderr)
+    return 1 if errors or quarantined else 0
+
+
 def register_service_commands(
     commands: argparse._SubParsersAction,  # type: ignore[type-arg]
 ) -> None:
@@ -85,3 +105,14 @@ def register_service_commands(
     create.add_argument("--label", default="", help="a note on what the token is for")
     create.add_argument("--database-url", help="SQLAlchemy URL (default APMON_DATABASE_URL)")
     create.set_defaults(func=cmd_tokens_create)
+
+    errors = commands.add_parser(
+        "errors",
+        help="a run's recorded failures: plugins that raised, quarantined batches, client losses",
+        description="List what went wrong in a run: plugin errors, ingest batches that could "
+        "not be processed when their turn came (quarantined: the run went on without them) and "
+        "records the client reported dropped. Exit status 1 when there is any.",
+    )
+    errors.add_argument("run_id", help="run id")
+    errors.add_argument("--database-url", help="SQLAlchemy URL (default APMON_DATABASE_URL)")
+    errors.set_defaults(func=cmd_errors)

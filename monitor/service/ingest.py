@@ -5,11 +5,14 @@ All of it happens in one transaction that holds the run's row lock.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from pydantic import ValidationError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from monitor.host import PluginHost
 from monitor.measures import PluginRegistry
@@ -20,6 +23,7 @@ from monitor.store.store import PluginOutcome
 logger = logging.getLogger(__name__)
 
 INGEST_SOURCE = "apmon.ingest"  # how ingest failures are named among plugin errors
+CLIENT_SOURCE = "apmon.client"  # losses the client reported
 
 
 class BadBatch(ValueError):
@@ -30,15 +34,37 @@ class RunClosed(RuntimeError):
     """The run is finished and takes no more records."""
 
 
-class _Poisoned(Exception):
-    """A batch that waited for its turn cannot be stored; its transaction is rolled back."""
+class Conflict(ValueError):
+    """A batch under a (run, stream, seq) that was received before with other content."""
 
-    def __init__(self, stream: str, seq: int, step: int, error: StoreError) -> None:
-        super().__init__(f"batch {stream}/{seq}: {error}")
+
+class _Poisoned(Exception):
+    """A batch that waited for its turn cannot be processed; its transaction is rolled back."""
+
+    def __init__(self, stream: str, seq: int, step: int, error: Exception) -> None:
+        super().__init__(f"batch {stream}/{seq} cannot be processed: {error}")
         self.stream, self.seq, self.step, self.error = stream, seq, step, error
 
 
 MAX_POISONED = 1000  # bound on set-aside batches per request (each costs one transaction)
+
+
+def batch_digest(batch: IngestBatch) -> str:
+    """SHA-256 of the batch as parsed: a resend of the same batch has the same digest."""
+    return hashlib.sha256(batch.model_dump_json().encode()).hexdigest()
+
+
+def _input_fault(error: Exception) -> bool:
+    """Whether processing failed because of the batch, not because the database is away.
+
+    Validation and consistency errors, and the database refusing a value or a duplicate, are the
+    input's; a lost connection or any other database error is the server's (a retry may pass).
+    """
+    if isinstance(error, (BadBatch, ValidationError, NotFound)):
+        return True
+    return isinstance(error, StoreError) and isinstance(
+        error.__cause__, (IntegrityError, DataError)
+    )
 
 
 @dataclass
@@ -102,39 +128,42 @@ class Ingestor:
         return self._retrying(run_id, lambda: self._ingest(project, run_id, batch))
 
     def _retrying(self, run_id: str, attempt: Callable[[], _T]) -> _T:
-        """Run ``attempt``, setting aside waiting batches that turn out unstorable.
+        """Run ``attempt``, quarantining waiting batches that turn out unprocessable.
 
-        Such a batch is recorded as an ingest error and marked processed in a transaction of its
-        own, and the attempt is made again.
+        Such a batch is marked done with its error (its payload kept) and the error is listed
+        among the run's errors, in a transaction of its own; then the attempt is made again, so
+        one bad batch never holds up the batches after it.
         """
         for _ in range(MAX_POISONED):
             try:
                 return attempt()
             except _Poisoned as poisoned:
-                logger.warning("run %s: %s; set aside", run_id, poisoned)
+                message = f"{poisoned}; quarantined, the run goes on without it"
+                logger.warning("run %s: %s", run_id, message)
                 with self._store.locked_run(run_id) as locked:
-                    locked.record_error(
-                        run_id,
-                        INGEST_SOURCE,
-                        poisoned.step,
-                        "".join(traceback.format_exception(poisoned.error)),
-                    )
-                    locked.mark_batch_processed(run_id, poisoned.stream, poisoned.seq, -1)
-        raise StoreError(f"run {run_id!r}: too many unstorable batches")
+                    locked.quarantine_batch(run_id, poisoned.stream, poisoned.seq, message)
+                    locked.record_error(run_id, INGEST_SOURCE, poisoned.step, message)
+        raise StoreError(f"run {run_id!r}: too many unprocessable batches")
 
     def _ingest(self, project: str, run_id: str, batch: IngestBatch) -> IngestResult:
+        digest = batch_digest(batch)
         with self._store.locked_run(run_id) as locked:
             info = locked.run(run_id)
             if info.project != project:
                 raise NotFound(f"no run with id {run_id!r}")
             duplicate = locked.batch_received(run_id, batch.stream, batch.seq)
-            if not duplicate:
+            if duplicate:
+                stored = locked.batch_digest(run_id, batch.stream, batch.seq)
+                if stored is not None and stored != digest:
+                    raise Conflict(
+                        f"batch {batch.stream}/{batch.seq} was received before with other "
+                        "content; a seq names one batch (send new records under a new seq)"
+                    )
+            else:
                 if info.status != "running":
                     raise RunClosed(f"run {run_id!r} is {info.status}; it takes no more batches")
-                _check_sites(locked.sites(run_id), batch)
-                if batch.sites:
-                    locked.add_sites(run_id, batch.sites)
-                locked.save_batch(run_id, batch.stream, batch.seq, payload=None)
+                _check_sites(locked.sites(run_id), batch, complete=False)
+                locked.save_batch(run_id, batch.stream, batch.seq, payload=None, digest=digest)
             processed = Processed(run_id, info.mlflow_run_id)
             own = None if duplicate else batch
             self._drain(locked, processed, own=own, include_gaps=False)
@@ -142,14 +171,22 @@ class Ingestor:
         self._committed(processed)
         return IngestResult(duplicate=duplicate, processed=processed, pending=pending)
 
-    def finish(self, project: str, run_id: str, final_step: int) -> Processed:
+    def finish(
+        self, project: str, run_id: str, final_step: int, dropped_records: int = 0
+    ) -> Processed:
         """Process every waiting batch, run the end-of-run plugins and close the run.
 
-        Seqs that never came are skipped. Finishing a finished run does nothing.
+        Seqs that never came are skipped. ``dropped_records``, the client's count of records it
+        had to drop (its spool was full), is listed among the run's errors. Finishing a finished
+        run does nothing.
         """
-        return self._retrying(run_id, lambda: self._finish(project, run_id, final_step))
+        return self._retrying(
+            run_id, lambda: self._finish(project, run_id, final_step, dropped_records)
+        )
 
-    def _finish(self, project: str, run_id: str, final_step: int) -> Processed:
+    def _finish(
+        self, project: str, run_id: str, final_step: int, dropped_records: int
+    ) -> Processed:
         with self._store.locked_run(run_id) as locked:
             info = locked.run(run_id)
             if info.project != project:
@@ -160,6 +197,14 @@ class Ingestor:
             self._drain(locked, processed, own=None, include_gaps=True)
             host = self._host(locked)
             processed.outcomes.append((final_step, host.finish(run_id, final_step)))
+            if dropped_records:
+                locked.record_error(
+                    run_id,
+                    CLIENT_SOURCE,
+                    final_step,
+                    f"the client dropped {dropped_records} records: its spool directory could "
+                    "not be written and its memory buffer was full",
+                )
             processed.finished = True
         self._committed(processed)
         return processed
@@ -198,24 +243,35 @@ class Ingestor:
         if own is not None and own_key not in {(stream, seq) for stream, seq, _ in ready}:
             locked.keep_batch_payload(run_id, own.stream, own.seq, own.model_dump(mode="json"))
         for stream, seq, payload in ready:
-            if (stream, seq) == own_key and own is not None:
-                batch = own
-            else:
-                batch = IngestBatch.model_validate(payload or {"seq": seq, "stream": stream})
-            records = _in_step_order(batch)
-            last_step = max((r.step for r in records), default=-1)
-            outcomes: list[tuple[int, PluginOutcome]] = []
+            is_own = (stream, seq) == own_key
+            last_step = -1
             try:
+                if is_own and own is not None:
+                    batch = own
+                else:
+                    batch = IngestBatch.model_validate(payload or {"seq": seq, "stream": stream})
+                records = _in_step_order(batch)
+                last_step = max((r.step for r in records), default=-1)
+                # Sites are checked and announced when the batch's turn comes, so a batch that
+                # arrives before the one announcing its sites waits like any early batch.
+                _check_sites(locked.sites(run_id), batch, complete=True)
+                if batch.sites:
+                    locked.add_sites(run_id, batch.sites)
+                outcomes: list[tuple[int, PluginOutcome]] = []
                 for record in records:
                     if isinstance(record, StepSummary):
                         outcomes.append((record.step, host.handle_summary(run_id, record)))
                     else:
                         outcomes.append((record.step, host.handle_probe(run_id, record)))
-            except StoreError as error:
-                # The store has rolled the whole transaction back by now.
-                if (stream, seq) == own_key:
+            except Exception as error:
+                # A store error has rolled the whole transaction back by now.
+                if not _input_fault(error):
+                    raise
+                if is_own:
+                    if isinstance(error, BadBatch):
+                        raise
                     raise BadBatch(f"batch {stream}/{seq} cannot be stored: {error}") from error
-                # A batch that waited for its turn and then fails is set aside, not retried
+                # A batch that waited for its turn and then fails is quarantined, not retried
                 # forever: it would block every later batch of its stream.
                 raise _Poisoned(stream, seq, max(last_step, 0), error) from error
             locked.mark_batch_processed(run_id, stream, seq, last_step)
@@ -240,8 +296,13 @@ def _in_step_order(batch: IngestBatch) -> list[StepSummary | ProbeRecord]:
     return [record for *_, record in sorted(keyed, key=lambda k: k[:3])]
 
 
-def _check_sites(known: dict[str, SiteInfo], batch: IngestBatch) -> None:
-    """Refuse a batch that names sites nobody announced, redefines a site, or repeats a step."""
+def _check_sites(known: dict[str, SiteInfo], batch: IngestBatch, complete: bool) -> None:
+    """Refuse a batch that redefines a site, repeats a step or lists a site twice in a step.
+
+    With ``complete`` (when the batch's turn has come, so every site it may use has been
+    announced) also one that names a site nobody announced or whose ``unit_on`` does not match
+    its site; on arrival, sites not yet known are left for then.
+    """
     sites = dict(known)
     for site in batch.sites:
         old = sites.get(site.name)
@@ -262,6 +323,8 @@ def _check_sites(known: dict[str, SiteInfo], batch: IngestBatch) -> None:
         for site_summary in summary.sites:
             info = sites.get(site_summary.site)
             if info is None:
+                if not complete:
+                    continue
                 raise BadBatch(
                     f"step {summary.step} names site {site_summary.site!r}, which was never "
                     "announced (send it in this batch's 'sites' or at run start)"
@@ -273,7 +336,7 @@ def _check_sites(known: dict[str, SiteInfo], batch: IngestBatch) -> None:
                 )
     for probe in batch.probes:
         for site_probe in probe.sites:
-            if site_probe.site not in sites:
+            if complete and site_probe.site not in sites:
                 raise BadBatch(
                     f"probe at step {probe.step} names site {site_probe.site!r}, which was "
                     "never announced"

@@ -239,7 +239,9 @@ class IngestBatchRow(Base):
     """A received client batch, kept so a retried or duplicated batch is stored once.
 
     ``payload`` holds the batch until its steps reach the plugins (batches may arrive out of
-    order); ``processed`` marks it done.
+    order); ``processed`` marks it done. ``digest`` is the SHA-256 of the batch as first received
+    (a resend with other content is a conflict); ``error`` is set on a quarantined batch, one that
+    could not be processed when its turn came and was set aside with its payload kept.
     """
 
     __tablename__ = "ingest_batches"
@@ -249,3 +251,5 @@ class IngestBatchRow(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     processed: Mapped[bool] = mapped_column(Boolean, default=False)
+    digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -244,3 +244,43 @@ def test_a_host_that_cannot_be_started_costs_no_step(
         mon.close()
     assert mon.step == 5
     assert "could not start its host process" in caplog.text
+
+
+def test_a_killed_training_job_still_gets_its_run_stored_and_finished(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        """
+import os, signal, sys, time
+import torch
+from torch import nn
+from monitor.client import watch
+from monitor.settings import Settings
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+mon = watch(model, opt, settings=Settings(database_url=sys.argv[1], mlflow_tracking_uri=""))
+for _ in range(25):
+    opt.zero_grad()
+    model(torch.randn(8, 6)).sum().backward()
+    opt.step()
+print(mon.run_id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit: the job is gone
+"""
+    )
+    url = f"sqlite:///{tmp_path / 'apmon.db'}"
+    done = subprocess.run(
+        [sys.executable, str(script), url], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    run_id = done.stdout.strip()
+    for _ in range(600):  # the orphaned host finishes the run on its own
+        store = open_store(url)
+        if store.run(run_id).status == "finished":
+            break
+        time.sleep(0.1)
+    assert store.run(run_id).status == "finished"
+    assert [s.step for s in store.step_summaries(run_id, "train")] == list(range(25))

@@ -13,7 +13,40 @@ from monitor.store.models import Base
 
 
 def test_one_head() -> None:
-    assert head_revision() == "0003"
+    head = head_revision()
+    assert len(head) == 4 and head.isdigit() and head >= "0002"
+
+
+def test_0002_keeps_received_batches_and_adds_digest_and_error(sqlite_url: str) -> None:
+    from monitor.store import upgrade
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine, "0001")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO projects (id, name, created_at) VALUES (1, 'p', 0)")
+        connection.exec_driver_sql(
+            "INSERT INTO runs (id, project_id, name, status, config, created_at, processed_step)"
+            " VALUES ('r', 1, '', 'running', '{}', 0, -1)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO ingest_batches (run_id, stream, seq, received_at, processed)"
+            " VALUES ('r', 'main', 0, 0, 1)"
+        )
+    upgrade(engine, "0002")
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            "SELECT run_id, seq, digest, error FROM ingest_batches"
+        ).all()
+    assert [tuple(r) for r in rows] == [("r", 0, None, None)]
+    from alembic import command
+
+    from monitor.store.migrate import alembic_config
+
+    config = alembic_config(sqlite_url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+    assert "digest" not in {c["name"] for c in inspect(engine).get_columns("ingest_batches")}
 
 
 def test_migrated_database_matches_models(db_engine: Engine) -> None:

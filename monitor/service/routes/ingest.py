@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from monitor.schema import IngestBatch
 from monitor.service.api import IngestOut
 from monitor.service.auth import Project
-from monitor.service.ingest import BadBatch, RunClosed
+from monitor.service.ingest import BadBatch, Conflict, RunClosed
 from monitor.service.routes.runs import NOT_FOUND, RunId, Svc
 from monitor.store import NotFound
 
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/api/v1/runs", tags=["ingest"])
     "/{run_id}/batches",
     responses={
         **NOT_FOUND,
-        409: {"description": "The run is finished."},
+        409: {"description": "The run is finished, or this seq was received with other content."},
         413: {"description": "The body is larger than the service accepts."},
         422: {"description": "The batch is invalid; 'detail' says where. Nothing was stored."},
     },
@@ -29,9 +29,12 @@ router = APIRouter(prefix="/api/v1/runs", tags=["ingest"])
 def ingest(run_id: RunId, batch: IngestBatch, svc: Svc, project: Project) -> IngestOut:
     """Store the batch once and run the plugins over every batch whose turn has come.
 
-    A retried or duplicated batch answers ``duplicate: true`` and is not stored again. A batch
-    that arrives before a lower ``seq`` of its stream waits; plugins always see a stream's steps
-    in order. ``alerts`` are those raised while this request processed batches.
+    A retried or duplicated batch answers ``duplicate: true`` and is not stored again; a batch
+    under a received seq with other content answers 409. A batch that arrives before a lower
+    ``seq`` of its stream waits (even when those announce its sites); plugins always see a
+    stream's steps in order. A waiting batch that cannot be processed when its turn comes is
+    quarantined and listed in ``/errors``; the batches after it go on. ``alerts`` are those
+    raised while this request processed batches.
     """
     started = time.perf_counter()
     try:
@@ -39,7 +42,7 @@ def ingest(run_id: RunId, batch: IngestBatch, svc: Svc, project: Project) -> Ing
     except NotFound:
         svc.metrics.batches.labels("rejected").inc()
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no run with id {run_id!r}") from None
-    except RunClosed as error:
+    except (RunClosed, Conflict) as error:
         svc.metrics.batches.labels("rejected").inc()
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     except BadBatch as error:

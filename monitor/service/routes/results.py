@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from monitor.schema import StoredText
 from monitor.service.api import AlertOut, ErrorOut, FitOut, MeasureOut, ProbeOut
 from monitor.service.auth import Project, project_run
 from monitor.service.routes.runs import NOT_FOUND, RunId, Svc
@@ -20,8 +21,8 @@ def measures(
     run_id: RunId,
     svc: Svc,
     project: Project,
-    name: Annotated[str | None, Query(max_length=128)] = None,
-    site: Annotated[str | None, Query(max_length=512)] = None,
+    name: Annotated[StoredText | None, Query(max_length=128)] = None,
+    site: Annotated[StoredText | None, Query(max_length=512)] = None,
     step_min: Step = None,
     step_max: Step = None,
 ) -> list[MeasureOut]:

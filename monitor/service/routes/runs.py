@@ -82,8 +82,8 @@ def put_run(
     try:
         run = _create(svc, project, start, run_id)
     except StoreError:
-        # Two retries of the same start raced: the other one created it.
-        run = project_run(svc, project, run_id)
+        # Two retries of the same start raced: the other one created it (201 went to it).
+        return run_out(project_run(svc, project, run_id))
     response.status_code = status.HTTP_201_CREATED
     return run_out(run)
 
@@ -128,7 +128,9 @@ def finish_run(run_id: RunId, body: FinishIn, svc: Svc, project: Project) -> Fin
     its metrics are sent.
     """
     try:
-        processed = svc.ingestor.finish(project, run_id, body.final_step)
+        processed = svc.ingestor.finish(
+            project, run_id, body.final_step, dropped_records=body.dropped_records
+        )
     except NotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no run with id {run_id!r}") from None
     run = svc.store.run(run_id)
