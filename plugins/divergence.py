@@ -81,7 +81,7 @@ class DivergenceDetector:
     ``DivergenceSettings``. Measured at ``watch()`` defaults on benchmarks/scenarios
     (alerts as ``on_alert`` got them; thresholds tuned on the tuning half): held-out half 3 of 13
     diverging runs alerted in time, median lead 54 steps, 2 of 23 healthy and bad-batch runs with
-    a false alarm (tuning half: 6 of 11, median lead 10, 0 of 23), every in-time alert from
+    a false alarm (tuning half: 6 of 11, median lead 10.5, 0 of 23), every in-time alert from
     "climb". The issue's target (90% in
     time, median lead >= 20, no false alarm) is not met; see the README there.
     """
