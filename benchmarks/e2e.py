@@ -234,8 +234,11 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
                     for mode in args.modes:
                         figures = spawn([name, mode, str(threads), str(steps[name]), str(folder)])
                         runs.setdefault((name, mode), []).append(figures)
-                print(f"threads={threads or 'default'}: round {round_no + 1}/{args.rounds} done",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"threads={threads or 'default'}: round {round_no + 1}/{args.rounds} done",
+                    file=sys.stderr,
+                    flush=True,
+                )
             results[str(threads)] = summarise(runs, args, threads)
     return results
 

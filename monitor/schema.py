@@ -157,6 +157,9 @@ class SiteSummary(WireModel):
     # Optional per-class statistics when the client was given labels: rows and per-unit on counts.
     class_rows: dict[ClassLabel, NonNegInt] | None = Field(default=None, max_length=MAX_CLASSES)
     class_unit_on: dict[ClassLabel, UnitCounts] | None = Field(default=None, max_length=MAX_CLASSES)
+    # Optional preactivation scale over the finite values: sum of squares, largest magnitude.
+    sumsq: float | None = Field(default=None, ge=0)
+    max_abs: float | None = Field(default=None, ge=0)
 
     @field_validator(
         "patterns",

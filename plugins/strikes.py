@@ -1,77 +1,91 @@
-"""Bad-batch strike detector: a step whose patterns leave their own recent band in most sites."""
+"""Bad-batch detector: a training step whose loss, patterns or scale leave their recent band."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from monitor.measures import Event, PluginResult, RunContext, RunFinished
+from monitor.measures import Event, PluginResult, RunContext
 from monitor.schema import AlertValue, SiteSummary, StepSummary
 from plugins._robust import median_mad, push
-from plugins.apt import temperature
-from plugins.entropy import entropy_family
 
 
 @dataclass(frozen=True)
 class StrikeSettings:
-    """Thresholds (defaults chosen on the scenario suite, see benchmarks/scenarios).
+    """Thresholds in units of each statistic's robust band (tuned on the suite's tuning half).
 
-    Three statistics per site and step, each judged against the site's own last ``window``
-    non-strike values (after ``warmup`` of them) with a robust band: a value x leaves the band when
-    x - median > max(k * MAD, floor) (``T``, ``shift``: upward only) or |x - median| >
-    max(k * MAD, floor) (``rel_entropy``). The floors (``min_rise``, ``min_shift``,
-    ``min_entropy``) keep a site whose statistic is near-constant (MAD ~ 0) from firing on noise.
+    See benchmarks/scenarios/README.md for the suite.
+    Every statistic x of a step is judged against its own last ``window`` values from clean
+    steps (after ``warmup`` of them, and from step ``start``): its excess is
+    (x - median) / max(MAD, floor), MAD the scaled median absolute deviation (Hampel 1974).
+    A step is a strike when one excess passes its limit:
 
-    - ``T`` = -ln(1 - D), the APT temperature of the step's probe (``plugins.apt.temperature``);
-    - ``shift`` = (1/d) sum_u |on_u / rows - b_u|, the mean distance of the training batch's
-      per-unit on-rates from b, the on-rates of the last non-strike step (a batch of the wrong
-      scale or content turns other units on than the batches before it);
-    - ``rel_entropy`` of the training batch's patterns (``plugins.entropy.entropy_family``; a
-      constant image collapses the batch onto a few patterns).
+    - ``loss`` (upward): ln of the step's loss; floor ``loss_floor``;
+    - ``shift`` (upward, largest over sites): (1/d) sum_u |on_u / rows - b_u|, the distance of
+      the batch's per-unit on-rates from those of the last clean step;
+    - ``rms`` and ``max_abs`` (both ways, largest over sites): ln of the site's preactivation
+      RMS = sqrt(sumsq / (rows d)) and of its largest magnitude max |x|.
 
-    A site is out of band when any of its statistics is; a strike needs more than ``quorum`` of
-    the judged sites out of band at once, and one statistic of one site beyond ``decisive`` times
-    its band (a corrupted batch lands far outside; several sites only just outside is how a
-    clean step's noise looks). The ``refractory`` steps after a strike are not judged: a
-    bad step's update also disturbs the next batches' patterns (the "pairs" of strikes in the
-    source), which is its echo, not a second bad batch. They do enter the baseline, which therefore
-    follows a network that the bad step moved to another regime instead of alerting on every
-    later step; the strike step itself never enters it.
+    A strike step and the ``refractory`` steps after it stay out of the baselines (a bad step's
+    update disturbs the next batches too; that echo is not a second bad batch).
     """
 
     window: int = 30
     warmup: int = 10
-    k: float = 5.0
-    min_rise: float = 0.7
-    min_shift: float = 0.05
-    min_entropy: float = 0.05
-    quorum: float = 0.5
-    decisive: float = 2.5
-    refractory: int = 2
+    start: int = 20
+    loss: float = 5.0
+    shift: float = 12.0
+    rms: float = 40.0
+    max_abs: float = 25.0
+    loss_floor: float = 0.05
+    shift_floor: float = 0.01
+    rms_floor: float = 0.03
+    max_abs_floor: float = 0.05
+    refractory: int = 1
 
 
-SIGNALS = ("T", "shift", "rel_entropy")
-TWO_SIDED = frozenset({"rel_entropy"})
+UPWARD = frozenset({"loss", "shift"})
+
+
+def site_values(site: SiteSummary, previous_on: list[float] | None) -> dict[str, float]:
+    """A site's judged statistics at one step: ln RMS, ln max |x|, on-rate shift (see above)."""
+    values: dict[str, float] = {}
+    units = len(site.unit_on)
+    if site.rows == 0 or units == 0:
+        return values
+    if site.sumsq is not None and site.sumsq > 0:
+        values["rms"] = 0.5 * math.log(site.sumsq / (site.rows * units))
+    if site.max_abs is not None and site.max_abs > 0:
+        values["max_abs"] = math.log(site.max_abs)
+    if previous_on is not None and len(previous_on) == units:
+        rates = [c / site.rows for c in site.unit_on]
+        values["shift"] = sum(abs(r - b) for r, b in zip(rates, previous_on, strict=True)) / units
+    return values
 
 
 class StrikeDetector:
-    """Alerts ``bad_batch`` when most sites' patterns leave their own recent band at one step.
+    """Alerts ``bad_batch`` when a training step's statistics leave their own recent band.
 
-    Source: Hartmann et al. 2021, Sec. 3.2 and 4: pattern changes that "strike from the lower to
-    the top layers simultaneously" are "evidence for unfavorable batches"; SPEC "Detectors". A step
-    is judged once its APT probe (D = changed / rows, as temperature T) and its training summary
-    (per-unit on-rates and relative entropy of the batch's own patterns) are both in, in either
-    order, or with what came when the next step's first event arrives. Each statistic is compared
-    with the site's robust baseline (median and scaled MAD of its recent values, Hampel 1974; see
-    ``StrikeSettings``); a strike is a step where more than ``quorum`` of the judged sites are out
-    of band. Strike values stay out of the baseline. The alert names the step, the sites with the
-    statistics that left their band and the thresholds, and the batch's sample indices when the
-    step's training summary carried them.
+    Sources: Hartmann et al. 2021, Sec. 3.2 and 4: pattern changes that strike "the lower to the
+    top layers simultaneously" are "evidence for unfavorable batches" (here: the batch's per-unit
+    on-rates jumping away from the last clean step's, in any site); SPEC "Detectors" (training
+    summary statistics, preactivation scale and the loss, all on the training summary the client
+    sends every step). Each statistic is compared with its robust baseline (median and MAD of its
+    recent clean values; see ``StrikeSettings``). The alert names the step, the statistic that
+    carried it (``signal``: the one furthest past its limit), every statistic past its limit
+    with its band, and the batch's sample indices when the summary carried them.
+
+    Measured at ``watch()`` defaults on ``benchmarks/scenarios`` (alerts as ``on_alert`` got
+    them; thresholds tuned on the tuning half): on input corruptions, held-out precision 0.844,
+    recall 0.844 (tuning half 1.00 / 0.875; the loss-spike rule 0.076 / 0.719), label shuffles
+    8 of 8 (through the loss). The held-out hits were carried by the loss 13 times, the on-rate
+    shift 10, RMS 3, max |x| 1. Target (both >= 0.9) not met on the held-out half.
     """
 
     name = "strikes"
-    version = "2.0"
+    version = "3.0"
     requires: tuple[str, ...] = ()
 
     def __init__(self, settings: StrikeSettings | None = None) -> None:
@@ -84,139 +98,67 @@ class StrikeDetector:
         state: dict[str, Any],
         upstream: Mapping[str, PluginResult],
     ) -> PluginResult:
-        """Gather a step's statistics; judge the step once both its events are in, or later."""
-        result = PluginResult()
-        if isinstance(event, RunFinished):
-            self._flush(state, result)
-            return result
-        indices: list[int] | None = None
-        if isinstance(event, StepSummary):
-            if event.source != "train":
-                return result
-            kind, indices = "summary", event.sample_indices
-            values = self._summary_values(event.sites)
-        elif event.kind == "apt":
-            kind = "apt"
-            values = {
-                site.site: {
-                    "D": site.changed[0] / site.rows,
-                    "T": temperature(site.changed[0] / site.rows, site.rows),
-                }
-                for site in event.sites
-                if site.changed
-            }
-        else:
-            return result
+        """Judge a training step on its summary (every statistic is on it)."""
+        if not isinstance(event, StepSummary) or event.source != "train":
+            return PluginResult()
         if event.step <= state.get("judged_step", -1):
-            return result  # a late duplicate of a step already judged
-        pending = state.get("pending")
-        if pending is not None and pending["step"] != event.step:
-            self._flush(state, result)
-            pending = None
-        if pending is None:
-            pending = {"step": event.step, "have": [], "values": {}, "indices": None}
-        if kind == "summary":
-            pending["indices"] = indices
-        pending["have"] = sorted({*pending["have"], kind})
-        for site, stats in values.items():
-            pending["values"].setdefault(site, {}).update(stats)
-        state["pending"] = pending
-        if pending["have"] == ["apt", "summary"]:
-            self._flush(state, result)
-        return result
-
-    @staticmethod
-    def _summary_values(sites: list[SiteSummary]) -> dict[str, dict[str, Any]]:
-        """Per site: rel_entropy, and the on-rates (the shift is taken against the baseline).
-
-        Without per-unit counts the entropy's ceiling is log2 n (``units`` = rows >= log2 n).
-        """
-        values: dict[str, dict[str, Any]] = {}
-        for site in sites:
-            if site.rows == 0:
-                continue
-            stats: dict[str, Any] = {}
-            if site.spectrum:
-                units = len(site.unit_on) or site.rows
-                stats["rel_entropy"] = entropy_family(site, units)["rel_entropy"]
-            if site.unit_on:
-                stats["on"] = [c / site.rows for c in site.unit_on]
-            if stats:
-                values[site.site] = stats
-        return values
-
-    def _flush(self, state: dict[str, Any], result: PluginResult) -> None:
-        pending = state.pop("pending", None)
-        if pending is None:
-            return
-        state["judged_step"] = pending["step"]
-        strike = self._judge(pending, state)
-        if strike is not None:
-            result.alerts.append(self._alert(strike, pending["indices"]))
-
-    def _judge(self, pending: dict[str, Any], state: dict[str, Any]) -> dict[str, Any] | None:
+            return PluginResult()  # a repeated summary
+        state["judged_step"] = event.step
         s = self.settings
-        step = pending["step"]
-        last = state.get("last_strike")
-        echo = last is not None and 0 < step - last <= s.refractory
-        baselines: dict[str, dict[str, list[float]]] = state.setdefault("baseline", {})
         on_rates: dict[str, list[float]] = state.setdefault("on_rate", {})
-        floors = {"T": s.min_rise, "shift": s.min_shift, "rel_entropy": s.min_entropy}
+        values: dict[str, float] = {}
+        if event.loss is not None and event.loss > 0:
+            values["loss"] = math.log(event.loss)
+        for site in event.sites:
+            for name, x in site_values(site, on_rates.get(site.site)).items():
+                values[f"{name}:{site.site}"] = x
+        baselines: dict[str, list[float]] = state.setdefault("baseline", {})
         exceeded: dict[str, dict[str, float]] = {}
-        values: dict[str, dict[str, float]] = {}
-        judged = 0
-        decisive = False
-        for site, stats in pending["values"].items():
-            current = {k: float(v) for k, v in stats.items() if k in SIGNALS}
-            rates = stats.get("on")
-            base = on_rates.get(site)
-            if rates is not None and base is not None and len(base) == len(rates):
-                distance = sum(abs(r - b) for r, b in zip(rates, base, strict=True))
-                current["shift"] = distance / len(rates)
-            values[site] = current
-            series = baselines.get(site, {})
-            out: dict[str, float] = {}
-            seen = False
-            for name, x in current.items():
-                history = series.get(name, [])
-                if len(history) < s.warmup:
-                    continue
-                seen = True
-                centre, mad = median_mad(history)
-                band = max(s.k * mad, floors[name])
-                deviation = abs(x - centre) if name in TWO_SIDED else x - centre
-                decisive = decisive or deviation > s.decisive * band
-                if deviation > band:
-                    out.update({name: x, f"{name}_median": centre, f"{name}_band": band})
-                    if name not in TWO_SIDED:
-                        out[f"{name}_threshold"] = centre + band
-            judged += seen
-            if out:
-                if "D" in stats:
-                    out["D"] = float(stats["D"])
-                exceeded[site] = out
-        if not echo and decisive and judged > 0 and len(exceeded) > s.quorum * judged:
-            state["last_strike"] = step
-            return {"step": step, "sites": exceeded, "judged": judged}
-        for site, current in values.items():
-            series = baselines.setdefault(site, {})
-            for name, x in current.items():
-                series[name] = push(series.get(name, []), x, s.window)
-            rates = pending["values"][site].get("on")
-            if rates is not None:
-                on_rates[site] = list(rates)
-        return None
+        for key, x in values.items():
+            history = baselines.get(key, [])
+            if event.step < s.start or len(history) < s.warmup:
+                continue
+            kind = key.split(":")[0]
+            centre, mad = median_mad(history)
+            band = max(mad, getattr(s, f"{kind}_floor"))
+            excess = (x - centre) / band if kind in UPWARD else abs(x - centre) / band
+            limit: float = getattr(s, kind)
+            if excess > limit:
+                exceeded[key] = {
+                    "value": x,
+                    "median": centre,
+                    "band": band,
+                    "excess": excess,
+                    "limit": limit,
+                }
+        last = state.get("last_strike")
+        if last is not None and 0 < event.step - last <= s.refractory:
+            return PluginResult()  # the echo of a strike: not judged, not in the baselines
+        if exceeded:
+            state["last_strike"] = event.step
+            return PluginResult(alerts=[self._alert(event, exceeded)])
+        for key, x in values.items():
+            baselines[key] = push(baselines.get(key, []), x, s.window)
+        for site in event.sites:
+            if site.rows and site.unit_on:
+                on_rates[site.site] = [c / site.rows for c in site.unit_on]
+        return PluginResult()
 
     @staticmethod
-    def _alert(strike: dict[str, Any], indices: list[int] | None) -> AlertValue:
-        sites = strike["sites"]
+    def _alert(event: StepSummary, exceeded: dict[str, dict[str, float]]) -> AlertValue:
+        top = max(exceeded, key=lambda k: exceeded[k]["excess"] / exceeded[k]["limit"])
+        signal = top.split(":")[0]
         return AlertValue(
             kind="bad_batch",
-            step=strike["step"],
+            step=event.step,
             severity="warning",
             message=(
-                f"pattern-change strike at step {strike['step']}: patterns out of their recent "
-                f"band in {len(sites)} of {strike['judged']} sites"
+                f"bad batch at step {event.step}: {top} is {exceeded[top]['excess']:.3g} bands "
+                f"from its median (limit {exceeded[top]['limit']:.3g})"
             ),
-            evidence={"sites": sites, "judged": strike["judged"], "sample_indices": indices},
+            evidence={
+                "signal": signal,
+                "statistics": exceeded,
+                "sample_indices": event.sample_indices,
+            },
         )

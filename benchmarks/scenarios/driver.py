@@ -1,242 +1,180 @@
-"""Trains a small ReLU net and produces the wire events a monitored run sends: step summaries
-(loss, sample indices) and APT probes / learning-rate sweeps, measured here directly."""
+"""Trains one scenario run through the public API: ``watch(model, opt, on_alert=...)`` at defaults.
+
+The alerts are what the training job's ``on_alert`` received, each with the step at which it was
+received; ``mon.alerts`` after ``close()`` is kept too. With ``record=True`` the wire events the
+client sent are kept (in the order sent, with the step during which each was sent) so that
+``replay.py`` can feed them through the real plugin host again without training.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import tempfile
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
+from families import BATCH, DIVERGE_FROM, RunSpec, build_model, corrupt, load_data, schedule
 from torch import nn
 
-from monitor.client.summary import measure, to_wire
-from monitor.schema import ProbeRecord, SiteProbe, SiteSummary, StepSummary
+import monitor
+from monitor.schema import AlertValue
+from monitor.settings import Settings
 
-
-class MLP(nn.Module):
-    """Three ReLU layers; ``forward`` returns the logits and each site's pre-activations."""
-
-    def __init__(self, inputs: int, width: int = 64, classes: int = 10) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            [nn.Linear(inputs, width), nn.Linear(width, width), nn.Linear(width, width)]
-        )
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        pre: list[torch.Tensor] = []
-        h = x.flatten(1)
-        for layer in self.layers:
-            z = layer(h)
-            pre.append(z)
-            h = torch.relu(z)
-        return self.head(h), pre
-
-
-class CNN(nn.Module):
-    """Two 3x3 conv ReLU sites and one dense ReLU site, no normalisation."""
-
-    def __init__(self, channels: int, side: int, classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(4)
-        self.fc = nn.Linear(16 * 16, 32)
-        self.head = nn.Linear(32, classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        z1 = self.conv1(x)
-        z2 = self.conv2(torch.relu(z1))
-        z3 = self.fc(self.pool(torch.relu(z2)).flatten(1))
-        return self.head(torch.relu(z3)), [z1, z2, z3]
-
-
-SITE_NAMES = ("site0", "site1", "site2")
-
-
-def rows_of(z: torch.Tensor) -> torch.Tensor:
-    """(rows, units): a row per sample (dense) or per sample and position (conv, channels)."""
-    if z.dim() == 4:
-        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-    return z
-
-
-def site_summaries(pre: list[torch.Tensor]) -> list[SiteSummary]:
-    """What the client sends for the training forward: each site's pattern summary (rows,
-    distinct, spectrum, per-unit on counts, sketch), measured by the client's own code."""
-    return [
-        to_wire(SITE_NAMES[i], measure(z, "conv" if z.dim() == 4 else "dense"))
-        for i, z in enumerate(pre)
-    ]
-
-
-def changed_rows(before: list[torch.Tensor], after: list[torch.Tensor]) -> list[int]:
-    """Per site, how many rows' patterns (pre-activation > 0) differ."""
-    return [
-        int(((rows_of(a) > 0) != (rows_of(b) > 0)).any(dim=1).sum())
-        for a, b in zip(before, after, strict=True)
-    ]
+AFTER_DIVERGENCE = 3  # steps a run goes on after its loss diverged
 
 
 @dataclass
-class Corruption:
-    """Replace a batch: ``kind`` in noise (inputs ~ N(0, scale^2)), constant (one constant image),
-    labels (labels shuffled)."""
+class Received:
+    """One alert as ``on_alert`` got it: during training step ``at`` (the run's end: last step)."""
 
     kind: str
-    scale: float = 10.0
-
-
-@dataclass
-class RunSpec:
-    """One training run."""
-
-    model: str  # "mlp" or "cnn"
-    data: str  # "digits" or "fake"
-    seed: int
-    steps: int
-    lr: Callable[[int], float]
-    optimizer: str = "sgd"
-    batch: int = 64
-    apt_every: int = 1
-    sweep_every: int = 5
-    sweep_etas: tuple[float, ...] = tuple(float(e) for e in np.logspace(-3, 2, 16))
-    corrupt: dict[int, Corruption] = field(default_factory=dict)
-    stop_after_divergence: int = 3
-
-
-@dataclass
-class StepEvents:
-    """What one training step produced."""
-
     step: int
-    loss: float
-    summary: StepSummary
-    probes: list[ProbeRecord]
+    at: int
+    signal: str
+    message: str
 
 
-def load_data(name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standardised scikit-learn digits as 1x8x8 images, or FakeData-shaped random 3x16x16 images
-    with random labels (torchvision FakeData's recipe, generated here to stay small and fast)."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
+@dataclass
+class Result:
+    """What one run measured: its losses, the alerts received and stored, its events if kept."""
 
-        digits = load_digits()
-        x = torch.tensor(digits.data, dtype=torch.float32)
-        x = (x - x.mean()) / x.std()
-        return x.reshape(-1, 1, 8, 8), torch.tensor(digits.target)
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    x = torch.randn(1024, 3, 16, 16, generator=generator)
-    y = torch.randint(0, 10, (1024,), generator=generator)
-    return x, y
+    spec: RunSpec
+    losses: list[float]
+    classes: int
+    received: list[Received] = field(default_factory=list)
+    stored: list[tuple[str, int]] = field(default_factory=list)
+    events: list[tuple[int, str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
 
 
-def build(spec: RunSpec, x: torch.Tensor) -> nn.Module:
-    """The spec's model for inputs shaped like ``x``."""
-    if spec.model == "mlp":
-        return MLP(int(x[0].numel()))
-    return CNN(int(x.shape[1]), int(x.shape[2]))
+def signal_of(alert: AlertValue) -> str:
+    """Which signal carried an alert: the ``signal`` in its evidence, else its ``sign``."""
+    evidence = alert.evidence or {}
+    return str(evidence.get("signal") or evidence.get("sign") or "?")
 
 
-def _corrupt(
-    c: Corruption, xb: torch.Tensor, yb: torch.Tensor, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if c.kind == "noise":
-        return torch.randn(xb.shape, generator=g) * c.scale, yb
-    if c.kind == "constant":
-        return torch.full_like(xb, c.scale), yb
-    return xb, yb[torch.randperm(len(yb), generator=g)]
+class Tee:
+    """A transport that records what the client sends before handing it on.
+
+    Only used with ``--record``; the scored runs use the default transport directly.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.events: list[tuple[int, str, Any]] = []
+        self.step = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def add_sites(self, sites: Any) -> None:
+        self.events.append((self.step, "sites", [s.model_copy() for s in sites]))
+        self.inner.add_sites(sites)
+
+    def send_summary(self, summary: Any) -> None:
+        self.events.append((self.step, "summary", summary.model_copy(deep=True)))
+        self.inner.send_summary(summary)
+
+    def send_probe(self, probe: Any) -> None:
+        self.events.append((self.step, "probe", probe.model_copy(deep=True)))
+        self.inner.send_probe(probe)
 
 
-def train(spec: RunSpec) -> Iterator[StepEvents]:
-    """Run the spec; yield each step's events. Stops ``stop_after_divergence`` steps after the loss
-    turns non-finite."""
+def wait_for_host(transport: Any, limit: float = 60.0) -> None:
+    """Before step 0: wait until the embedded host process has started (at most ``limit`` s).
+
+    A real job spends its first seconds loading data; these runs of a few seconds do not, and
+    the training thread does not wait for a host that has not started yet (``EmbeddedTransport.
+    wait_for_mark``), so without this pause a whole run could pass before the first plugin runs.
+    The flag read is the transport's own (private) one: this is benchmark scaffolding.
+    """
+    deadline = time.perf_counter() + limit
+    while not getattr(transport, "_started", True) and time.perf_counter() < deadline:
+        transport.poll_alerts()  # reads the host's messages, "started" among them
+        time.sleep(0.01)
+
+
+def diverged_at(losses: list[float], classes: int, bad: Iterable[int] = ()) -> int | None:
+    """SPEC "What counts": the first step after step 20 whose loss is non-finite or > 3 ln C.
+
+    The loss of a bad batch ``bad`` (and of the step after it) is the batch's, not the run's:
+    those steps are left out.
+    """
+    limit = 3 * math.log(classes)
+    skip = {s + k for s in bad for k in (0, 1)}
+    for step, loss in enumerate(losses):
+        if step > DIVERGE_FROM and step not in skip and (not math.isfinite(loss) or loss > limit):
+            return step
+    return None
+
+
+def train(spec: RunSpec, record: bool = False) -> Result:
+    """Train ``spec`` under ``watch()`` at its defaults (MLflow off, a temporary SQLite store)."""
+    torch.set_num_threads(1)
     torch.manual_seed(spec.seed)
-    x, y = load_data(spec.data, spec.seed)
-    model = build(spec, x)
-    params = list(model.parameters())
-    lr0 = spec.lr(0)
+    data = load_data(spec.data, spec.seed)
+    model = build_model(spec.model, (int(data.x.shape[1]), int(data.x.shape[2])), data.classes)
     if spec.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr0)
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=spec.base_lr)
     else:
-        opt = torch.optim.SGD(params, lr=lr0, momentum=0.9 if spec.optimizer == "momentum" else 0)
+        opt = torch.optim.SGD(model.parameters(), lr=spec.base_lr, momentum=0.9)
+    multiple = schedule("constant" if spec.group == "bad_batch" else spec.scenario, spec.steps)
     g = torch.Generator().manual_seed(spec.seed)
-    order = torch.randperm(len(x), generator=g)
-    cursor = 0
-    nonfinite_since: int | None = None
-    for step in range(spec.steps):
-        if cursor + spec.batch > len(x):
-            order, cursor = torch.randperm(len(x), generator=g), 0
-        idx = order[cursor : cursor + spec.batch]
-        cursor += spec.batch
-        xb, yb = x[idx], y[idx]
-        if step in spec.corrupt:
-            xb, yb = _corrupt(spec.corrupt[step], xb, yb, g)
-        lr = spec.lr(step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        logits, before = model(xb)
-        loss = nn.functional.cross_entropy(logits, yb)
-        opt.zero_grad()
-        loss.backward()
-        with torch.no_grad():
-            before = [b.detach() for b in before]
-            start = [p.detach().clone() for p in params]
+    result = Result(spec, [], data.classes)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        settings = Settings(database_url=f"sqlite:///{folder}/apmon.db", mlflow_tracking_uri="")
+        tee = None
+        if record:
+            from monitor.client.embedded import EmbeddedTransport
+
+            tee = Tee(EmbeddedTransport(settings))
+        now = {"step": 0}
+
+        def on_alert(alert: AlertValue) -> None:
+            result.received.append(
+                Received(alert.kind, alert.step, now["step"], signal_of(alert), alert.message)
+            )
+
+        mon = monitor.watch(model, opt, settings=settings, on_alert=on_alert, transport=tee)
+
+        @mon
+        def step(xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor) -> float:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            mon.record_indices(idx)
             opt.step()
-            end = [p.detach().clone() for p in params]
-            probes: list[ProbeRecord] = []
-            nonfinite = not all(bool(torch.isfinite(b).all()) for b in before)
-            if step % spec.apt_every == 0:
-                _, after = model(xb)
-                nonfinite = nonfinite or not all(bool(torch.isfinite(a).all()) for a in after)
-                probes.append(
-                    _probe(step, "apt", lr, [lr], before, [changed_rows(before, after)], nonfinite)
-                )
-            if spec.sweep_every and step % spec.sweep_every == 0 and math.isfinite(loss.item()):
-                table = []
-                for eta in spec.sweep_etas:
-                    for p, a, b in zip(params, start, end, strict=True):
-                        p.copy_(a + (b - a) * (eta / lr))
-                    _, trial = model(xb)
-                    table.append(changed_rows(before, trial))
-                for p, b in zip(params, end, strict=True):
-                    p.copy_(b)
-                probes.append(
-                    _probe(step, "sweep", lr, list(spec.sweep_etas), before, table, nonfinite)
-                )
-        value = float(loss.item())
-        summary = StepSummary(
-            step=step,
-            source="train",
-            sites=site_summaries(before),
-            loss=value if math.isfinite(value) else None,
-            sample_indices=[int(i) for i in idx],
-        )
-        yield StepEvents(step, value, summary, probes)
-        if not math.isfinite(value):
-            nonfinite_since = step if nonfinite_since is None else nonfinite_since
-            if step - nonfinite_since >= spec.stop_after_divergence:
-                return
+            return float(loss.detach())
 
-
-def _probe(
-    step: int,
-    kind: str,
-    lr: float,
-    etas: list[float],
-    before: list[torch.Tensor],
-    table: list[list[int]],
-    nonfinite: bool,
-) -> ProbeRecord:
-    sites = [
-        SiteProbe(
-            site=SITE_NAMES[i],
-            rows=int(rows_of(before[i]).shape[0]),
-            etas=etas,
-            changed=[row[i] for row in table],
-        )
-        for i in range(len(before))
-    ]
-    return ProbeRecord(step=step, kind=kind, lr=lr, sites=sites, nonfinite=nonfinite)  # type: ignore[arg-type]
+        wait_for_host(mon.transport)
+        order, cursor = torch.randperm(len(data.y), generator=g), 0
+        try:
+            for s in range(spec.steps):
+                now["step"] = s
+                if tee is not None:
+                    tee.step = s
+                if cursor + BATCH > len(data.y):
+                    order, cursor = torch.randperm(len(data.y), generator=g), 0
+                idx = order[cursor : cursor + BATCH]
+                cursor += BATCH
+                xb, yb = data.x[idx], data.y[idx]
+                if s in spec.corrupt:
+                    xb, yb = corrupt(spec.corrupt[s], xb, yb, g)
+                for group in opt.param_groups:
+                    group["lr"] = spec.base_lr * multiple(s)
+                result.losses.append(step(xb, yb, idx))
+                end = diverged_at(result.losses, data.classes, spec.corrupt)
+                if spec.group == "divergence" and end is not None and s >= end + AFTER_DIVERGENCE:
+                    break
+        finally:
+            now["step"] = len(result.losses) - 1
+            mon.close()
+        result.stored = [(a.kind, a.step) for a in mon.alerts]
+        if tee is not None:
+            result.events = tee.events
+    result.seconds = time.perf_counter() - started
+    return result

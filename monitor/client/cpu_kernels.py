@@ -46,17 +46,24 @@ def _mix64(x: np.uint64) -> np.uint64:  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def pack_and_count_on(
-    x: np.ndarray, outer_class: np.ndarray, words: np.ndarray, on: np.ndarray
+    x: np.ndarray, outer_class: np.ndarray, words: np.ndarray, on: np.ndarray, scale: np.ndarray
 ) -> int:  # pragma: no cover - compiled
     """Sign bits of ``x`` (outer, units, inner) into ``words`` (outer * inner, W), zeroed.
 
     Row ``o * inner + p`` gets bit ``u % 64`` of word ``u // 64`` set when ``x[o, u, p] > 0``;
     ``on[outer_class[o], u]`` counts those rows. Returns the number of non-finite values.
+    ``scale`` (2,) float64 gets the sum of squares added to ``scale[0]`` and the largest
+    magnitude maxed into ``scale[1]`` (the site's preactivation scale); both are meaningless when
+    a value is non-finite (the caller then recomputes them over the finite values). They are
+    accumulated per position in arrays, not in one scalar, so that the loop still vectorises
+    (a scalar float sum is a reduction LLVM may not reorder).
     Each unit's ``inner`` values are contiguous, so the inner loop runs along rows and
     vectorises; dense rows (inner 1) go through ``count_on_rows`` and numpy's ``packbits``.
     """
     outer, units, inner = x.shape
     nonfinite = 0
+    squares = np.zeros(inner, dtype=np.float64)
+    largest = np.zeros(inner, dtype=np.float64)
     for o in range(outer):
         base = o * inner
         label = outer_class[o]
@@ -70,25 +77,50 @@ def pack_and_count_on(
                 words[base + p, word] |= bit * positive
                 count += positive
                 nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+                wide = np.float64(value)
+                squares[p] += wide * wide
+                size = abs(wide)
+                largest[p] = size if size > largest[p] else largest[p]
             on[label, u] += count
+    _add_scale(scale, squares, largest)
     return nonfinite
 
 
 @numba.njit(cache=True, nogil=True)
-def count_on_rows(x: np.ndarray, row_class: np.ndarray, on: np.ndarray) -> int:  # pragma: no cover
+def count_on_rows(
+    x: np.ndarray, row_class: np.ndarray, on: np.ndarray, scale: np.ndarray
+) -> int:  # pragma: no cover - compiled
     """``on[row_class[r], u] += x[r, u] > 0`` over rows (rows, units); returns non-finite values.
 
-    The dense-row half of ``pack_and_count_on``: the loop runs along a row's contiguous units.
+    The dense-row half of ``pack_and_count_on`` (``scale`` as there, accumulated per unit): the
+    loop runs along a row's contiguous units.
     """
     rows, units = x.shape
     nonfinite = 0
+    squares = np.zeros(units, dtype=np.float64)
+    largest = np.zeros(units, dtype=np.float64)
     for r in range(rows):
         label = row_class[r]
         for u in range(units):
             value = x[r, u]
             on[label, u] += value > 0
             nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+            wide = np.float64(value)
+            squares[u] += wide * wide
+            size = abs(wide)
+            largest[u] = size if size > largest[u] else largest[u]
+    _add_scale(scale, squares, largest)
     return nonfinite
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_scale(
+    scale: np.ndarray, squares: np.ndarray, largest: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    """Fold per-position sums of squares and maxima into ``scale`` = (sum, max)."""
+    scale[0] += squares.sum()
+    if largest.size:
+        scale[1] = max(scale[1], largest.max())
 
 
 @numba.njit(cache=True, nogil=True)
@@ -106,7 +138,7 @@ PACKED_TABLE_UNITS = 16
 
 @numba.njit(cache=True, nogil=True)
 def pack_and_count_table(
-    x: np.ndarray, outer_class: np.ndarray, on: np.ndarray
+    x: np.ndarray, outer_class: np.ndarray, on: np.ndarray, scale: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, int]:  # pragma: no cover - compiled
     """``pack_and_count_on`` then ``count_table`` in one pass, for ``units`` <= 16 and inner > 1.
 
@@ -120,6 +152,8 @@ def pack_and_count_table(
     table = np.zeros(1 << units, dtype=np.int32)
     block = np.empty(inner, dtype=np.uint16)
     nonfinite = 0
+    squares = np.zeros(inner, dtype=np.float64)
+    largest = np.zeros(inner, dtype=np.float64)
     for o in range(outer):
         label = outer_class[o]
         block[:] = 0
@@ -132,9 +166,14 @@ def pack_and_count_table(
                 block[p] |= bit * positive
                 count += positive
                 nonfinite += value - value != 0  # inf - inf and NaN - NaN are NaN
+                wide = np.float64(value)
+                squares[p] += wide * wide
+                size = abs(wide)
+                largest[p] = size if size > largest[p] else largest[p]
             on[label, u] += count
         for p in range(inner):
             table[block[p]] += 1
+    _add_scale(scale, squares, largest)
     fingerprints, counts = _table_histogram(table)
     return fingerprints, counts, nonfinite
 

@@ -14,6 +14,9 @@
   combine into a uniform sample of their union (``monitor.sketch``).
 - ``unit_on``: per unit, the rows in which it is on (dead: 0, always on: = rows); with labels,
   ``class_rows`` and ``class_unit_on`` per class.
+- ``sumsq`` and ``max_abs``: the preactivations' sum of squares and largest magnitude over the
+  finite values (RMS = sqrt(sumsq / (rows * units))), read in the same pass as the signs; the
+  detectors use them as the site's scale (a batch of the wrong scale, weights blowing up).
 
 **Sketch error.** ``monitor.sketch`` estimates weighted Jaccard by a ratio estimator over the
 joint sample of m >= k patterns; its standard error is about sqrt((1 - m/N)/m) times the
@@ -70,6 +73,8 @@ class SiteStats:
     nonfinite_rows: int = 0
     class_rows: dict[int, int] = field(default_factory=dict)
     class_unit_on: dict[int, torch.Tensor] = field(default_factory=dict)
+    sumsq: float = 0.0
+    max_abs: float = 0.0
 
     @property
     def rows(self) -> int:
@@ -96,6 +101,8 @@ class SiteStats:
             nonfinite_rows=self.nonfinite_rows + other.nonfinite_rows,
             class_rows=class_rows,
             class_unit_on=class_unit_on,
+            sumsq=self.sumsq + other.sumsq,
+            max_abs=max(self.max_abs, other.max_abs),
         )
 
     def to(self, device: torch.device | str) -> SiteStats:
@@ -107,6 +114,8 @@ class SiteStats:
             nonfinite_rows=self.nonfinite_rows,
             class_rows=dict(self.class_rows),
             class_unit_on={k: v.to(device) for k, v in self.class_unit_on.items()},
+            sumsq=self.sumsq,
+            max_abs=self.max_abs,
         )
 
 
@@ -211,39 +220,49 @@ def _measure_with_kernels(
     else:  # every outer index lies within one sample (the sample axis leads)
         outer_class = sample_class.repeat_interleave(outer // max(x.shape[0], 1)).numpy()
     on = np.zeros((max(classes, 1), units), dtype=np.int64)
-    counts, nonfinite = _pack_and_count(x3.numpy(), outer_class, on)
+    scale = np.zeros(2, dtype=np.float64)
+    counts, nonfinite = _pack_and_count(x3.numpy(), outer_class, on, scale)
+    sumsq, max_abs = float(scale[0]), float(scale[1])
+    if nonfinite:  # the kernels' scale is over every value: take it over the finite ones
+        sumsq, max_abs = _scale_with_torch(x, True)
     stats = SiteStats(
         units=units,
         counts=counts,
         unit_on=torch.from_numpy(on.sum(axis=0)),
         nonfinite_rows=_nonfinite_rows(x, unit_dim) if nonfinite else 0,
+        sumsq=sumsq,
+        max_abs=max_abs,
     )
     return stats, torch.from_numpy(on)
 
 
 def _pack_and_count(
-    values: np.ndarray, outer_class: np.ndarray, on: np.ndarray
+    values: np.ndarray, outer_class: np.ndarray, on: np.ndarray, scale: np.ndarray
 ) -> tuple[PatternCounts, int]:
     """Exact pattern counts of ``values`` (outer, units, inner) and its non-finite values.
 
-    Adds each unit's on-rows to ``on[outer_class[o]]``. Narrow conv-like sites are packed and
-    counted in one kernel; dense rows (inner 1) are packed by numpy, whose ``packbits`` takes a
-    byte of contiguous units at a time; the rest are packed into 64-bit words, then counted.
+    Adds each unit's on-rows to ``on[outer_class[o]]`` and the scale to ``scale`` (sum of
+    squares, max magnitude; see ``cpu_kernels.pack_and_count_on``). Narrow conv-like sites are
+    packed and counted in one kernel; dense rows (inner 1) are packed by numpy, whose
+    ``packbits`` takes a byte of contiguous units at a time; the rest are packed into 64-bit
+    words, then counted.
     """
     outer, units, inner = values.shape
     rows = outer * inner
     narrow = units <= cpu_kernels.PACKED_TABLE_UNITS and rows < 2**31  # int32 table counts
     if inner > 1 and narrow and use_table(units, rows):
-        fingerprints, counts, nonfinite = cpu_kernels.pack_and_count_table(values, outer_class, on)
+        fingerprints, counts, nonfinite = cpu_kernels.pack_and_count_table(
+            values, outer_class, on, scale
+        )
         return _pattern_counts(fingerprints, counts), nonfinite
     words = np.zeros((rows, (units + 63) // 64), dtype=np.int64)
     if inner == 1:
         dense = values[:, :, 0]
         bits = np.packbits(dense > 0, axis=-1, bitorder="little")
         words.view(np.uint8)[:, : bits.shape[1]] = bits  # little-endian: byte b is units 8b..
-        nonfinite = cpu_kernels.count_on_rows(dense, outer_class, on)
+        nonfinite = cpu_kernels.count_on_rows(dense, outer_class, on, scale)
     else:
-        nonfinite = cpu_kernels.pack_and_count_on(values, outer_class, words, on)
+        nonfinite = cpu_kernels.pack_and_count_on(values, outer_class, words, on, scale)
     return _count_with_kernels(words, units), nonfinite
 
 
@@ -289,8 +308,27 @@ def _measure_with_torch(
     else:
         on = _unit_on_counts(row_bytes, units, row_class, max(classes, 1))
         counts, unit_on = count_words(words, units), on.sum(dim=0)
-    stats = SiteStats(units=units, counts=counts, unit_on=unit_on, nonfinite_rows=nonfinite)
+    sumsq, max_abs = _scale_with_torch(x, nonfinite > 0)
+    stats = SiteStats(
+        units=units,
+        counts=counts,
+        unit_on=unit_on,
+        nonfinite_rows=nonfinite,
+        sumsq=sumsq,
+        max_abs=max_abs,
+    )
     return stats, on
+
+
+def _scale_with_torch(x: torch.Tensor, nonfinite: bool) -> tuple[float, float]:
+    """Sum of squares (in float64) and largest magnitude of ``x``'s finite values."""
+    if x.numel() == 0:
+        return 0.0, 0.0
+    if nonfinite:
+        x = torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    flat = x.reshape(-1)
+    sumsq = torch.linalg.vector_norm(flat, dtype=torch.float64).square()
+    return float(sumsq), float(flat.abs().max())
 
 
 def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> SiteSummary:
@@ -321,6 +359,8 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
         nonfinite_rows=stats.nonfinite_rows,
         class_rows=None,
         class_unit_on=None,
+        sumsq=stats.sumsq,
+        max_abs=stats.max_abs,
     )
     if stats.class_rows:
         summary.class_rows = {str(k): v for k, v in sorted(stats.class_rows.items())}

@@ -6,6 +6,7 @@ import json
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -103,6 +104,24 @@ def run_ranks(tmp_path: Path) -> Path:
     raise AssertionError("unreachable")
 
 
+SCALE = ("sumsq", "max_abs")
+
+
+def same(a, b):
+    """Equal JSON values, except the scale: equal to 6 digits (each rank's float32 forward of
+    its half of the batch may differ from the whole batch's in the last bits)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return False
+        return all(
+            (a[k] == pytest.approx(b[k], rel=1e-6)) if k in SCALE and a[k] else same(a[k], b[k])
+            for k in a
+        )
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def test_two_process_gloo_merge_equals_single_process(tmp_path):
     out = run_ranks(tmp_path)
     conv, dense, labels = data()
@@ -111,7 +130,7 @@ def test_two_process_gloo_merge_equals_single_process(tmp_path):
         to_wire("dense", measure(dense, "dense", labels), sketch_k=16).model_dump(mode="json"),
     ]
     for rank in range(WORLD):
-        assert json.loads((out / f"stats{rank}.json").read_text()) == single
+        assert same(json.loads((out / f"stats{rank}.json").read_text()), single)
     # Monitor with merge_ranks: rank 0 ships the merged summary, rank 1 ships nothing
     net = model()
     transport = ListTransport()
@@ -123,7 +142,9 @@ def test_two_process_gloo_merge_equals_single_process(tmp_path):
         net(x).sum().backward()
         opt.step()
     assert {s.source for s in transport.summaries} == {"train", "probe_set"}
-    assert json.loads((out / "monitor0.json").read_text()) == json.loads(dump(transport.summaries))
+    assert same(
+        json.loads((out / "monitor0.json").read_text()), json.loads(dump(transport.summaries))
+    )
     assert json.loads((out / "monitor1.json").read_text()) == []
 
 

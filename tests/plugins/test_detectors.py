@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-from collections.abc import Iterator
-from typing import Any, cast
 
 import numpy as np
 import pytest
 from plugin_fixtures import context
 
-from monitor.measures import RunFinished
 from monitor.schema import AlertValue, ProbeRecord, SiteProbe, SiteSummary, StepSummary
 from plugins.divergence import DivergenceDetector
-from plugins.strikes import StrikeDetector, StrikeSettings
+from plugins.strikes import StrikeDetector
 from plugins.transition_fit import TransitionFitPlugin
 
 ETAS = [float(e) for e in np.logspace(-3, 2, 16)]
@@ -121,243 +117,125 @@ def test_fit_that_stops_converging_is_a_hard_sign() -> None:
     assert "too few points" in alerts[0].evidence["reason"]
 
 
-def d_series(n: int, seed: int) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [[int(rng.binomial(64, p)) for p in (0.1, 0.3, 0.5)] for _ in range(n)]
+# -- divergence at watch()'s defaults: the "hot" APT rule and the "climb" loss rule -------------
 
 
-def strike_sites(alert: AlertValue) -> dict[str, dict[str, Any]]:
-    """The per-site evidence of a strike alert."""
-    return cast(dict[str, dict[str, Any]], alert.evidence["sites"])
+def train_summary(step: int, loss: float | None) -> StepSummary:
+    return StepSummary(step=step, source="train", sites=[], loss=loss)
 
 
-def strike_run(
-    series: list[list[int]],
-    settings: StrikeSettings | None = None,
-    indices: bool = True,
-    summary_first: bool = True,
-) -> tuple[list[AlertValue], dict[str, Any]]:
-    detector, state = StrikeDetector(settings), dict[str, Any]()
-    alerts: list[AlertValue] = []
-    for step, changed in enumerate(series):
-        summary = StepSummary(
-            step=step, sites=[], sample_indices=[step, step + 1000] if indices else None
-        )
-        probe = apt(step, changed)
-        events: list[StepSummary | ProbeRecord] = (
-            [summary, probe] if summary_first else [probe, summary]
-        )
-        for event in events:
-            alerts += detector.process(event, CTX, state, {}).alerts
-    return alerts, state
+def test_hot_apt_probes_after_step_20_alert_on_the_second_in_a_row() -> None:
+    run = Pipeline()
+    hot = [52, 52, 52]  # D = 52/64 = 0.8125 on every site: mean 0.8125 >= 0.8
+    assert run(apt(8, hot)) == [] and run(apt(16, hot)) == []  # before step 20: not judged
+    assert run(apt(24, [60, 40, 50])) == []  # mean (60 + 40 + 50) / 192 = 0.78125 < 0.8
+    assert run(apt(32, hot)) == []  # the first hot probe
+    alerts = run(apt(40, hot))
+    assert [a.evidence["signal"] for a in alerts] == ["apt_hot"]
+    assert alerts[0].step == 40 and alerts[0].evidence["D"] == pytest.approx(52 / 64)
+    assert run(apt(48, hot)) == []  # once per hot streak
 
 
-@pytest.mark.parametrize("summary_first", [True, False])
-def test_strike_in_most_sites_alerts_with_the_batch_indices(summary_first: bool) -> None:
-    series = d_series(60, 0)
-    series[40] = [50, 60, 64]
-    alerts, _ = strike_run(series, summary_first=summary_first)
-    assert [a.step for a in alerts] == [40]
-    assert alerts[0].kind == "bad_batch"
-    assert alerts[0].evidence["sample_indices"] == [40, 1040]
-    sites = strike_sites(alerts[0])
-    assert set(sites) == {"a", "b", "c"}
-    # brute force: the baseline is the temperature of the 30 steps before
-    baseline = [-math.log(1 - min(row[0] / 64, 1 - 1 / 128)) for row in series[10:40]]
-    centre = statistics.median(baseline)
-    mad = 1.4826 * statistics.median(abs(t - centre) for t in baseline)
-    assert sites["a"]["T_median"] == pytest.approx(centre)
-    assert sites["a"]["T_threshold"] == pytest.approx(centre + max(5 * mad, 0.7))
-    assert sites["a"]["D"] == 50 / 64
+def losses_then(tail: list[float]) -> list[float]:
+    """2.0 falling linearly to 0.2 at step 30, 0.2 up to step 40, then ``tail``."""
+    head = [2.0 - 1.8 * s / 30 for s in range(31)] + [0.2] * 10
+    return head + tail
 
 
-def test_spike_in_one_site_or_during_warmup_is_not_a_strike() -> None:
-    series = d_series(60, 1)
-    series[5] = [60, 60, 64]  # before the baseline has warmed up
-    series[30] = [60, 19, 32]  # one site only
-    alerts, state = strike_run(series)
-    assert alerts == []
-    window = StrikeSettings().window
-    assert all(len(v) <= window for site in state["baseline"].values() for v in site.values())
+def climb_alerts(losses: list[float]) -> list[AlertValue]:
+    run = Pipeline()
+    return [a for s, loss in enumerate(losses) for a in run(train_summary(s, loss))]
 
 
-def test_strike_without_indices_and_its_echo_is_not_counted() -> None:
-    series = d_series(60, 2)
-    series[40] = [40, 60, 64]
-    series[41] = [40, 60, 64]  # the next two steps are within the refractory period
-    series[42] = [40, 60, 64]
-    alerts, _ = strike_run(series, indices=False, summary_first=False)
-    assert [a.step for a in alerts] == [40]
-    assert alerts[0].evidence["sample_indices"] is None
+def test_a_loss_that_climbs_and_stays_up_alerts_after_five_steps() -> None:
+    alerts = climb_alerts(losses_then([0.9] * 20))
+    # medians of the last five: step 43 is the first with three 0.9s (> max(2.5 * 0.2, 0.6));
+    # steps 43..47 make five in a row
+    assert [(a.step, a.evidence["signal"]) for a in alerts] == [(47, "loss_climb")]
+    assert alerts[0].evidence["lowest"] == pytest.approx(0.2)
+    assert alerts[0].evidence["loss"] == pytest.approx(0.9)
 
 
-def test_quiet_noise_gives_no_strikes() -> None:
-    for seed in range(5):
-        alerts, _ = strike_run(d_series(200, 10 + seed))
-        assert alerts == []
+def test_isolated_bad_batches_and_small_loss_rises_do_not_climb() -> None:
+    spikes = [0.2] * 40
+    for at in (5, 17, 30):
+        spikes[at] = spikes[at + 1] = 50.0  # a bad batch and its echo
+    assert climb_alerts(losses_then(spikes)) == []
+    # 0.03 rising to 0.3 is 10x, but below the 0.6 floor: no divergence (SPEC "What counts")
+    low = [0.03] * 41 + [0.3] * 30
+    assert climb_alerts(low) == []
+    assert climb_alerts(losses_then([None] * 10)) == []  # type: ignore[list-item]
 
 
-# ---- strikes from the training summaries: explicit rows, brute-force statistics ----
+# -- bad batches: loss, pattern shift and preactivation scale against their bands ----------------
 
 UNITS = 8
 
 
-def rows_summary(site: str, rows: list[tuple[int, ...]]) -> SiteSummary:
-    """The wire summary of explicit 0/1 rows: every pattern, its spectrum and per-unit on counts."""
-    counts: dict[int, int] = {}
-    for row in rows:
-        fp = sum(bit << i for i, bit in enumerate(row))
-        counts[fp] = counts.get(fp, 0) + 1
-    spectrum: dict[int, int] = {}
-    for c in counts.values():
-        spectrum[c] = spectrum.get(c, 0) + 1
+def site(name: str, rows: int, on: list[int], rms: float, top: float) -> SiteSummary:
     return SiteSummary(
-        site=site,
-        rows=len(rows),
-        distinct=len(counts),
-        spectrum=sorted(spectrum.items()),
-        patterns=sorted(counts.items()),
-        unit_on=[sum(row[u] for row in rows) for u in range(len(rows[0]))],
+        site=name,
+        rows=rows,
+        distinct=1,
+        unit_on=on,
+        sumsq=rms * rms * rows * len(on),
+        max_abs=top,
     )
 
 
-def batch_rows(rng: np.random.Generator, rates: list[float], n: int = 64) -> list[tuple[int, ...]]:
-    return [tuple(int(rng.random() < p) for p in rates) for _ in range(n)]
+def clean_step(step: int) -> StepSummary:
+    """A healthy step: loss, on-counts and scale wobble a little around fixed values."""
+    w = wobble(step)
+    sites = [
+        site(n, 64, [32 + (step + u) % 3 for u in range(UNITS)], 1.0 * w, 4.0 * w) for n in "abc"
+    ]
+    return StepSummary(step=step, source="train", sites=sites, loss=0.5 * w, sample_indices=[step])
 
 
-RATES = {s: [0.2 + 0.08 * u + 0.02 * i for u in range(UNITS)] for i, s in enumerate("abc")}
+def strike_alerts(steps: list[StepSummary]) -> list[AlertValue]:
+    detector, state = StrikeDetector(), {}
+    return [a for e in steps for a in detector.process(e, CTX, state, {}).alerts]
 
 
-Rows = list[tuple[int, ...]]
-
-
-def summary_series(n: int, seed: int, bad: dict[int, str]) -> list[dict[str, Rows]]:
-    """Per step and site, the training batch's rows; ``bad`` steps are "flipped" (every unit's
-    on-rate p becomes 1 - p, a batch of another scale) or "constant" (one pattern for all rows)."""
-    rng = np.random.default_rng(seed)
-    steps = []
-    for step in range(n):
-        per_site = {}
-        for site, rates in RATES.items():
-            if bad.get(step) == "flipped":
-                per_site[site] = batch_rows(rng, [1 - p for p in rates])
-            elif bad.get(step) == "constant":
-                per_site[site] = [tuple(1 for _ in rates)] * 64
-            else:
-                per_site[site] = batch_rows(rng, rates)
-        steps.append(per_site)
-    return steps
-
-
-def no_replay(source: str) -> Iterator[StepSummary]:
-    return iter(())
-
-
-def summary_strikes(steps: list[dict[str, Rows]]) -> list[AlertValue]:
-    """Feed training summaries only (no APT probes); the last step is judged at the run's end."""
-    detector, state, alerts = StrikeDetector(), dict[str, Any](), list[AlertValue]()
-    for step, per_site in enumerate(steps):
-        sites = [rows_summary(s, rows) for s, rows in per_site.items()]
-        event = StepSummary(step=step, sites=sites, sample_indices=[step])
-        alerts += detector.process(event, CTX, state, {}).alerts
-    alerts += detector.process(RunFinished(len(steps) - 1, no_replay), CTX, state, {}).alerts
-    return alerts
-
-
-def brute_shift(a: list[tuple[int, ...]], b: list[tuple[int, ...]]) -> float:
-    """(1/d) sum_u |on-rate of u in a - on-rate of u in b|."""
-    d = len(a[0])
-    rate_a = [sum(r[u] for r in a) / len(a) for u in range(d)]
-    rate_b = [sum(r[u] for r in b) / len(b) for u in range(d)]
-    return sum(abs(x - y) for x, y in zip(rate_a, rate_b, strict=True)) / d
-
-
-def brute_rel_entropy(rows: list[tuple[int, ...]]) -> float:
-    """H / min(d, log2 n) from the explicit rows."""
-    n = len(rows)
-    counts: dict[tuple[int, ...], int] = {}
-    for row in rows:
-        counts[row] = counts.get(row, 0) + 1
-    h = -sum(c / n * math.log2(c / n) for c in counts.values())
-    return h / min(len(rows[0]), math.log2(n))
-
-
-def test_on_rate_shift_in_every_site_is_a_strike_with_brute_force_evidence() -> None:
-    steps = summary_series(80, 3, {50: "flipped"})
-    alerts = summary_strikes(steps)
-    assert [a.step for a in alerts] == [50]
-    assert alerts[0].evidence["sample_indices"] == [50]
-    assert set(strike_sites(alerts[0])) == {"a", "b", "c"}
-    # brute force: the shift of each step against the one before, over the 30 steps before 50
-    a = [steps[t]["a"] for t in range(80)]
-    history = [brute_shift(a[t], a[t - 1]) for t in range(20, 50)]
+def brute_excess(history: list[float], x: float) -> float:
     centre = statistics.median(history)
-    mad = 1.4826 * statistics.median(abs(x - centre) for x in history)
-    evidence = strike_sites(alerts[0])["a"]
-    assert evidence["shift"] == pytest.approx(brute_shift(a[50], a[49]))
-    assert evidence["shift_median"] == pytest.approx(centre)
-    assert evidence["shift_threshold"] == pytest.approx(centre + max(5 * mad, 0.05))
+    mad = 1.4826 * statistics.median([abs(v - centre) for v in history])
+    return abs(x - centre) / max(mad, 0.03)
 
 
-def test_constant_batch_collapses_the_entropy_and_is_a_strike() -> None:
-    steps = summary_series(80, 4, {45: "constant", 70: "constant"})
-    alerts = summary_strikes(steps)
-    assert [a.step for a in alerts] == [45, 70]
-    evidence = strike_sites(alerts[0])["b"]
-    assert evidence["rel_entropy"] == pytest.approx(brute_rel_entropy(steps[45]["b"])) == 0.0
-    history = [brute_rel_entropy(steps[t]["b"]) for t in range(15, 45)]
-    assert evidence["rel_entropy_median"] == pytest.approx(statistics.median(history))
+def test_a_batch_of_five_times_the_scale_is_a_strike_with_brute_force_evidence() -> None:
+    steps = [clean_step(s) for s in range(60)]
+    bad = clean_step(60)
+    bad.sites[0] = site("a", 64, bad.sites[0].unit_on, 5.0 * wobble(60), 4.0 * wobble(60))
+    alerts = strike_alerts([*steps, bad, clean_step(61), clean_step(62)])
+    assert [(a.step, a.evidence["signal"]) for a in alerts] == [(60, "rms")]
+    history = [math.log(wobble(s)) for s in range(30, 60)]  # the last 30 clean values
+    evidence = alerts[0].evidence["statistics"]["rms:a"]
+    assert evidence["excess"] == pytest.approx(brute_excess(history, math.log(5 * wobble(60))))
+    assert alerts[0].evidence["sample_indices"] == [60]
 
 
-def test_bad_batch_in_the_last_step_is_judged_at_the_end_of_the_run() -> None:
-    assert [a.step for a in summary_strikes(summary_series(40, 5, {39: "flipped"}))] == [39]
+def test_loss_jump_and_on_rate_shift_are_strikes() -> None:
+    steps = [clean_step(s) for s in range(50)]
+    loss = clean_step(50).model_copy(update={"loss": 8.0})
+    shifted = clean_step(54)
+    for i in range(3):  # half the units flip from on to off in every site
+        shifted.sites[i] = site("abc"[i], 64, [60] * 4 + [2] * 4, wobble(54), 4.0 * wobble(54))
+    alerts = strike_alerts([*steps, loss, clean_step(52), clean_step(53), shifted])
+    assert [(a.step, a.evidence["signal"]) for a in alerts] == [(50, "loss"), (54, "shift")]
 
 
-def test_lasting_regime_change_alerts_once_then_the_baseline_follows() -> None:
-    steps = summary_series(120, 6, {})
-    regime = summary_series(60, 7, {s: "flipped" for s in range(60)})
-    alerts = summary_strikes(steps[:60] + regime)
-    assert [a.step for a in alerts] == [60]
+def test_healthy_noise_before_and_after_warm_up_is_quiet() -> None:
+    assert strike_alerts([clean_step(s) for s in range(200)]) == []
+    early = [clean_step(s) for s in range(15)]
+    early[12] = early[12].model_copy(update={"loss": 50.0})  # before step 20: not judged
+    assert strike_alerts(early) == []
 
 
-def test_quiet_summaries_give_no_strikes() -> None:
-    for seed in range(3):
-        assert summary_strikes(summary_series(150, 20 + seed, {})) == []
-
-
-def test_shift_in_one_site_only_is_not_a_strike() -> None:
-    steps = summary_series(60, 8, {})
-    steps[40]["a"] = batch_rows(np.random.default_rng(0), [1 - p for p in RATES["a"]])
-    assert summary_strikes(steps) == []
-
-
-def test_sites_only_just_out_of_band_are_not_a_strike() -> None:
-    series = d_series(60, 9)
-    _, state = strike_run(series[:40])
-    just_out = []
-    for site in "abc":  # per site the smallest D whose T is above its band, by brute force
-        history = state["baseline"][site]["T"]
-        centre = statistics.median(history)
-        band = max(5 * 1.4826 * statistics.median(abs(t - centre) for t in history), 0.7)
-        temps = [-math.log(1 - min(c / 64, 1 - 1 / 128)) for c in range(65)]
-        c = next(c for c in range(65) if temps[c] > centre + band)
-        assert temps[c] < centre + 2.5 * band  # out of band, but not decisively
-        just_out.append(c)
-    assert strike_run([*series[:40], just_out, *series[41:]])[0] == []
-    loose = strike_run([*series[:40], just_out, *series[41:]], StrikeSettings(decisive=1.0))[0]
-    assert [a.step for a in loose] == [40] and set(strike_sites(loose[0])) == {"a", "b", "c"}
-
-
-def test_a_late_event_of_a_step_already_judged_is_ignored() -> None:
-    series = d_series(45, 11)
-    series[40] = [50, 60, 64]
-    detector, state = StrikeDetector(), dict[str, Any]()
-    alerts: list[AlertValue] = []
-    for step, changed in enumerate(series):
-        summary = StepSummary(step=step, sites=[], sample_indices=[step])
-        for event in (apt(step, changed), summary):
-            alerts += detector.process(event, CTX, state, {}).alerts
-    before = json.dumps(state, sort_keys=True)
-    assert detector.process(apt(40, series[40]), CTX, state, {}).alerts == []
-    assert json.dumps(state, sort_keys=True) == before
+def test_a_repeated_summary_is_ignored_and_the_echo_step_is_not_judged() -> None:
+    steps = [clean_step(s) for s in range(40)]
+    bad = clean_step(40).model_copy(update={"loss": 20.0})
+    echo = clean_step(41).model_copy(update={"loss": 10.0})
+    again = clean_step(40).model_copy(update={"loss": 20.0})
+    alerts = strike_alerts([*steps, bad, again, echo, clean_step(42)])
     assert [a.step for a in alerts] == [40]
