@@ -139,12 +139,19 @@ def _lower_bound(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> float:
     return float((kwargs or {}).get("min_val", -1.0))
 
 
+ForwardCallback = Callable[[str, nn.Module, tuple[Any, ...], dict[str, Any]], None]
+
+
 class ModuleTracker:
     """Owns the hooks that track which module is running and the mode that sees activations.
 
     The root module always carries one pre-hook and one post-hook; the hooks on the other
     modules, which name the sites, exist only while ``armed`` is true, so an unscheduled step
-    costs one attribute check per forward (STYLE.md 5).
+    costs one attribute check per forward (STYLE.md 5). While armed, a forward that enters
+    through a submodule (a LightningModule's ``training_step`` calling ``self.net(x)``) is
+    captured too: the outermost module whose forward runs starts the capture, and sites directly
+    in its ``forward`` are named after its path. ``on_forward(path, module, args, kwargs)``, when
+    set, hears of each such outermost forward before it runs (APT probes keep its inputs there).
     """
 
     def __init__(self, model: nn.Module, on_site: SiteCallback, sign_mode: bool) -> None:
@@ -153,6 +160,7 @@ class ModuleTracker:
         # run under no_grad on purpose, clear this flag while they forward.
         self.require_grad = True
         self.on_site = on_site
+        self.on_forward: ForwardCallback | None = None
         self._model = model
         self._stack: list[str] = []
         self._calls: dict[str, int] = {}
@@ -161,9 +169,10 @@ class ModuleTracker:
             functions.update(SMOOTH)
         self._mode = _ActivationMode(self, functions)
         self._active = False
+        self._entry: nn.Module | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = [
-            model.register_forward_pre_hook(self._enter_root),
-            model.register_forward_hook(self._leave_root, always_call=True),
+            model.register_forward_pre_hook(self._enter(ROOT_NAME), with_kwargs=True),
+            model.register_forward_hook(self._leave, always_call=True),
         ]
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -178,7 +187,9 @@ class ModuleTracker:
             for path, module in self._model.named_modules():
                 if module is self._model:
                     continue
-                self._module_handles.append(module.register_forward_pre_hook(self._enter(path)))
+                self._module_handles.append(
+                    module.register_forward_pre_hook(self._enter(path), with_kwargs=True)
+                )
                 self._module_handles.append(
                     module.register_forward_hook(self._leave, always_call=True)
                 )
@@ -191,38 +202,38 @@ class ModuleTracker:
             handle.remove()
         self._module_handles.clear()
 
-    def _enter_root(self, _module: nn.Module, _args: Any) -> None:
-        if self._active:
-            self._stack.append(ROOT_NAME)
-            return
-        if not self._armed or (self.require_grad and not torch.is_grad_enabled()):
-            return
-        self._active = True
-        self._calls.clear()
-        self._stack.clear()
-        self._stack.append(ROOT_NAME)
-        self._mode.__enter__()
-
-    def _leave_root(self, _module: nn.Module, _args: Any, _output: Any) -> None:
-        if not self._active:
-            return
-        self._stack.pop()
-        if not self._stack:
-            self._active = False
-            self._mode.__exit__(None, None, None)
-            if not self._armed:
-                self._remove_module_hooks()
-
     def _enter(self, name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: Any) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self._active:
                 self._stack.append(name)
+                return
+            if not self._armed or (self.require_grad and not torch.is_grad_enabled()):
+                return
+            if self.on_forward is not None:
+                self.on_forward(name, module, args, kwargs)
+            self._active = True
+            self._entry = module
+            self._calls.clear()
+            self._stack.clear()
+            self._stack.append(name)
+            self._mode.__enter__()
 
         return hook
 
-    def _leave(self, _module: nn.Module, _args: Any, _output: Any) -> None:
-        if self._active and len(self._stack) > 1:
+    def _leave(self, module: nn.Module, _args: Any, _output: Any) -> None:
+        if not self._active:
+            return
+        if len(self._stack) > 1:
             self._stack.pop()
+            return
+        if module is not self._entry:
+            return
+        self._stack.pop()
+        self._active = False
+        self._entry = None
+        self._mode.__exit__(None, None, None)
+        if not self._armed:
+            self._remove_module_hooks()
 
     def site_call(self, mode: SiteMode, preactivation: torch.Tensor) -> None:
         """Name the call after the innermost running module and report it."""
@@ -238,12 +249,12 @@ class ModuleTracker:
 
         The training callback and flags are restored afterwards.
         """
-        saved = (self.on_site, self.armed, self.require_grad)
-        self.on_site, self.armed, self.require_grad = on_site, True, False
+        saved = (self.on_site, self.armed, self.require_grad, self.on_forward)
+        self.on_site, self.armed, self.require_grad, self.on_forward = on_site, True, False, None
         try:
             yield
         finally:
-            self.on_site, self.armed, self.require_grad = saved
+            self.on_site, self.armed, self.require_grad, self.on_forward = saved
 
     # -- end of probe forwards ----------------------------------------------------------------
 
@@ -255,4 +266,5 @@ class ModuleTracker:
         self._remove_module_hooks()
         if self._active:
             self._active = False
+            self._entry = None
             self._mode.__exit__(None, None, None)
