@@ -55,12 +55,16 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     optimizer's ``step``, whose hooks therefore see every real step (and no skipped one).
     """
     seen = {id(optimizer)}
-    while True:
+    while not (
+        isinstance(optimizer, torch.optim.Optimizer)
+        and hasattr(optimizer, "_optimizer_step_post_hooks")
+    ):
         inner = getattr(optimizer, "optimizer", None)
-        if inner is None or id(inner) in seen or not hasattr(inner, "param_groups"):
-            return optimizer  # type: ignore[no-any-return]
+        if inner is None or id(inner) in seen:
+            break
         seen.add(id(inner))
         optimizer = inner
+    return optimizer  # type: ignore[no-any-return]
 # The training forward's summary covers the first rows (samples) of each batch: the detectors
 # judge a batch by a sample of it, and the capture costs a quarter of a 128-batch's (see
 # benchmarks/e2e.py). ``capture_rows=None`` summarises every row.
