@@ -8,6 +8,7 @@ and a decorator of the per-step function; closing it removes every hook and ends
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import math
@@ -103,6 +104,14 @@ class Monitor:
         mlflow_run_id: str | None = None,
         start_step: int = 0,
     ) -> None:
+        # torch.compile(model): sites, probes and probe sets use the module it wraps (names
+        # without "_orig_mod."); a step that is captured or probed runs that module's forward
+        # eagerly (``_eager_when_armed``), so no capture code enters a compiled graph.
+        self.compiled: nn.Module | None = None
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            self.compiled, model = model, inner
+        self._eager = contextlib.ExitStack()
         self.model = model
         optimizer = unwrap_optimizer(optimizer)
         self.optimizer = optimizer
@@ -158,6 +167,13 @@ class Monitor:
         # -- end of probe set and merging -----------------------------------------------------
         self.tracker = ModuleTracker(model, self._record_site, sign_mode=sign_mode)
         self.tracker.on_forward = self._on_forward
+        self._compile_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        if self.compiled is not None:
+            self._compile_hooks = [
+                self.compiled.register_forward_pre_hook(self._eager_when_armed),
+                self.compiled.register_forward_hook(self._compiled_again, always_call=True),
+            ]
+        _warn_in_place_compile(model)
         self._step_hook = optimizer.register_step_post_hook(self._after_optimizer_step)
         self._pre_step_hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         # -- APT probes and sweeps (apt.py): hooks exist only when some probe is scheduled ----
@@ -210,6 +226,13 @@ class Monitor:
         self._in_step_forwards = 0
 
     # -- capture -----------------------------------------------------------------------------
+
+    def _eager_when_armed(self, _module: nn.Module, _args: Any) -> None:
+        if self.tracker.armed and torch.is_grad_enabled():
+            self._eager.enter_context(torch.compiler.set_stance("force_eager"))
+
+    def _compiled_again(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        self._eager.close()
 
     def _on_forward(self, path: str, module: nn.Module, args: Any, kwargs: Any) -> None:
         """The tracker's word that an outermost training forward begins (see ``capture``)."""
@@ -573,6 +596,9 @@ class Monitor:
         self.tracker.close()
         self._step_hook.remove()
         self._pre_step_hook.remove()
+        for hook in self._compile_hooks:
+            hook.remove()
+        self._eager.close()
         for hook in self._probe_hooks:
             hook.remove()
         atexit.unregister(self._atexit)
@@ -605,6 +631,17 @@ def _register_atexit(monitor: Monitor) -> Callable[[], None]:
 
     atexit.register(close)
     return close
+
+
+def _warn_in_place_compile(model: nn.Module) -> None:
+    """Say that modules compiled in place (``module.compile()``) are not captured reliably."""
+    compiled = [n or "model" for n, m in model.named_modules() if m._compiled_call_impl is not None]
+    if compiled:
+        logger.warning(
+            "apmon: %s compiled in place (module.compile()) runs apmon's hooks inside the compiled "
+            "graph, where sites may be lost; compile with torch.compile(model) and watch that",
+            ", ".join(compiled[:3]),
+        )
 
 
 def _as_float(value: Any) -> float | None:
