@@ -9,9 +9,11 @@ call from the root model's own ``forward`` is named ``model#k``.
 
 Covered: ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.PReLU``, ``nn.RReLU``, ``nn.ReLU6`` (a hardtanh with
 lower bound 0), their in-place forms, and ``F.relu``/``F.relu_``/``torch.relu``/``torch.relu_``/
-``Tensor.relu``/``Tensor.relu_``/``F.leaky_relu``/``F.leaky_relu_``/``F.relu6``/``F.prelu``
-called anywhere in a forward; a module called twice (torchvision's BasicBlock ``relu``) gives
-``relu#0`` and ``relu#1``. In opt-in sign mode GELU, SiLU, ELU, Mish and sigmoid sites are added,
+``Tensor.relu``/``Tensor.relu_``/``F.leaky_relu``/``F.leaky_relu_``/``F.relu6``/``F.prelu``,
+``nn.Hardtanh``/``F.hardtanh`` with lower bound 0, and ``clamp``/``clip``/``clamp_min`` (function,
+method, in place) with the number 0 as lower bound, called anywhere in a forward; a module
+called twice (torchvision's BasicBlock ``relu``) gives ``relu#0`` and ``relu#1``. In opt-in sign
+mode GELU, SiLU, ELU, Mish and sigmoid sites are added,
 marked ``mode="sign"``. The call is seen before it runs, so in-place forms report the
 preactivation. A call made inside another captured call (``F.relu6`` inside a captured op) is
 not seen twice: the mode is inactive while it handles a call.
@@ -52,6 +54,19 @@ PIECEWISE_LINEAR: dict[Callable[..., Any], str] = {
 # ``nn.ReLU6`` calls ``F.hardtanh(x, 0.0, 6.0)``: a hardtanh whose lower bound is 0 is a ReLU6
 # site (pattern x > 0); other hardtanh calls are not ReLU-like and are left alone.
 HARDTANH = (F.hardtanh, F.hardtanh_)
+# ``clamp(min=0)``/``clamp_min(0)`` (and ``clip``) are ReLUs in all but name (with ``max``: a
+# ReLU6-like clip); a clamp whose lower bound is not the number 0 is left alone.
+CLAMP = (
+    torch.clamp,
+    torch.clip,
+    torch.clamp_min,
+    torch.Tensor.clamp,
+    torch.Tensor.clip,
+    torch.Tensor.clamp_,
+    torch.Tensor.clip_,
+    torch.Tensor.clamp_min,
+    torch.Tensor.clamp_min_,
+)
 # Smooth activations, captured only in opt-in sign mode: the pattern of the preactivation sign.
 SMOOTH: dict[Callable[..., Any], str] = {
     F.gelu: "sign",
@@ -127,9 +142,19 @@ class _ActivationMode(TorchFunctionMode):
         mode = self._functions.get(func)
         if mode is None and func in HARDTANH and _lower_bound(args, kwargs) == 0:
             mode = "relu"
+        if mode is None and func in CLAMP and _clamp_min(args, kwargs) == 0:
+            mode = "relu"
         if mode is not None and args and isinstance(args[0], torch.Tensor):
             self._tracker.site_call(mode, args[0])  # type: ignore[arg-type]
         return func(*args, **(kwargs or {}))
+
+
+def _clamp_min(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> float | None:
+    """The lower bound of a clamp call when it is a plain number (None otherwise)."""
+    low = args[1] if len(args) > 1 else (kwargs or {}).get("min")
+    if isinstance(low, bool) or not isinstance(low, (int, float)):
+        return None
+    return float(low)
 
 
 def _lower_bound(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> float:
