@@ -66,6 +66,8 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         seen.add(id(inner))
         optimizer = inner
     return optimizer  # type: ignore[no-any-return]
+
+
 # The training forward's summary covers the first rows (samples) of each batch: the detectors
 # judge a batch by a sample of it, and the capture costs a quarter of a 128-batch's (see
 # benchmarks/e2e.py). ``capture_rows=None`` summarises every row.
@@ -190,9 +192,7 @@ class Monitor:
                 probe_rows=probe_rows,
             )
         # -- end of APT probes and sweeps ----------------------------------------------------
-        start = RunStart(
-            name=name, config=_plain_config(config or {}), mlflow_run_id=mlflow_run_id
-        )
+        start = RunStart(name=name, config=_plain_config(config or {}), mlflow_run_id=mlflow_run_id)
         self.run_id = transport.start_run(start)
         self._arm()
         self._atexit = _register_atexit(self)
