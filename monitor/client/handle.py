@@ -340,6 +340,11 @@ class Monitor:
             self._arm()
         except Exception:
             logger.exception("apmon failed at the end of step %d; training continues", self.step)
+        if self._losses and not self._in_step_function:
+            # A decorated micro-batch function with optimizer.step() outside it: the values it
+            # returned since the last step are this step's.
+            self._attach_loss(sum(self._losses) / len(self._losses))
+            self._losses = []
         if not self._holds_for_loss:
             self._flush_and_mark()
         if not self._in_step_function and not self._ends_own_steps:

@@ -287,3 +287,58 @@ def test_alert_policies(caplog: pytest.LogCaptureFixture) -> None:
     assert any("D = 1 on every site" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="on_alert"):
         run_with_policy("ignore")
+
+
+def test_decorated_micro_batch_function_with_the_step_outside_it() -> None:
+    torch.manual_seed(4)
+    net = mlp()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    transport = ListTransport()
+    monitor = Monitor(net, optimizer, transport, every=1)
+
+    @monitor
+    def micro_batch(x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = F.cross_entropy(net(x), y)
+        (loss / 2).backward()
+        return float(loss)
+
+    losses = []
+    for step in range(3):
+        values = [micro_batch(*data(2 * step + i)) for i in range(2)]
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(sum(values) / 2)
+    monitor.close()
+    assert [s.loss for s in train_summaries(transport)] == pytest.approx(losses, rel=1e-6)
+    assert monitor._losses == []
+
+
+def test_amp_autocast_and_grad_scaler() -> None:
+    """bf16 autocast on the CPU with a GradScaler: probes replay under the same autocast."""
+    torch.manual_seed(5)
+    net = mlp()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu")
+    transport = ListTransport()
+    monitor = Monitor(net, optimizer, transport, every=1, apt_every=1)
+
+    def masks(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            h1 = net[0](x)
+            h2 = net[2](h1.clamp(min=0))
+        return {"1#0": h1 > 0, "3#0": h2 > 0}
+
+    expected = []
+    for step in range(3):
+        x, y = data(step)
+        before = masks(x)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(net(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        expected.append(changed(before, masks(x)))
+    monitor.close()
+    assert apt_counts(transport) == expected
+    assert sum(sum(c.values()) for c in expected) > 0
