@@ -114,7 +114,7 @@ def oracle_loss(state: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor])
 
 
 def arguments(tmp_path: Path, steps: int, accumulate: int, **extra: Any) -> TrainingArguments:
-    options: dict[str, Any] = {"report_to": [], "learning_rate": LR}
+    options: dict[str, Any] = {"report_to": [], "learning_rate": LR, "save_strategy": "no"}
     options.update(extra)
     return TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -126,7 +126,6 @@ def arguments(tmp_path: Path, steps: int, accumulate: int, **extra: Any) -> Trai
         max_grad_norm=0.0,
         weight_decay=0.0,
         logging_steps=1,
-        save_strategy="no",
         use_cpu=True,
         disable_tqdm=True,
         **options,
@@ -237,3 +236,23 @@ def test_embedded_run_logs_into_the_trainers_mlflow_run(
         time.sleep(0.1)
     assert [m.step for m in client.get_metric_history(run.mlflow_run_id, "train/loss")][-1] == 7
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path: Path) -> None:
+    first = ListTransport()
+    args = arguments(tmp_path, 2, 1, save_strategy="steps", save_steps=2)
+    Trainer(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=Rows(4),
+        callbacks=[ApmonCallback(transport=first, every=1)],
+    ).train()
+    second = ListTransport()
+    Trainer(
+        model=tiny_bert(),
+        args=arguments(tmp_path, 4, 1, save_strategy="no"),
+        train_dataset=Rows(4),
+        callbacks=[ApmonCallback(transport=second, every=1)],
+    ).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert [s.step for s in train_summaries(first)] == [0, 1]
+    assert [s.step for s in train_summaries(second)] == [2, 3]
