@@ -336,6 +336,8 @@ class AptProber:
         self._in_step = False  # between the optimizer's pre- and post-hook of a probed step
         self._in_step_seen = False
         self._warned = False
+        # What ``capture`` replaced, until the forward's end says whether it had sites.
+        self._saved: tuple[Any, ...] | None = None
 
     def scheduled(self, step: int) -> bool:
         """Whether step ``step`` is probed or swept."""
@@ -361,6 +363,8 @@ class AptProber:
         if self.probing or not torch.is_grad_enabled() or not self.scheduled(step):
             return
         self.collecting = None
+        saved = (self._batch, self._training, self._before, self._in_step_seen)
+        self._saved = saved
         if self._in_step:
             if self._in_step_seen:
                 return
@@ -374,6 +378,17 @@ class AptProber:
         if self._in_step:  # the optimizer has not moved the parameters yet
             self._before = self._training if self._training is not None else self._forward(batch)
 
+    def forward_end(self, sites: int) -> None:
+        """The end of a forward that ``capture`` saw, with its number of activation calls.
+
+        A forward without activation sites (a loss module called on its own) does not replace
+        the batch kept before it.
+        """
+        saved, self._saved = self._saved, None
+        self.collecting = None
+        if saved is not None and sites == 0:
+            self._batch, self._training, self._before, self._in_step_seen = saved
+
     def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Optimizer pre-hook work: the "before" patterns; on sweep steps, copy the parameters.
 
@@ -381,6 +396,7 @@ class AptProber:
         inside the step (``capture``).
         """
         self.collecting = None
+        self._saved = None
         self._before = None
         self._params = {}
         self._in_step_seen = False

@@ -176,7 +176,8 @@ class ModuleTracker:
     through a submodule (a LightningModule's ``training_step`` calling ``self.net(x)``) is
     captured too: the outermost module whose forward runs starts the capture, and sites directly
     in its ``forward`` are named after its path. ``on_forward(path, module, args, kwargs)``, when
-    set, hears of each such outermost forward before it runs (APT probes keep its inputs there).
+    set, hears of each such outermost forward before it runs (APT probes keep its inputs there),
+    and ``on_forward_end(sites)`` of its end, with the number of activation calls it made.
     """
 
     def __init__(self, model: nn.Module, on_site: SiteCallback, sign_mode: bool) -> None:
@@ -186,6 +187,7 @@ class ModuleTracker:
         self.require_grad = True
         self.on_site = on_site
         self.on_forward: ForwardCallback | None = None
+        self.on_forward_end: Callable[[int], None] | None = None
         self._model = model
         self._stack: list[str] = []
         self._calls: dict[str, int] = {}
@@ -259,6 +261,8 @@ class ModuleTracker:
         self._mode.__exit__(None, None, None)
         if not self._armed:
             self._remove_module_hooks()
+        if self.on_forward_end is not None:
+            self.on_forward_end(sum(self._calls.values()))
 
     def site_call(self, mode: SiteMode, preactivation: torch.Tensor) -> None:
         """Name the call after the innermost running module and report it."""
@@ -274,12 +278,19 @@ class ModuleTracker:
 
         The training callback and flags are restored afterwards.
         """
-        saved = (self.on_site, self.armed, self.require_grad, self.on_forward)
-        self.on_site, self.armed, self.require_grad, self.on_forward = on_site, True, False, None
+        saved = (self.on_site, self.armed, self.require_grad, self.on_forward, self.on_forward_end)
+        self.on_site, self.armed, self.require_grad = on_site, True, False
+        self.on_forward = self.on_forward_end = None
         try:
             yield
         finally:
-            self.on_site, self.armed, self.require_grad, self.on_forward = saved
+            (
+                self.on_site,
+                self.armed,
+                self.require_grad,
+                self.on_forward,
+                self.on_forward_end,
+            ) = saved
 
     # -- end of probe forwards ----------------------------------------------------------------
 

@@ -146,7 +146,7 @@ class Monitor:
         self._recording = False  # the training forward's summary is scheduled in this step
         self._in_optimizer_step = False
         self._forwards = 0
-        self._in_step_forwards = 0
+        self._closure_calls = 0  # calls of this step's optimizer.step(closure) closure
         self._checked_capture = False
         self.step_lr: float | None = None  # learning rate of the last step (first group)
         # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
@@ -169,6 +169,7 @@ class Monitor:
         # -- end of probe set and merging -----------------------------------------------------
         self.tracker = ModuleTracker(model, self._record_site, sign_mode=sign_mode)
         self.tracker.on_forward = self._on_forward
+        self.tracker.on_forward_end = self._on_forward_end
         self._compile_hooks: list[torch.utils.hooks.RemovableHandle] = []
         if self.compiled is not None:
             self._compile_hooks = [
@@ -223,7 +224,7 @@ class Monitor:
         probed = self.prober is not None and self.prober.scheduled(self.step)
         self.tracker.armed = self._recording or probed
         self._forwards = 0
-        self._in_step_forwards = 0
+        self._closure_calls = 0
 
     # -- capture -----------------------------------------------------------------------------
 
@@ -237,8 +238,6 @@ class Monitor:
     def _on_forward(self, path: str, module: nn.Module, args: Any, kwargs: Any) -> None:
         """The tracker's word that an outermost training forward begins (see ``capture``)."""
         self._forwards += 1
-        if self._in_optimizer_step:
-            self._in_step_forwards += 1
         if self.prober is None:
             return
         try:
@@ -249,6 +248,10 @@ class Monitor:
         except Exception:
             logger.exception("apmon could not keep the inputs of step %d for probes", self.step)
 
+    def _on_forward_end(self, sites: int) -> None:
+        if self.prober is not None:
+            self.prober.forward_end(sites)
+
     def _record_site(self, name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
         if self.prober is not None and self.prober.collecting is not None:
             try:  # this runs inside the user's training forward: never raise into it
@@ -256,7 +259,7 @@ class Monitor:
             except Exception:
                 logger.exception("apmon could not record site %s for a probe", name)
         # A closure evaluated again inside optimizer.step() (LBFGS) is not summarised twice.
-        if not self._recording or self._in_step_forwards > 1 or not self.site_filter(name):
+        if not self._recording or self._closure_calls > 1 or not self.site_filter(name):
             return
         try:
             x = preactivation.detach()
@@ -278,19 +281,36 @@ class Monitor:
 
     # -- APT probes and sweeps (apt.py); a failing probe is logged, training goes on --------
 
-    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
         self._in_optimizer_step = True
-        self._in_step_forwards = 0
+        self._closure_calls = 0
         try:
             self.step_lr = float(optimizer.param_groups[0]["lr"])
         except Exception:
             self.step_lr = None
-        if self.prober is None:
-            return
-        try:
-            self.prober.before_step(self.step, optimizer)
-        except Exception:
-            logger.exception("apmon probe failed before step %d; training continues", self.step)
+        if self.prober is not None:
+            try:
+                self.prober.before_step(self.step, optimizer)
+            except Exception:
+                logger.exception("apmon probe failed before step %d; training continues", self.step)
+        return self._count_closure_calls(args, kwargs)
+
+    def _count_closure_calls(self, args: Any, kwargs: Any) -> Any:
+        """``step(closure)``'s arguments with the closure wrapped to count its calls (or None).
+
+        The hook's ``args`` start with the optimizer itself.
+        """
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1:2] or (None,))[0]
+        if not callable(closure):
+            return None
+
+        def counted(*a: Any, **k: Any) -> Any:
+            self._closure_calls += 1
+            return closure(*a, **k)
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": counted}
+        return (args[0], counted, *args[2:]), kwargs
 
     def _run_probes(self) -> None:
         if self.prober is None:

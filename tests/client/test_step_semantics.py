@@ -342,3 +342,42 @@ def test_amp_autocast_and_grad_scaler() -> None:
     monitor.close()
     assert apt_counts(transport) == expected
     assert sum(sum(c.values()) for c in expected) > 0
+
+
+class WithCriterion(nn.Module):
+    """A holder whose loss is a registered module called on its own, after the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.criterion = nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("closure", [False, True], ids=["plain", "closure"])
+def test_a_loss_module_forward_does_not_replace_the_probed_batch(closure: bool) -> None:
+    torch.manual_seed(6)
+    outer = WithCriterion()
+    optimizer = torch.optim.SGD(outer.parameters(), lr=0.5)
+    transport = ListTransport()
+    monitor = Monitor(outer, optimizer, transport, every=1, apt_every=1)
+    expected, expected_on = [], []
+    for step in range(3):
+        x, y = data(step)
+        before = oracle_masks(outer.net, x, "net.")
+
+        def loss_of(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = outer.criterion(outer.net(x), y)
+            loss.backward()
+            return loss
+
+        if closure:
+            optimizer.step(loss_of)
+        else:
+            loss_of()
+            optimizer.step()
+        expected.append(changed(before, oracle_masks(outer.net, x, "net.")))
+        expected_on.append({site: mask.sum(0).tolist() for site, mask in before.items()})
+    monitor.close()
+    assert apt_counts(transport) == expected
+    assert [unit_on(s) for s in train_summaries(transport)] == expected_on
