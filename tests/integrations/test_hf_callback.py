@@ -145,6 +145,9 @@ def test_train_stores_the_oracles_values(tmp_path: Path, accumulate: int) -> Non
         callbacks=[callback, snapshots],
     )
     trainer.train()
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"  # unwrapped by watch
+    assert callback.monitor is not None
+    assert callback.monitor.optimizer is trainer.optimizer.optimizer
     summaries = train_summaries(transport)
     assert [s.step for s in summaries] == list(range(steps))
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
