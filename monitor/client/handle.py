@@ -148,6 +148,8 @@ class Monitor:
         self._forwards = 0
         self._closure_calls = 0  # calls of this step's optimizer.step(closure) closure
         self._checked_capture = False
+        self._forward_module: nn.Module | None = None  # a submodule training calls directly
+        self._entered: nn.Module | None = None
         self.step_lr: float | None = None  # learning rate of the last step (first group)
         # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
         self.probe_set: ProbeSet | None = None if probe_set is None else as_probe_set(probe_set)
@@ -238,6 +240,7 @@ class Monitor:
     def _on_forward(self, path: str, module: nn.Module, args: Any, kwargs: Any) -> None:
         """The tracker's word that an outermost training forward begins (see ``capture``)."""
         self._forwards += 1
+        self._entered = module
         if self.prober is None:
             return
         try:
@@ -249,6 +252,8 @@ class Monitor:
             logger.exception("apmon could not keep the inputs of step %d for probes", self.step)
 
     def _on_forward_end(self, sites: int) -> None:
+        if sites and self._forward_module is None and self._entered is not self.model:
+            self._forward_module = self._entered
         if self.prober is not None:
             self.prober.forward_end(sites)
 
@@ -411,7 +416,9 @@ class Monitor:
             return
         self._last_probe_step = step
         try:
-            result = evaluate_probe_set(self.model, self.tracker, self.probe_set, self.site_filter)
+            result = evaluate_probe_set(
+                self._probe_target(), self.tracker, self.probe_set, self.site_filter
+            )
             if self.merge_ranks:
                 stats = all_gather_stats(result.stats, self.process_group)
                 if not is_leader(self.process_group):
@@ -427,7 +434,11 @@ class Monitor:
             summary = probe_summary(step, result, self.sketch_k)
             if diagram:  # with merged ranks: the leader's own probe subset
                 summary.diagram = sample_diagram(
-                    self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+                    self._probe_target(),
+                    self.tracker,
+                    self.probe_set,
+                    self.site_filter,
+                    self.apd_rows,
                 )
                 if summary.diagram is not None:
                     self.diagrams.last_step = step
@@ -435,6 +446,14 @@ class Monitor:
             self._pending_probe = summary
         except Exception:
             logger.exception("apmon probe set failed at step %d; training continues", step)
+
+    def _probe_target(self) -> nn.Module:
+        """The module the probe set goes through: the one whose forward training runs.
+
+        That is the watched model, or the submodule training calls directly (a LightningModule
+        whose ``training_step`` calls ``self.net``); site names are the same either way.
+        """
+        return self._forward_module if self._forward_module is not None else self.model
 
     def _send_pending_probe(self) -> None:
         try:
@@ -455,7 +474,7 @@ class Monitor:
             return
         try:  # the last evaluation saw the final parameters: its summary gets the diagram
             pending.diagram = sample_diagram(
-                self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+                self._probe_target(), self.tracker, self.probe_set, self.site_filter, self.apd_rows
             )
         except Exception:
             logger.exception("apmon could not draw the final diagram; training is done anyway")

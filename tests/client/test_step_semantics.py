@@ -381,3 +381,24 @@ def test_a_loss_module_forward_does_not_replace_the_probed_batch(closure: bool) 
     monitor.close()
     assert apt_counts(transport) == expected
     assert [unit_on(s) for s in train_summaries(transport)] == expected_on
+
+
+def test_probe_set_goes_through_the_submodule_training_calls() -> None:
+    torch.manual_seed(7)
+    outer = Outer()  # no forward of its own: model(probe) would raise
+    optimizer = torch.optim.SGD(outer.parameters(), lr=0.5)
+    transport = ListTransport()
+    probe = torch.randn(20, 8)
+    monitor = Monitor(outer, optimizer, transport, every=1, probe_set=probe, probe_every=1)
+    expected = []
+    for step in range(3):
+        x, y = data(step)
+        optimizer.zero_grad()
+        F.cross_entropy(outer.net(x), y).backward()
+        optimizer.step()
+        masks = oracle_masks(outer.net, probe, "net.")
+        expected.append({site: mask.sum(0).tolist() for site, mask in masks.items()})
+    monitor.close()
+    measured = [s for s in transport.summaries if s.source == "probe_set"]
+    assert [s.step for s in measured] == [0, 1, 2]
+    assert [unit_on(s) for s in measured] == expected
