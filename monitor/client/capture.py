@@ -77,6 +77,22 @@ SMOOTH: dict[Callable[..., Any], str] = {
 }
 
 
+# Modules whose 3-dim output is (N, C, L), channels first. An activation called on such an output
+# itself (``Conv1d -> ReLU``, ``Conv1d -> BatchNorm1d -> ReLU``) is read with channels as units:
+# the tracker hands on ``x.movedim(1, -1)``, (N, L, C), one row per position as for a conv site.
+CHANNELS_FIRST_1D = (
+    nn.Conv1d,
+    nn.ConvTranspose1d,
+    nn.BatchNorm1d,
+    nn.InstanceNorm1d,
+    nn.GroupNorm,
+    nn.MaxPool1d,
+    nn.AvgPool1d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveAvgPool1d,
+)
+
+
 def rows_of(x: torch.Tensor) -> tuple[torch.Tensor, SiteKind]:
     """The (rows, units) view of an activation input, and the site kind.
 
@@ -197,6 +213,9 @@ class ModuleTracker:
         self._mode = _ActivationMode(self, functions)
         self._active = False
         self._entry: nn.Module | None = None
+        # Outputs of CHANNELS_FIRST_1D modules in the running forward, by id (kept alive, so that
+        # an id is never another tensor's).
+        self._channels_first: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = [
             model.register_forward_pre_hook(self._enter(ROOT_NAME), with_kwargs=True),
             model.register_forward_hook(self._leave, always_call=True),
@@ -220,6 +239,8 @@ class ModuleTracker:
                 self._module_handles.append(
                     module.register_forward_hook(self._leave, always_call=True)
                 )
+                if isinstance(module, CHANNELS_FIRST_1D):
+                    self._module_handles.append(module.register_forward_hook(self._note_1d))
         elif not value and self._module_handles and not self._active:
             self._remove_module_hooks()
         self._armed = value
@@ -241,6 +262,7 @@ class ModuleTracker:
             self._active = True
             self._entry = module
             self._calls.clear()
+            self._channels_first.clear()
             self._stack.clear()
             self._stack.append(name)
             self._mode.__enter__()
@@ -258,17 +280,28 @@ class ModuleTracker:
         self._stack.pop()
         self._active = False
         self._entry = None
+        self._channels_first.clear()
         self._mode.__exit__(None, None, None)
         if not self._armed:
             self._remove_module_hooks()
         if self.on_forward_end is not None:
             self.on_forward_end(sum(self._calls.values()))
 
+    def _note_1d(self, _module: nn.Module, _args: Any, output: Any) -> None:
+        if self._active and isinstance(output, torch.Tensor) and output.dim() == 3:
+            self._channels_first[id(output)] = output
+
     def site_call(self, mode: SiteMode, preactivation: torch.Tensor) -> None:
-        """Name the call after the innermost running module and report it."""
+        """Name the call after the innermost running module and report it.
+
+        A channels-first (N, C, L) preactivation (see ``CHANNELS_FIRST_1D``) is reported as its
+        (N, L, C) view.
+        """
         owner = self._stack[-1] if self._stack else ROOT_NAME
         k = self._calls.get(owner, 0)
         self._calls[owner] = k + 1
+        if self._channels_first.get(id(preactivation)) is preactivation:
+            preactivation = preactivation.movedim(1, -1)
         self.on_site(f"{owner}#{k}", mode, preactivation)
 
     # -- probe forwards (APT probes and sweeps, monitor/client/apt.py) ------------------------
@@ -300,6 +333,7 @@ class ModuleTracker:
             handle.remove()
         self._handles.clear()
         self._remove_module_hooks()
+        self._channels_first.clear()
         if self._active:
             self._active = False
             self._entry = None
