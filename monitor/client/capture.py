@@ -112,8 +112,8 @@ def rows_of(x: torch.Tensor) -> tuple[torch.Tensor, SiteKind]:
 def site_kind(x: torch.Tensor) -> SiteKind:
     """Dense for (N, d) (and (d,)), sequence for (N, T, d), conv for (N, C, ...) with >= 4 dims.
 
-    A 3-dim input is read as a sequence; a Conv1d output (N, C, L) is therefore counted with
-    the last axis as units (name such a site in ``exclude`` if that is not wanted).
+    A 3-dim input is read as a sequence; the tracker hands on a Conv1d-like module's (N, C, L)
+    output as its (N, L, C) view (``CHANNELS_FIRST_1D``), so that its units are the channels.
     """
     if x.dim() <= 2:
         return "dense"
