@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs apmon with everything its tests need.
+# Creates .venv (if missing) and installs apmon with everything its tests need (the trainer
+# integrations' extras included).
 # torch/torchvision come first as the index's matched pair ("===" pins the exact build), and the
 # constraints file keeps every later install from moving them.
 set -euo pipefail
@@ -11,4 +12,4 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 pip install --quiet --disable-pip-version-check -c constraints.txt "torch===2.13.0" "torchvision===0.28.0"
-pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[service,dev]"
+pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[service,dev,lightning,hf]"

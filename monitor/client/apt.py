@@ -107,6 +107,9 @@ class StepBatch:
     cpu_rng: torch.Tensor
     cuda_rng: dict[int, torch.Tensor]
     autocast: tuple[str, torch.dtype, bool] = ("cpu", torch.bfloat16, False)
+    # The module whose forward ran (None: the watched model) and its path in the model.
+    module: nn.Module | None = None
+    path: str = ""
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -140,17 +143,24 @@ def take_rows(args: tuple[Any, ...], kwargs: dict[str, Any], rows: int | None) -
     return tree_map(cut, args), tree_map(cut, kwargs)
 
 
-def capture_batch(step: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> StepBatch:
+def capture_batch(
+    step: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    module: nn.Module | None = None,
+    path: str = "",
+) -> StepBatch:
     """Keep references to a training forward's inputs and the RNG states it starts from.
 
     The states kept are the CPU generator's and that of every CUDA device among the inputs.
+    ``module`` and ``path`` name a submodule whose forward was the outermost one.
     """
     tensors = _tensors((args, kwargs))
     devices = {t.device.index or 0 for t in tensors if t.is_cuda}
     cuda = {d: torch.cuda.get_rng_state(d) for d in sorted(devices)}
     kind = "cuda" if devices else "cpu"
     autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
-    return StepBatch(step, args, kwargs, torch.get_rng_state(), cuda, autocast)
+    return StepBatch(step, args, kwargs, torch.get_rng_state(), cuda, autocast, module, path)
 
 
 @contextmanager
@@ -194,9 +204,13 @@ def probe_forward(
     running statistics and ``num_batches_tracked`` stay untouched.
     """
     found = SitePatterns()
-    state = {name: b.clone() for name, b in model.named_buffers()}
+    module = model if batch.module is None else batch.module
+    state = {name: b.clone() for name, b in module.named_buffers()}
     if params:
-        state.update(params)
+        prefix = f"{batch.path}." if batch.module is not None else ""
+        state.update(
+            (name[len(prefix) :], p) for name, p in params.items() if name.startswith(prefix)
+        )
     device, dtype, enabled = batch.autocast
     with (
         torch.no_grad(),
@@ -204,7 +218,7 @@ def probe_forward(
         replayed_rng(batch),
         tracker.probing(pattern_collector(found, site_filter)),
     ):
-        functional_call(model, state, args, kwargs)
+        functional_call(module, state, args, kwargs)
     return found
 
 
@@ -317,65 +331,86 @@ class AptProber:
         self._lr = 0.0
         self.last_sites: dict[str, SiteInfo] = {}
         self._training: SitePatterns | None = None
-        self._saved_tracker: tuple[Callable[..., None], bool] | None = None
+        # The site callback of the training forward being kept for probes (None: none is).
+        self.collecting: Callable[[str, SiteMode, torch.Tensor], None] | None = None
+        self._in_step = False  # between the optimizer's pre- and post-hook of a probed step
+        self._in_step_seen = False
+        self._warned = False
+        # What ``capture`` replaced, until the forward's end says whether it had sites.
+        self._saved: tuple[Any, ...] | None = None
 
     def scheduled(self, step: int) -> bool:
         """Whether step ``step`` is probed or swept."""
         return self.apt(step) or self.sweep(step)
 
-    def capture(self, step: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook work: keep the inputs of a training forward of a scheduled step.
+    def capture(
+        self,
+        step: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        module: nn.Module | None = None,
+        path: str = "",
+    ) -> None:
+        """Keep the inputs of a training forward of a scheduled step (the tracker's on_forward).
 
-        Only forwards with autograd on count; the last one before the optimizer step wins.
+        Only forwards with autograd on count. The probed batch is the last forward before
+        ``optimizer.step()`` or, if a forward runs inside it (a closure: LBFGS, Lightning's
+        automatic optimization), the first forward inside it, which still sees theta_t; later
+        evaluations of the closure are ignored. With gradient accumulation that is the step's
+        last micro-batch either way. ``module``/``path``: the outermost module that ran, when it
+        is a submodule of the watched model.
         """
         if self.probing or not torch.is_grad_enabled() or not self.scheduled(step):
             return
-        self.release_tracker()
+        self.collecting = None
+        saved = (self._batch, self._training, self._before, self._in_step_seen)
+        self._saved = saved
+        if self._in_step:
+            if self._in_step_seen:
+                return
+            self._in_step_seen = True
         self._training = None
-        self._batch = capture_batch(step, args, kwargs)
-        batch = batch_size(args, kwargs)
-        if self.probe_rows is None or batch is None or self.probe_rows >= batch:
+        self._batch = batch = capture_batch(step, args, kwargs, module, path)
+        rows = batch_size(args, kwargs)
+        if self.probe_rows is None or rows is None or self.probe_rows >= rows:
             self._training = SitePatterns()
-            self._tee(pattern_collector(self._training, self.site_filter))
+            self.collecting = pattern_collector(self._training, self.site_filter)
+        if self._in_step:  # the optimizer has not moved the parameters yet
+            self._before = self._training if self._training is not None else self._forward(batch)
 
-    def _tee(self, collect: Callable[[str, SiteMode, torch.Tensor], None]) -> None:
-        """Arm the tracker for the coming training forward and send its sites to ``collect``.
+    def forward_end(self, sites: int) -> None:
+        """The end of a forward that ``capture`` saw, with its number of activation calls.
 
-        The training callback still gets them if it was armed for this step anyway.
+        A forward without activation sites (a loss module called on its own) does not replace
+        the batch kept before it.
         """
-        training, armed = self.tracker.on_site, self.tracker.armed
-        self._saved_tracker = (training, armed)
-
-        def both(name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
-            try:  # this runs inside the user's training forward: never raise into it
-                collect(name, mode, preactivation)
-            except Exception:
-                logger.exception("apmon could not record site %s for a probe", name)
-            if armed:
-                training(name, mode, preactivation)
-
-        self.tracker.on_site = both
-        self.tracker.armed = True
-
-    def release_tracker(self) -> None:
-        """Give the tracker back its training callback and armed state."""
-        if self._saved_tracker is not None:
-            self.tracker.on_site, self.tracker.armed = self._saved_tracker
-            self._saved_tracker = None
+        saved, self._saved = self._saved, None
+        self.collecting = None
+        if saved is not None and sites == 0:
+            self._batch, self._training, self._before, self._in_step_seen = saved
 
     def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
-        """Optimizer pre-hook work: the "before" forward; on sweep steps, copy the parameters."""
-        self.release_tracker()
+        """Optimizer pre-hook work: the "before" patterns; on sweep steps, copy the parameters.
+
+        With no forward yet (a closure), the "before" patterns come from the first forward
+        inside the step (``capture``).
+        """
+        self.collecting = None
+        self._saved = None
         self._before = None
         self._params = {}
+        self._in_step_seen = False
         batch, training = self._batch, self._training
         self._training = None
-        if batch is None or batch.step != step:
-            return
         self._lr = _reference_lr(optimizer)
-        if self._lr <= 0:
+        if not self.scheduled(step) or self._lr <= 0:
+            self._batch = None
             return
-        self._before = training if training is not None else self._forward(batch)
+        self._in_step = True
+        if batch is not None and batch.step == step:
+            self._before = training if training is not None else self._forward(batch)
+        else:
+            self._batch = None
         if self.sweep(step):
             self._params = {
                 self._names[id(p)]: p.detach().clone()
@@ -388,7 +423,16 @@ class AptProber:
         """Optimizer post-hook work: the APT probe and the sweep of this step, as wire records."""
         batch, before, saved = self._batch, self._before, self._params
         self._batch, self._before, self._params = None, None, {}
+        self.collecting = None
+        in_step, self._in_step, self._in_step_seen = self._in_step, False, False
         if batch is None or before is None or batch.step != step:
+            if in_step and not self._warned:
+                self._warned = True
+                logger.warning(
+                    "apmon: APT probes need the training forward before or inside "
+                    "optimizer.step(); none was seen at step %d, so it has no probe (said once)",
+                    step,
+                )
             return []
         self.last_sites = before.infos
         records = []

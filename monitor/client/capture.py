@@ -9,9 +9,11 @@ call from the root model's own ``forward`` is named ``model#k``.
 
 Covered: ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.PReLU``, ``nn.RReLU``, ``nn.ReLU6`` (a hardtanh with
 lower bound 0), their in-place forms, and ``F.relu``/``F.relu_``/``torch.relu``/``torch.relu_``/
-``Tensor.relu``/``Tensor.relu_``/``F.leaky_relu``/``F.leaky_relu_``/``F.relu6``/``F.prelu``
-called anywhere in a forward; a module called twice (torchvision's BasicBlock ``relu``) gives
-``relu#0`` and ``relu#1``. In opt-in sign mode GELU, SiLU, ELU, Mish and sigmoid sites are added,
+``Tensor.relu``/``Tensor.relu_``/``F.leaky_relu``/``F.leaky_relu_``/``F.relu6``/``F.prelu``,
+``nn.Hardtanh``/``F.hardtanh`` with lower bound 0, and ``clamp``/``clip``/``clamp_min`` (function,
+method, in place) with the number 0 as lower bound, called anywhere in a forward; a module
+called twice (torchvision's BasicBlock ``relu``) gives ``relu#0`` and ``relu#1``. In opt-in sign
+mode GELU, SiLU, ELU, Mish and sigmoid sites are added,
 marked ``mode="sign"``. The call is seen before it runs, so in-place forms report the
 preactivation. A call made inside another captured call (``F.relu6`` inside a captured op) is
 not seen twice: the mode is inactive while it handles a call.
@@ -52,6 +54,19 @@ PIECEWISE_LINEAR: dict[Callable[..., Any], str] = {
 # ``nn.ReLU6`` calls ``F.hardtanh(x, 0.0, 6.0)``: a hardtanh whose lower bound is 0 is a ReLU6
 # site (pattern x > 0); other hardtanh calls are not ReLU-like and are left alone.
 HARDTANH = (F.hardtanh, F.hardtanh_)
+# ``clamp(min=0)``/``clamp_min(0)`` (and ``clip``) are ReLUs in all but name (with ``max``: a
+# ReLU6-like clip); a clamp whose lower bound is not the number 0 is left alone.
+CLAMP = (
+    torch.clamp,
+    torch.clip,
+    torch.clamp_min,
+    torch.Tensor.clamp,
+    torch.Tensor.clip,
+    torch.Tensor.clamp_,
+    torch.Tensor.clip_,
+    torch.Tensor.clamp_min,
+    torch.Tensor.clamp_min_,
+)
 # Smooth activations, captured only in opt-in sign mode: the pattern of the preactivation sign.
 SMOOTH: dict[Callable[..., Any], str] = {
     F.gelu: "sign",
@@ -60,6 +75,22 @@ SMOOTH: dict[Callable[..., Any], str] = {
     F.mish: "sign",
     torch.Tensor.sigmoid: "sign",
 }
+
+
+# Modules whose 3-dim output is (N, C, L), channels first. An activation called on such an output
+# itself (``Conv1d -> ReLU``, ``Conv1d -> BatchNorm1d -> ReLU``) is read with channels as units:
+# the tracker hands on ``x.movedim(1, -1)``, (N, L, C), one row per position as for a conv site.
+CHANNELS_FIRST_1D = (
+    nn.Conv1d,
+    nn.ConvTranspose1d,
+    nn.BatchNorm1d,
+    nn.InstanceNorm1d,
+    nn.GroupNorm,
+    nn.MaxPool1d,
+    nn.AvgPool1d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveAvgPool1d,
+)
 
 
 def rows_of(x: torch.Tensor) -> tuple[torch.Tensor, SiteKind]:
@@ -81,8 +112,8 @@ def rows_of(x: torch.Tensor) -> tuple[torch.Tensor, SiteKind]:
 def site_kind(x: torch.Tensor) -> SiteKind:
     """Dense for (N, d) (and (d,)), sequence for (N, T, d), conv for (N, C, ...) with >= 4 dims.
 
-    A 3-dim input is read as a sequence; a Conv1d output (N, C, L) is therefore counted with
-    the last axis as units (name such a site in ``exclude`` if that is not wanted).
+    A 3-dim input is read as a sequence; the tracker hands on a Conv1d-like module's (N, C, L)
+    output as its (N, L, C) view (``CHANNELS_FIRST_1D``), so that its units are the channels.
     """
     if x.dim() <= 2:
         return "dense"
@@ -127,9 +158,19 @@ class _ActivationMode(TorchFunctionMode):
         mode = self._functions.get(func)
         if mode is None and func in HARDTANH and _lower_bound(args, kwargs) == 0:
             mode = "relu"
+        if mode is None and func in CLAMP and _clamp_min(args, kwargs) == 0:
+            mode = "relu"
         if mode is not None and args and isinstance(args[0], torch.Tensor):
             self._tracker.site_call(mode, args[0])  # type: ignore[arg-type]
         return func(*args, **(kwargs or {}))
+
+
+def _clamp_min(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> float | None:
+    """The lower bound of a clamp call when it is a plain number (None otherwise)."""
+    low = args[1] if len(args) > 1 else (kwargs or {}).get("min")
+    if isinstance(low, bool) or not isinstance(low, (int, float)):
+        return None
+    return float(low)
 
 
 def _lower_bound(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> float:
@@ -139,12 +180,20 @@ def _lower_bound(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> float:
     return float((kwargs or {}).get("min_val", -1.0))
 
 
+ForwardCallback = Callable[[str, nn.Module, tuple[Any, ...], dict[str, Any]], None]
+
+
 class ModuleTracker:
     """Owns the hooks that track which module is running and the mode that sees activations.
 
     The root module always carries one pre-hook and one post-hook; the hooks on the other
     modules, which name the sites, exist only while ``armed`` is true, so an unscheduled step
-    costs one attribute check per forward (STYLE.md 5).
+    costs one attribute check per forward (STYLE.md 5). While armed, a forward that enters
+    through a submodule (a LightningModule's ``training_step`` calling ``self.net(x)``) is
+    captured too: the outermost module whose forward runs starts the capture, and sites directly
+    in its ``forward`` are named after its path. ``on_forward(path, module, args, kwargs)``, when
+    set, hears of each such outermost forward before it runs (APT probes keep its inputs there),
+    and ``on_forward_end(sites)`` of its end, with the number of activation calls it made.
     """
 
     def __init__(self, model: nn.Module, on_site: SiteCallback, sign_mode: bool) -> None:
@@ -153,6 +202,8 @@ class ModuleTracker:
         # run under no_grad on purpose, clear this flag while they forward.
         self.require_grad = True
         self.on_site = on_site
+        self.on_forward: ForwardCallback | None = None
+        self.on_forward_end: Callable[[int], None] | None = None
         self._model = model
         self._stack: list[str] = []
         self._calls: dict[str, int] = {}
@@ -161,9 +212,13 @@ class ModuleTracker:
             functions.update(SMOOTH)
         self._mode = _ActivationMode(self, functions)
         self._active = False
+        self._entry: nn.Module | None = None
+        # Outputs of CHANNELS_FIRST_1D modules in the running forward, by id (kept alive, so that
+        # an id is never another tensor's).
+        self._channels_first: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = [
-            model.register_forward_pre_hook(self._enter_root),
-            model.register_forward_hook(self._leave_root, always_call=True),
+            model.register_forward_pre_hook(self._enter(ROOT_NAME), with_kwargs=True),
+            model.register_forward_hook(self._leave, always_call=True),
         ]
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -178,10 +233,14 @@ class ModuleTracker:
             for path, module in self._model.named_modules():
                 if module is self._model:
                     continue
-                self._module_handles.append(module.register_forward_pre_hook(self._enter(path)))
+                self._module_handles.append(
+                    module.register_forward_pre_hook(self._enter(path), with_kwargs=True)
+                )
                 self._module_handles.append(
                     module.register_forward_hook(self._leave, always_call=True)
                 )
+                if isinstance(module, CHANNELS_FIRST_1D):
+                    self._module_handles.append(module.register_forward_hook(self._note_1d))
         elif not value and self._module_handles and not self._active:
             self._remove_module_hooks()
         self._armed = value
@@ -191,44 +250,58 @@ class ModuleTracker:
             handle.remove()
         self._module_handles.clear()
 
-    def _enter_root(self, _module: nn.Module, _args: Any) -> None:
-        if self._active:
-            self._stack.append(ROOT_NAME)
-            return
-        if not self._armed or (self.require_grad and not torch.is_grad_enabled()):
-            return
-        self._active = True
-        self._calls.clear()
-        self._stack.clear()
-        self._stack.append(ROOT_NAME)
-        self._mode.__enter__()
-
-    def _leave_root(self, _module: nn.Module, _args: Any, _output: Any) -> None:
-        if not self._active:
-            return
-        self._stack.pop()
-        if not self._stack:
-            self._active = False
-            self._mode.__exit__(None, None, None)
-            if not self._armed:
-                self._remove_module_hooks()
-
     def _enter(self, name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: Any) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self._active:
                 self._stack.append(name)
+                return
+            if not self._armed or (self.require_grad and not torch.is_grad_enabled()):
+                return
+            if self.on_forward is not None:
+                self.on_forward(name, module, args, kwargs)
+            self._active = True
+            self._entry = module
+            self._calls.clear()
+            self._channels_first.clear()
+            self._stack.clear()
+            self._stack.append(name)
+            self._mode.__enter__()
 
         return hook
 
-    def _leave(self, _module: nn.Module, _args: Any, _output: Any) -> None:
-        if self._active and len(self._stack) > 1:
+    def _leave(self, module: nn.Module, _args: Any, _output: Any) -> None:
+        if not self._active:
+            return
+        if len(self._stack) > 1:
             self._stack.pop()
+            return
+        if module is not self._entry:
+            return
+        self._stack.pop()
+        self._active = False
+        self._entry = None
+        self._channels_first.clear()
+        self._mode.__exit__(None, None, None)
+        if not self._armed:
+            self._remove_module_hooks()
+        if self.on_forward_end is not None:
+            self.on_forward_end(sum(self._calls.values()))
+
+    def _note_1d(self, _module: nn.Module, _args: Any, output: Any) -> None:
+        if self._active and isinstance(output, torch.Tensor) and output.dim() == 3:
+            self._channels_first[id(output)] = output
 
     def site_call(self, mode: SiteMode, preactivation: torch.Tensor) -> None:
-        """Name the call after the innermost running module and report it."""
+        """Name the call after the innermost running module and report it.
+
+        A channels-first (N, C, L) preactivation (see ``CHANNELS_FIRST_1D``) is reported as its
+        (N, L, C) view.
+        """
         owner = self._stack[-1] if self._stack else ROOT_NAME
         k = self._calls.get(owner, 0)
         self._calls[owner] = k + 1
+        if self._channels_first.get(id(preactivation)) is preactivation:
+            preactivation = preactivation.movedim(1, -1)
         self.on_site(f"{owner}#{k}", mode, preactivation)
 
     # -- probe forwards (APT probes and sweeps, monitor/client/apt.py) ------------------------
@@ -238,12 +311,19 @@ class ModuleTracker:
 
         The training callback and flags are restored afterwards.
         """
-        saved = (self.on_site, self.armed, self.require_grad)
+        saved = (self.on_site, self.armed, self.require_grad, self.on_forward, self.on_forward_end)
         self.on_site, self.armed, self.require_grad = on_site, True, False
+        self.on_forward = self.on_forward_end = None
         try:
             yield
         finally:
-            self.on_site, self.armed, self.require_grad = saved
+            (
+                self.on_site,
+                self.armed,
+                self.require_grad,
+                self.on_forward,
+                self.on_forward_end,
+            ) = saved
 
     # -- end of probe forwards ----------------------------------------------------------------
 
@@ -253,6 +333,8 @@ class ModuleTracker:
             handle.remove()
         self._handles.clear()
         self._remove_module_hooks()
+        self._channels_first.clear()
         if self._active:
             self._active = False
+            self._entry = None
             self._mode.__exit__(None, None, None)

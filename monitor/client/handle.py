@@ -8,6 +8,7 @@ and a decorator of the per-step function; closing it removes every hook and ends
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import math
@@ -35,6 +36,38 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 AlertCallback = Callable[[AlertValue], None]
+# ``on_alert`` policies: log the alert, raise ``AlertRaised``, or set ``Monitor.should_stop``
+# (the integrations turn that into the trainer's own way of stopping).
+ALERT_POLICIES = ("warn", "raise", "stop")
+
+
+class AlertRaised(RuntimeError):
+    """Raised into the training loop by ``on_alert="raise"``; ``alert`` is what was raised."""
+
+    def __init__(self, alert: AlertValue) -> None:
+        super().__init__(f"apmon alert at step {alert.step}: {alert.kind}: {alert.message}")
+        self.alert = alert
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers that keep it as ``.optimizer``.
+
+    accelerate's ``AcceleratedOptimizer`` and Lightning's ``LightningOptimizer`` call the inner
+    optimizer's ``step``, whose hooks therefore see every real step (and no skipped one).
+    """
+    seen = {id(optimizer)}
+    while not (
+        isinstance(optimizer, torch.optim.Optimizer)
+        and hasattr(optimizer, "_optimizer_step_post_hooks")
+    ):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        optimizer = inner
+    return optimizer  # type: ignore[no-any-return]
+
+
 # The training forward's summary covers the first rows (samples) of each batch: the detectors
 # judge a batch by a sample of it, and the capture costs a quarter of a 128-batch's (see
 # benchmarks/e2e.py). ``capture_rows=None`` summarises every row.
@@ -48,7 +81,7 @@ class Monitor:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Any,
         transport: Transport,
         *,
         every: int | Schedule = 1,
@@ -57,7 +90,7 @@ class Monitor:
         sign_mode: bool = False,
         sketch_k: int = DEFAULT_SKETCH_K,
         name: str = "",
-        on_alert: AlertCallback | None = None,
+        on_alert: AlertCallback | str | None = None,
         config: dict[str, Any] | None = None,
         apt_every: int | Schedule | None = None,
         sweep_every: int | Schedule | None = None,
@@ -70,8 +103,19 @@ class Monitor:
         apd_rows: int = DEFAULT_DIAGRAM_ROWS,
         merge_ranks: bool = False,
         process_group: Any = None,
+        mlflow_run_id: str | None = None,
+        start_step: int = 0,
     ) -> None:
+        # torch.compile(model): sites, probes and probe sets use the module it wraps (names
+        # without "_orig_mod."); a step that is captured or probed runs that module's forward
+        # eagerly (``_eager_when_armed``), so no capture code enters a compiled graph.
+        self.compiled: nn.Module | None = None
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            self.compiled, model = model, inner
+        self._eager = contextlib.ExitStack()
         self.model = model
+        optimizer = unwrap_optimizer(optimizer)
         self.optimizer = optimizer
         self.transport = transport
         self.schedule = as_schedule(every)
@@ -80,8 +124,10 @@ class Monitor:
         if capture_rows is not None and capture_rows < 1:
             raise ValueError(f"capture_rows must be >= 1, got {capture_rows}")
         self.capture_rows = capture_rows
-        self.on_alert = on_alert
-        self.step = 0
+        self.on_alert = self._alert_policy(on_alert)
+        # Set by ``on_alert="stop"``: the integrations stop the trainer at the end of the step.
+        self.should_stop = False
+        self.step = start_step
         self.sites: dict[str, SiteInfo] = {}
         self.alerts: list[AlertValue] = []
         self.closed = False
@@ -93,7 +139,18 @@ class Monitor:
         # Step ends and marks (see ``_flush_and_mark``); transports without marks skip the wait.
         self._holds_for_loss = False
         self._in_step_function = False
+        self._ends_own_steps = False  # ``hold_step_ends``
         self._marks: list[int] = []
+        self._losses: list[float] = []  # values returned by decorated calls of this step
+        # -- step semantics: forwards seen in this step, inside optimizer.step() (closures) ----
+        self._recording = False  # the training forward's summary is scheduled in this step
+        self._in_optimizer_step = False
+        self._forwards = 0
+        self._closure_calls = 0  # calls of this step's optimizer.step(closure) closure
+        self._checked_capture = False
+        self._forward_module: nn.Module | None = None  # a submodule training calls directly
+        self._entered: nn.Module | None = None
+        self.step_lr: float | None = None  # learning rate of the last step (first group)
         # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
         self.probe_set: ProbeSet | None = None if probe_set is None else as_probe_set(probe_set)
         self.probe_schedule = as_schedule(probe_every)
@@ -113,7 +170,17 @@ class Monitor:
         )
         # -- end of probe set and merging -----------------------------------------------------
         self.tracker = ModuleTracker(model, self._record_site, sign_mode=sign_mode)
+        self.tracker.on_forward = self._on_forward
+        self.tracker.on_forward_end = self._on_forward_end
+        self._compile_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        if self.compiled is not None:
+            self._compile_hooks = [
+                self.compiled.register_forward_pre_hook(self._eager_when_armed),
+                self.compiled.register_forward_hook(self._compiled_again, always_call=True),
+            ]
+        _warn_in_place_compile(model)
         self._step_hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+        self._pre_step_hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         # -- APT probes and sweeps (apt.py): hooks exist only when some probe is scheduled ----
         self.prober: AptProber | None = None
         self._probe_hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -127,23 +194,77 @@ class Monitor:
                 etas=sweep_etas,
                 probe_rows=probe_rows,
             )
-            self._probe_hooks = [
-                # First in line: it may arm the tracker for this very forward.
-                model.register_forward_pre_hook(
-                    self._capture_probe_inputs, with_kwargs=True, prepend=True
-                ),
-                optimizer.register_step_pre_hook(self._before_optimizer_step),
-            ]
         # -- end of APT probes and sweeps ----------------------------------------------------
-        start = RunStart(name=name, config=_plain_config(config or {}))
+        start = RunStart(name=name, config=_plain_config(config or {}), mlflow_run_id=mlflow_run_id)
         self.run_id = transport.start_run(start)
-        self.tracker.armed = self.schedule(self.step)
+        self._arm()
         self._atexit = _register_atexit(self)
+
+    def _alert_policy(self, on_alert: AlertCallback | str | None) -> AlertCallback | None:
+        if on_alert is None or callable(on_alert):
+            return on_alert
+        if on_alert == "warn":
+            return lambda alert: logger.warning("apmon alert at step %d: %s", alert.step, alert)
+        if on_alert == "raise":
+
+            def raise_it(alert: AlertValue) -> None:
+                raise AlertRaised(alert)
+
+            return raise_it
+        if on_alert == "stop":
+
+            def stop(alert: AlertValue) -> None:
+                logger.warning("apmon alert at step %d, stopping: %s", alert.step, alert)
+                self.should_stop = True
+
+            return stop
+        raise ValueError(f"on_alert must be callable or one of {ALERT_POLICIES}, got {on_alert!r}")
+
+    def _arm(self) -> None:
+        """Arm the tracker for the step about to run: for its summary or its APT probe."""
+        self._recording = self.schedule(self.step)
+        probed = self.prober is not None and self.prober.scheduled(self.step)
+        self.tracker.armed = self._recording or probed
+        self._forwards = 0
+        self._closure_calls = 0
 
     # -- capture -----------------------------------------------------------------------------
 
+    def _eager_when_armed(self, _module: nn.Module, _args: Any) -> None:
+        if self.tracker.armed and torch.is_grad_enabled():
+            self._eager.enter_context(torch.compiler.set_stance("force_eager"))
+
+    def _compiled_again(self, _module: nn.Module, _args: Any, _output: Any) -> None:
+        self._eager.close()
+
+    def _on_forward(self, path: str, module: nn.Module, args: Any, kwargs: Any) -> None:
+        """The tracker's word that an outermost training forward begins (see ``capture``)."""
+        self._forwards += 1
+        self._entered = module
+        if self.prober is None:
+            return
+        try:
+            if module is self.model:
+                self.prober.capture(self.step, args, kwargs)
+            else:
+                self.prober.capture(self.step, args, kwargs, module, path)
+        except Exception:
+            logger.exception("apmon could not keep the inputs of step %d for probes", self.step)
+
+    def _on_forward_end(self, sites: int) -> None:
+        if sites and self._forward_module is None and self._entered is not self.model:
+            self._forward_module = self._entered
+        if self.prober is not None:
+            self.prober.forward_end(sites)
+
     def _record_site(self, name: str, mode: SiteMode, preactivation: torch.Tensor) -> None:
-        if not self.site_filter(name):
+        if self.prober is not None and self.prober.collecting is not None:
+            try:  # this runs inside the user's training forward: never raise into it
+                self.prober.collecting(name, mode, preactivation)
+            except Exception:
+                logger.exception("apmon could not record site %s for a probe", name)
+        # A closure evaluated again inside optimizer.step() (LBFGS) is not summarised twice.
+        if not self._recording or self._closure_calls > 1 or not self.site_filter(name):
             return
         try:
             x = preactivation.detach()
@@ -165,21 +286,36 @@ class Monitor:
 
     # -- APT probes and sweeps (apt.py); a failing probe is logged, training goes on --------
 
-    def _capture_probe_inputs(self, _model: nn.Module, args: Any, kwargs: Any) -> None:
-        if self.prober is None:
-            return
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
+        self._in_optimizer_step = True
+        self._closure_calls = 0
         try:
-            self.prober.capture(self.step, args, kwargs)
+            self.step_lr = float(optimizer.param_groups[0]["lr"])
         except Exception:
-            logger.exception("apmon could not keep the inputs of step %d for probes", self.step)
+            self.step_lr = None
+        if self.prober is not None:
+            try:
+                self.prober.before_step(self.step, optimizer)
+            except Exception:
+                logger.exception("apmon probe failed before step %d; training continues", self.step)
+        return self._count_closure_calls(args, kwargs)
 
-    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self.prober is None:
-            return
-        try:
-            self.prober.before_step(self.step, optimizer)
-        except Exception:
-            logger.exception("apmon probe failed before step %d; training continues", self.step)
+    def _count_closure_calls(self, args: Any, kwargs: Any) -> Any:
+        """``step(closure)``'s arguments with the closure wrapped to count its calls (or None).
+
+        The hook's ``args`` start with the optimizer itself.
+        """
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1:2] or (None,))[0]
+        if not callable(closure):
+            return None
+
+        def counted(*a: Any, **k: Any) -> Any:
+            self._closure_calls += 1
+            return closure(*a, **k)
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": counted}
+        return (args[0], counted, *args[2:]), kwargs
 
     def _run_probes(self) -> None:
         if self.prober is None:
@@ -202,6 +338,8 @@ class Monitor:
     # -- end of APT probes and sweeps ----------------------------------------------------------
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._in_optimizer_step = False
+        self._check_capture()
         # Records still held (a summary waiting for its loss, the last probe-set summary) go
         # first: records reach the host in step order.
         self._send_pending_probe()
@@ -224,13 +362,40 @@ class Monitor:
             self._stats = {}
             self._sample_indices = None
             self.step += 1
-            self.tracker.armed = self.schedule(self.step)
+            self._arm()
         except Exception:
             logger.exception("apmon failed at the end of step %d; training continues", self.step)
+        if self._losses and not self._in_step_function:
+            # A decorated micro-batch function with optimizer.step() outside it: the values it
+            # returned since the last step are this step's.
+            self._attach_loss(sum(self._losses) / len(self._losses))
+            self._losses = []
         if not self._holds_for_loss:
             self._flush_and_mark()
-        if not self._in_step_function:
+        if not self._in_step_function and not self._ends_own_steps:
             self._deliver_alerts()
+
+    def _check_capture(self) -> None:
+        """Say once, at the first summarised step, why nothing was captured, if nothing was."""
+        if self._checked_capture or not self._recording:
+            return
+        self._checked_capture = True
+        if self._stats:
+            return
+        if self._forwards == 0:
+            logger.warning(
+                "apmon: no forward of the watched model or of its submodules ran with autograd "
+                "on in step %d; nothing is captured (watch the module whose forward runs; a "
+                "torch.compile'd forward is not seen, see the README)",
+                self.step,
+            )
+        else:
+            logger.warning(
+                "apmon: no activation site ran in step %d's forward (%d forwards seen); apmon "
+                "captures ReLU-family activations (sign_mode=True adds GELU/SiLU)",
+                self.step,
+                self._forwards,
+            )
 
     # -- fixed probe set (probeset.py) ---------------------------------------------------------
 
@@ -251,7 +416,9 @@ class Monitor:
             return
         self._last_probe_step = step
         try:
-            result = evaluate_probe_set(self.model, self.tracker, self.probe_set, self.site_filter)
+            result = evaluate_probe_set(
+                self._probe_target(), self.tracker, self.probe_set, self.site_filter
+            )
             if self.merge_ranks:
                 stats = all_gather_stats(result.stats, self.process_group)
                 if not is_leader(self.process_group):
@@ -267,7 +434,11 @@ class Monitor:
             summary = probe_summary(step, result, self.sketch_k)
             if diagram:  # with merged ranks: the leader's own probe subset
                 summary.diagram = sample_diagram(
-                    self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+                    self._probe_target(),
+                    self.tracker,
+                    self.probe_set,
+                    self.site_filter,
+                    self.apd_rows,
                 )
                 if summary.diagram is not None:
                     self.diagrams.last_step = step
@@ -275,6 +446,14 @@ class Monitor:
             self._pending_probe = summary
         except Exception:
             logger.exception("apmon probe set failed at step %d; training continues", step)
+
+    def _probe_target(self) -> nn.Module:
+        """The module the probe set goes through: the one whose forward training runs.
+
+        That is the watched model, or the submodule training calls directly (a LightningModule
+        whose ``training_step`` calls ``self.net``); site names are the same either way.
+        """
+        return self._forward_module if self._forward_module is not None else self.model
 
     def _send_pending_probe(self) -> None:
         try:
@@ -295,7 +474,7 @@ class Monitor:
             return
         try:  # the last evaluation saw the final parameters: its summary gets the diagram
             pending.diagram = sample_diagram(
-                self.model, self.tracker, self.probe_set, self.site_filter, self.apd_rows
+                self._probe_target(), self.tracker, self.probe_set, self.site_filter, self.apd_rows
             )
         except Exception:
             logger.exception("apmon could not draw the final diagram; training is done anyway")
@@ -396,24 +575,54 @@ class Monitor:
     # -- use as decorator and context manager -------------------------------------------------
 
     def __call__(self, step_fn: F) -> F:
-        """Decorate the per-step function; a scalar it returns is recorded as the step's loss."""
+        """Decorate the per-step (or per-micro-batch) function; it returns the loss.
+
+        The step's loss is the mean of the scalars returned by the calls since the previous
+        step ended: one call per step, or one per micro-batch of gradient accumulation (return
+        the micro-batch's unscaled loss). The step ends when a call returns in which
+        ``optimizer.step()`` ran.
+        """
         self._holds_for_loss = True
 
         @functools.wraps(step_fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = self.step
             self._in_step_function = True
             try:
                 result = step_fn(*args, **kwargs)
             finally:
                 self._in_step_function = False
-            self._attach_loss(result)
+            value = _as_float(result)
+            if value is not None:
+                self._losses.append(value)
+            if self.step == start:  # a micro-batch of gradient accumulation: no step ended
+                return result
             # The step ends here: its summary goes out with its loss, alerts are delivered.
-            self._flush_and_mark()
-            self._deliver_alerts()
+            self.end_step()
             return result
 
         wrapper.monitor = self  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
+
+    def end_step(self, loss: Any = None) -> None:
+        """End the step that just ran: attach its loss, send its records, deliver alerts.
+
+        The loss is ``loss`` if given, else the mean of the values the decorated function
+        returned since the previous step ended (one per micro-batch). The decorator and the
+        integrations call this; a plain loop need not.
+        """
+        value = _as_float(loss)
+        losses = [value] if value is not None else self._losses
+        self._losses = []
+        if losses:
+            self._attach_loss(sum(losses) / len(losses))
+        self._flush_and_mark()
+        self._deliver_alerts()
+
+    def hold_step_ends(self) -> None:
+        """From now on each step ends at ``end_step``, not at ``optimizer.step()``."""
+        self._holds_for_loss = True
+        self._ends_own_steps = True
 
     def __enter__(self) -> Monitor:
         return self
@@ -430,6 +639,10 @@ class Monitor:
             self._final_diagram()
         self.tracker.close()
         self._step_hook.remove()
+        self._pre_step_hook.remove()
+        for hook in self._compile_hooks:
+            hook.remove()
+        self._eager.close()
         for hook in self._probe_hooks:
             hook.remove()
         atexit.unregister(self._atexit)
@@ -464,6 +677,17 @@ def _register_atexit(monitor: Monitor) -> Callable[[], None]:
     return close
 
 
+def _warn_in_place_compile(model: nn.Module) -> None:
+    """Say that modules compiled in place (``module.compile()``) are not captured reliably."""
+    compiled = [n or "model" for n, m in model.named_modules() if m._compiled_call_impl is not None]
+    if compiled:
+        logger.warning(
+            "apmon: %s compiled in place (module.compile()) runs apmon's hooks inside the compiled "
+            "graph, where sites may be lost; compile with torch.compile(model) and watch that",
+            ", ".join(compiled[:3]),
+        )
+
+
 def _as_float(value: Any) -> float | None:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return float(value.detach())
@@ -483,7 +707,7 @@ def _plain_config(config: dict[str, Any]) -> dict[str, str | int | float | bool 
 
 def watch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Any,
     *,
     settings: Settings | None = None,
     transport: Transport | None = None,
@@ -496,7 +720,9 @@ def watch(
 
     Options: ``every`` (int k or a step -> bool schedule), ``include``/``exclude`` (site name
     patterns), ``sign_mode`` (also capture GELU/SiLU sites by preactivation sign), ``sketch_k``,
-    ``name``, ``on_alert`` (called on the training thread; may raise to stop training),
+    ``name``, ``on_alert`` (a callable, called on the training thread, that may raise to stop
+    training, or a policy: ``"warn"``, ``"raise"`` (``AlertRaised``), ``"stop"`` (sets
+    ``should_stop``)), ``mlflow_run_id`` (log into this MLflow run), ``start_step`` (resume),
     ``config`` (logged with the run); a fixed probe set: ``probe_set`` (tensor, DataLoader or
     ``ProbeSet``) evaluated every ``probe_every`` steps (int k or schedule; see
     ``monitor.client.probeset``; a tuple ``(inputs, labels)`` or a DataLoader of labelled batches

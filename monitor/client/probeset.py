@@ -4,13 +4,16 @@ A probe evaluation runs under ``no_grad`` with the model in its current (trainin
 norm normalises with the chunk's own statistics as in the sources (Hartmann et al. 2021, Sec. 2.2;
 thesis Sec. 3.1.2), but leaves no trace: every buffer (batch norm's running mean, running variance
 and batch counter) is saved and copied back, the CPU and CUDA random generators are restored,
-dropout layers are switched to eval for the probe (a fixed probe set needs fixed rows), and
+dropout is off for the probe (a fixed probe set needs fixed rows): dropout modules are switched
+to eval, and functional dropout (``F.dropout`` and relatives, ``nn.MultiheadAttention``'s float
+``dropout``, ``scaled_dot_product_attention``'s ``dropout_p``) is made the identity, and
 parameters and optimizer state are never touched. The set is forwarded in chunks of at most
-``chunk`` rows (or the DataLoader's batches) to bound memory; the per-site statistics of the
-chunks are merged exactly. With batch norm in training mode the chunking is part of the
-measurement (statistics are per chunk), so keep it fixed within a run. ``Monitor`` evaluates the
-set at the end of each scheduled optimizer step, so the measurement of step s sees the
-parameters after step s's update, and ships it as ``StepSummary(source="probe_set")``.
+``chunk`` samples along ``batch_dim`` (or the DataLoader's batches) to bound memory; the
+per-site statistics of the chunks are merged exactly. With batch norm in training mode the
+chunking is part of the measurement (statistics are per chunk), so keep it fixed within a run.
+``Monitor`` evaluates the set at the end of each scheduled optimizer step, so the measurement of
+step s sees the parameters after step s's update, and ships it as
+``StepSummary(source="probe_set")``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.summary import SiteStats, measure, to_wire
@@ -39,7 +44,9 @@ class ProbeSet:
 
     ``data`` is a tensor of inputs (optionally with ``labels``), or an iterable such as a
     DataLoader (not shuffled) yielding inputs or ``(inputs, labels, ...)`` tuples; labels are
-    used when ``use_labels`` is set. Tensors are split into chunks of ``chunk`` rows.
+    used when ``use_labels`` is set. Tensors are split into chunks of ``chunk`` samples along
+    ``batch_dim`` (1 for a ``batch_first=False`` sequence model's (T, N, d) inputs); a tensor of
+    3 or more dims that is split along dim 0 is logged once, since dim 0 may be time.
     """
 
     data: torch.Tensor | Iterable[Any]
@@ -47,15 +54,29 @@ class ProbeSet:
     chunk: int = 256
     use_labels: bool = True
     device: torch.device | str | None = None
+    batch_dim: int = 0
+    _told: bool = field(default=False, repr=False)
 
     def chunks(self) -> Iterator[tuple[Any, torch.Tensor | None]]:
         """(inputs, labels or None) per chunk, on ``device`` when one is set."""
         if isinstance(self.data, torch.Tensor):
-            for start in range(0, self.data.shape[0], self.chunk):
+            samples = self.data.shape[self.batch_dim]
+            split = self.data.dim() >= 3 and self.batch_dim == 0 and samples > self.chunk
+            if split and not self._told:
+                self._told = True
+                logger.warning(
+                    "apmon: the probe set of shape %s is split along dim 0 into chunks of %d; "
+                    "if dim 0 is not the batch (a batch_first=False transformer), pass "
+                    "ProbeSet(data, batch_dim=1)",
+                    tuple(self.data.shape),
+                    self.chunk,
+                )
+            for start in range(0, samples, self.chunk):
                 labels = None
                 if self.labels is not None and self.use_labels:
                     labels = self.labels[start : start + self.chunk]
-                yield self._to(self.data[start : start + self.chunk]), labels
+                part = self.data.narrow(self.batch_dim, start, min(self.chunk, samples - start))
+                yield self._to(part), labels
             return
         for batch in self.data:
             if isinstance(batch, (tuple, list)):
@@ -91,6 +112,55 @@ def as_probe_set(value: ProbeSet | torch.Tensor | tuple[Any, ...] | Iterable[Any
     return ProbeSet(value)
 
 
+# Functional dropout, made the identity in probe-set forwards.
+_DROPOUT_FUNCTIONS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
+    torch.dropout_,
+    torch.alpha_dropout,
+    torch.feature_dropout,
+    torch.feature_alpha_dropout,
+}
+_MHA_TRAINING = 13  # position of ``training`` in F.multi_head_attention_forward
+_SDPA_DROPOUT = 4  # position of ``dropout_p`` in F.scaled_dot_product_attention
+
+
+class _NoDropout(TorchFunctionMode):
+    """Makes functional dropout the identity.
+
+    A call nested inside another function's implementation (dropout inside a fused op) is not
+    seen; ``multi_head_attention_forward`` and ``scaled_dot_product_attention`` are handled by
+    their arguments.
+    """
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in _DROPOUT_FUNCTIONS:
+            return args[0] if args else kwargs["input"]
+        if func is F.multi_head_attention_forward:
+            if len(args) > _MHA_TRAINING:
+                args = (*args[:_MHA_TRAINING], False, *args[_MHA_TRAINING + 1 :])
+            else:
+                kwargs["training"] = False
+        elif func is F.scaled_dot_product_attention:
+            if len(args) > _SDPA_DROPOUT:
+                args = (*args[:_SDPA_DROPOUT], 0.0, *args[_SDPA_DROPOUT + 1 :])
+            else:
+                kwargs["dropout_p"] = 0.0
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def untouched(model: nn.Module) -> Iterator[None]:
     """Run a block that forwards ``model``; leave every buffer and random generator as it was.
@@ -104,7 +174,8 @@ def untouched(model: nn.Module) -> Iterator[None]:
     for module in dropouts:
         module.eval()
     try:
-        yield
+        with _NoDropout():
+            yield
     finally:
         for module in dropouts:
             module.train()

@@ -300,7 +300,9 @@ def test_no_probe_hooks_without_probes() -> None:
     assert len(model._forward_pre_hooks) == hooks + 1  # the tracker's root hook only
     monitor.close()
     probed = Monitor(model, optimizer, ListTransport(), every=1, apt_every=4)
-    assert len(model._forward_pre_hooks) == hooks + 2
+    # Probes keep their inputs through the tracker's hooks: none of their own on the model.
+    assert len(model._forward_pre_hooks) == hooks + 1
+    assert len(optimizer._optimizer_step_pre_hooks) == 1
     probed.close()
     assert len(model._forward_pre_hooks) == hooks
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks

@@ -1,0 +1,1 @@
+"""Trainer integrations: callbacks that run ``watch`` inside Lightning and Hugging Face trainers."""
