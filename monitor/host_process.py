@@ -76,6 +76,7 @@ class RunHost:
         if settings.mlflow_tracking_uri:
             try:
                 from monitor.sinks.mlflow_sink import MlflowSink
+                from monitor.sinks.tracking import standard_tags
 
                 self.mlflow = MlflowSink(
                     settings.mlflow_tracking_uri,
@@ -85,6 +86,7 @@ class RunHost:
                     flush_every=sys.maxsize,  # flushed by ``persist``, off the alert path
                     keys=settings.mlflow_keys,
                     min_interval_seconds=settings.mlflow_min_interval_seconds,
+                    tags={**standard_tags(start), "apmon.run_id": run_id},
                 )
                 start = start.model_copy(update={"mlflow_run_id": self.mlflow.run_id})
                 self.mlflow.log_params({f"apmon.{k}": v for k, v in start.config.items()})
@@ -206,12 +208,34 @@ class RunHost:
         except Exception:
             self.failures += 1
             logger.exception("apmon end-of-run processing failed")
-        if self.mlflow is not None:
+        if self.mlflow is not None and self.settings.mlflow_report:
+            self._attach_report()
             try:
                 self.mlflow.close()
             except Exception:
                 logger.exception("could not close the MLflow run")
         return alerts
+
+    def _attach_report(self) -> None:
+        """Render the run's report and attach it to the MLflow run (before it is ended).
+
+        The training job's ``close`` waits for this: the seconds of rendering (figures, the
+        HTML page) and of uploading, measured and logged at INFO.
+        """
+        import tempfile
+        from pathlib import Path
+
+        from monitor.report import log_report_to_mlflow, render_report
+
+        began = time.monotonic()
+        try:
+            with tempfile.TemporaryDirectory(prefix="apmon-report-") as out:
+                files = render_report(self.store, self.run_id, Path(out))
+                log_report_to_mlflow(self.settings.mlflow_tracking_uri, self.mlflow.run_id, files)
+        except Exception:
+            self.failures += 1
+            logger.exception("could not attach the report of run %s to MLflow", self.run_id)
+        logger.info("report of run %s attached in %.2f s", self.run_id, time.monotonic() - began)
 
     @property
     def mlflow_run_id(self) -> str | None:
