@@ -208,8 +208,9 @@ class RunHost:
         except Exception:
             self.failures += 1
             logger.exception("apmon end-of-run processing failed")
-        if self.mlflow is not None and self.settings.mlflow_report:
-            self._attach_report()
+        if self.mlflow is not None:
+            if self.settings.mlflow_report:
+                self._attach_report()
             try:
                 self.mlflow.close()
             except Exception:

@@ -75,7 +75,8 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
     }
     assert expected <= set(figures)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run_id, "apmon-report")}
-    assert artifacts == {f"apmon-report/{name}" for name in [*figures, "report.html"]}
+    names = [*figures, "report.html", "alerts.json"]
+    assert artifacts == {f"apmon-report/{name}" for name in names}
     # the labelled probe set: seed-002 measures per site, diagrams at 0, 25 and the last step
     sample_sets = {
         (m.name, m.site) for m in store.measures(run_id, name="predictability") if m.site
@@ -89,6 +90,7 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
 
 def test_commands_refuse_an_out_of_date_database_and_upgrade_fixes_it(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
+    (tmp_path / "old.db").touch()  # there, but never migrated
     refused = _apmon("runs", "list", "--database-url", url, cwd=tmp_path)
     assert refused.returncode == 2
     assert "apmon db upgrade" in refused.stderr

@@ -51,6 +51,7 @@ def test_runs_land_in_the_active_run_the_experiment_or_the_given_run(tmp_path: P
     assert created.data.tags["mlflow.source.name"] == str(SCRIPT)  # "Source"
     assert created.data.tags["mlflow.user"]  # "Created by"
     assert created.data.tags["mlflow.source.type"] == "LOCAL"
+    assert created.info.status == "FINISHED"  # apmon ends the runs it made
     for run_id in (active, own, ids["experiment"]):
         run = client.get_run(run_id)
         assert "apmon.run_id" in run.data.tags
