@@ -108,10 +108,10 @@ def site_step_heatmap(
         )
     )
     figure.update_yaxes(autorange="reversed")
+    # Steps as categories: one equal cell per measured step, however far apart they are.
+    figure.update_xaxes(type="category", title_text="step")
     figure.update_layout(
-        title=f"{measure} per site ({source})",
-        xaxis_title="step",
-        height=160 + 22 * max(len(sites), 1),
+        title=f"{measure} per site ({source})", height=max(280, 140 + 22 * len(sites))
     )
     return figure
 
@@ -153,7 +153,6 @@ def phase_diagram(probes: Sequence[ProbePoint]) -> go.Figure:
         line={"color": "cyan", "width": 2},
     )
     figure.update_yaxes(type="log", title_text="trial learning rate eta")
-    figure.update_layout(
-        title="learning-rate phase diagram (mean over sites)", xaxis_title="step", height=450
-    )
+    figure.update_xaxes(type="category", title_text="step (sweeps)")
+    figure.update_layout(title="learning-rate phase diagram (mean over sites)", height=450)
     return figure

@@ -58,6 +58,8 @@ def _facts(
 
 def _alert_table(alerts: Sequence[AlertRecord]) -> list[str]:
     rows = sorted(alerts, key=lambda a: (a.step, a.id))
+    if not rows:
+        return ["<h2>Alerts</h2>", "<p>No alerts were raised in this run.</p>"]
     parts = [
         f"<h2>Alerts ({len(rows)})</h2>",
         '<table class="alerts"><tr><th>step</th><th>kind</th><th>severity</th><th>site</th>'
