@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -336,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = str(error)
         print(f"apmon: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `apmon ... | head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         return 130
 

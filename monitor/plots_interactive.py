@@ -22,24 +22,30 @@ def _cells(matrix: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
 
 
-def _alert_lines(figure: go.Figure, alerts: Sequence[AlertRecord], rows: int) -> None:
-    """A dotted vertical line per alert step in every panel, its kinds in the hover text."""
+def _alert_lines(
+    figure: go.Figure, alerts: Sequence[AlertRecord], rows: int, top: float | None
+) -> None:
+    """A dotted line per alert step in every panel, and a marker at height ``top``.
+
+    The markers sit over the first panel; hovering one names the alerts of its step.
+    """
     by_step: dict[int, list[str]] = {}
     for alert in alerts:
-        by_step.setdefault(alert.step, []).append(alert.kind)
+        by_step.setdefault(alert.step, []).append(f"{alert.kind}: {alert.message[:120]}")
     for step in sorted(by_step):
         for row in range(1, rows + 1):
             figure.add_vline(
                 x=step, line_dash="dot", line_color="crimson", opacity=0.6, row=row, col=1
             )
-    if by_step:
+    if by_step and top is not None:
         figure.add_scatter(
             x=list(by_step),
-            y=[None] * len(by_step),
+            y=[top] * len(by_step),
             mode="markers",
             name="alerts",
-            marker={"color": "crimson"},
-            hovertext=[", ".join(sorted(set(k))) for k in by_step.values()],
+            marker={"color": "crimson", "symbol": "triangle-down", "size": 10},
+            hovertext=["<br>".join(texts) for texts in by_step.values()],
+            hoverinfo="x+text",
             row=1,
             col=1,
         )
@@ -84,7 +90,8 @@ def timeline(
         )
         if name == "loss" and spans_decades([v for _, v in series]):
             figure.update_yaxes(type="log", row=row, col=1)
-    _alert_lines(figure, alerts, len(panels))
+    first = [v for _, v in panels[0][1]]
+    _alert_lines(figure, alerts, len(panels), max(first) if first else None)
     figure.update_xaxes(title_text="step", row=len(panels), col=1)
     figure.update_layout(height=220 * len(panels) + 80, title="time line", showlegend=False)
     return figure

@@ -25,6 +25,7 @@ figure { margin: 1em 0; } figure img { max-width: 100%; }
 figcaption { font-size: 0.9em; color: #555; }
 table.alerts { border-collapse: collapse; font-size: 0.9em; }
 table.alerts th, table.alerts td { border-bottom: 1px solid #ddd; padding: 3px 8px; }
+table.alerts th { text-align: left; }
 table.alerts tr.critical td { background: #fde8e8; }
 details { margin: 0.5em 0; }
 """

@@ -118,8 +118,8 @@ def cmd_runs_show(args: argparse.Namespace) -> int:
     for key in ("id", "name", "project", "status", "created_at", "finished_at", "mlflow_run_id"):
         print(f"{key + ':':<15}{overview[key] if overview[key] not in ('', None) else '-'}")
     steps = overview["steps"]
-    for source, span in steps.items():
-        print(f"{'steps:':<15}{span['count']} {source} ({span['first']}..{span['last']})")
+    spans = [f"{s['count']} {source} ({s['first']}..{s['last']})" for source, s in steps.items()]
+    print(f"{'steps:':<15}{', '.join(spans) or 'none'}")
     sites = overview["sites"]
     print(f"{'sites:':<15}{len(sites)}: {', '.join(sites)}")
     measures = overview["measures"]
