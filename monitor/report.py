@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from monitor.sinks.alerts import alerts_json
-from monitor.store.entities import MeasurePoint
+from monitor.sinks.alerts import AlertTally, alerts_json
+from monitor.store.entities import AlertRecord, MeasurePoint
 from monitor.store.store import Store
 
 if TYPE_CHECKING:
@@ -149,10 +149,24 @@ def interactive_figures(
     return figures
 
 
-def log_report_to_mlflow(tracking_uri: str, mlflow_run_id: str, files: Sequence[Path]) -> None:
-    """Attach rendered figures to the run's MLflow run under ``apmon-report/``."""
+def log_report_to_mlflow(
+    tracking_uri: str,
+    mlflow_run_id: str,
+    files: Sequence[Path],
+    alerts: Sequence[AlertRecord] | None = None,
+) -> None:
+    """Attach rendered figures to the run's MLflow run under ``apmon-report/``.
+
+    With ``alerts`` (all the run's stored alerts), the ``apmon.alert.<kind>`` tags are set from
+    them: the service's workers each count only the alerts they saw while the run went on.
+    """
+    from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     for path in files:
         client.log_artifact(mlflow_run_id, str(path), artifact_path="apmon-report")
+    if alerts:
+        tally = AlertTally()
+        tally.add(alerts)
+        client.log_batch(mlflow_run_id, tags=[RunTag(k, v) for k, v in tally.tags().items()])

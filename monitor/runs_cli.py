@@ -54,6 +54,7 @@ def cmd_runs_finish(args: argparse.Namespace) -> int:
                 run.name,
                 mlflow_run_id=run.mlflow_run_id,
             )
+            sink.alerts.add(store.alerts(run.id))  # tags count the run's earlier alerts too
             listeners.append(sink)
         except Exception:
             logger.exception("MLflow is unavailable; the results go to SQL only")

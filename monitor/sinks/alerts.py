@@ -5,11 +5,27 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
-from monitor.schema import AlertValue
 from monitor.store.entities import AlertRecord
 
 TAG_MESSAGE_CHARS = 160  # MLflow's run page shows a tag value on one line
+
+
+class Alert(Protocol):
+    """What the tally reads of an alert: a raised ``AlertValue`` or a stored ``AlertRecord``."""
+
+    @property
+    def kind(self) -> str:
+        """The alert's kind, e.g. ``bad_batch``."""
+
+    @property
+    def step(self) -> int:
+        """The step it was raised at."""
+
+    @property
+    def message(self) -> str:
+        """What it says."""
 
 
 @dataclass
@@ -17,9 +33,9 @@ class AlertTally:
     """Counts and the latest alert of each kind, for one run."""
 
     counts: dict[str, int] = field(default_factory=dict)
-    latest: dict[str, AlertValue] = field(default_factory=dict)
+    latest: dict[str, Alert] = field(default_factory=dict)
 
-    def add(self, alerts: Iterable[AlertValue]) -> set[str]:
+    def add(self, alerts: Iterable[Alert]) -> set[str]:
         """Count the alerts; returns the kinds that changed."""
         changed = set()
         for alert in alerts:
@@ -37,6 +53,10 @@ class AlertTally:
         if len(message) > TAG_MESSAGE_CHARS:
             message = message[: TAG_MESSAGE_CHARS - 1] + "…"
         return f"apmon.alert.{kind}", f"{self.counts[kind]} (latest step {last.step}: {message})"
+
+    def tags(self) -> dict[str, str]:
+        """Every kind's tag."""
+        return dict(self.tag(kind) for kind in sorted(self.counts))
 
     def metric_key(self, kind: str) -> str:
         """The run-level count of a kind as an MLflow metric key."""
