@@ -49,7 +49,14 @@ def _filled(path: Path) -> tuple[str, SqlStore]:
 def test_read_commands_in_an_empty_folder_say_so_and_create_nothing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    for argv in (["runs", "list"], ["report"], ["alerts", "abc"], ["runs", "show", "abc"]):
+    reads = (
+        ["runs", "list"],
+        ["report"],
+        ["alerts", "abc"],
+        ["runs", "show", "abc"],
+        ["errors", "x"],
+    )
+    for argv in reads:
         code, out, err = _run(capsys, *argv)
         assert code == 2 and out == ""
         assert err.count("\n") == 1 and "no apmon database at" in err, err
