@@ -157,3 +157,34 @@ def test_experiment_resolution_prefers_the_setting(
     assert got == (configured or "chosen")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
     assert client.get_experiment(experiment_id(client, "")).name == "apmon"
+
+
+def test_the_training_process_never_imports_mlflow(tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        """
+import sys
+import torch
+from torch import nn
+from monitor.client import watch
+from monitor.settings import Settings
+
+model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+settings = Settings(database_url=sys.argv[1], mlflow_tracking_uri=sys.argv[2])
+with watch(model, opt, settings=settings) as mon:
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).sum().backward()
+        opt.step()
+print(mon.transport.mlflow_run_id, "mlflow" in sys.modules)
+"""
+    )
+    db, uri = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'm.db'}"
+    done = subprocess.run(
+        [sys.executable, str(script), db, uri], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    mlflow_run_id, imported = done.stdout.split()
+    assert imported == "False"  # the host process logged to MLflow; this one never loaded it
+    assert MlflowClient(tracking_uri=uri).get_run(mlflow_run_id).info.status == "FINISHED"
