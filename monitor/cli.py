@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 from monitor.settings import Settings
 
 if TYPE_CHECKING:
-    from monitor.store import Store
+    from monitor.store import SqlStore, Store
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,17 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _read_store(args: argparse.Namespace) -> SqlStore:
+    """The existing database, for commands that only read it (never creates one)."""
+    from monitor.cli_store import open_existing_store, url_origin
+
+    return open_existing_store(_settings(args).database_url, url_origin(args))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train the demo CNN with the monitor on and print where the results are."""
     from monitor.demo import describe_location, run_demo
@@ -49,13 +62,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from monitor.store import open_store
 
     settings = _settings(args)
+    if not args.no_report:  # the demo renders the report itself, below, and attaches it
+        settings = settings.model_copy(update={"mlflow_report": False})
     result = run_demo(settings, steps=args.steps, seed=args.seed, progress=not args.quiet)
     print(f"\nTrained {result.steps} steps in {result.seconds:.1f} s", end="")
     print(f", final loss {result.final_loss:.3f}")
     print(f"apmon run:     {result.run_id}")
     print(f"SQLite file:   {describe_location(settings.database_url)}")
     if result.mlflow_run_id:
-        print(f"MLflow run:    {result.mlflow_run_id} (experiment {settings.mlflow_experiment!r})")
+        print(f"MLflow run:    {result.mlflow_run_id}")
         print(f"MLflow store:  {settings.mlflow_tracking_uri}")
         print(f"Open the UI:   mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}")
     store = open_store(settings.database_url)
@@ -82,20 +97,21 @@ def _render_and_attach(settings: Settings, store: Store, run_id: str, out: Path)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Render a stored run's figures to PNG files and attach them to its MLflow run."""
-    from monitor.store import open_store
+    """Render a stored run's report (HTML page, PNGs, alerts.json) and attach it to MLflow."""
+    from monitor.cli_store import resolve_run
 
     settings = _settings(args)
     if args.no_mlflow:
         settings = settings.model_copy(update={"mlflow_tracking_uri": ""})
-    store = open_store(settings.database_url)
-    run_id = args.run_id
-    if run_id is None:
+    store = _read_store(args)
+    if args.run_id is None:
         runs = store.runs()
         if not runs:
             print("apmon: no runs stored yet; train with monitor.watch(...) first", file=sys.stderr)
             return 1
         run_id = runs[0].id
+    else:
+        run_id = resolve_run(store, args.run_id).id
     mlflow_run_id = store.run(run_id).mlflow_run_id
     files = _render_and_attach(settings, store, run_id, Path(args.out))
     for path in files:
@@ -107,10 +123,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Migrate the database to the current schema."""
+    from monitor.cli_store import check_sqlite_folder, url_origin
     from monitor.store import make_engine, upgrade
     from monitor.store.migrate import current_revision
 
     settings = _settings(args)
+    check_sqlite_folder(settings.database_url, url_origin(args))
     engine = make_engine(settings.database_url)
     before = current_revision(engine)
     upgrade(engine)
@@ -125,10 +143,15 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_db_current(args: argparse.Namespace) -> int:
     """Print the database's schema revision and the one this apmon needs."""
+    from monitor.cli_store import CliError, sqlite_path, url_origin
     from monitor.store import make_engine
     from monitor.store.migrate import current_revision, head_revision
 
-    engine = make_engine(_settings(args).database_url)
+    url = _settings(args).database_url
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise CliError(f"no apmon database at {path} (from {url_origin(args)})")
+    engine = make_engine(url)
     current, head = current_revision(engine), head_revision()
     print(f"database: {current or 'empty'}; needed: {head}")
     return 0 if current == head else 1
@@ -136,20 +159,48 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     """List the measure plugins that load from the entry-point group."""
+    from monitor.cli_store import print_json
     from monitor.measures import load_plugins
 
-    for plugin in load_plugins().describe():
+    plugins = load_plugins().describe()
+    if args.json:
+        print_json(plugins)
+        return 0
+    for plugin in plugins:
         print(f"{plugin['name']:<20} {plugin['version']:<8} {plugin['origin']}")
     return 0
 
 
 def cmd_runs_list(args: argparse.Namespace) -> int:
     """List stored runs."""
-    from monitor.store import open_store
+    from monitor.cli_store import print_json
 
-    store = open_store(_settings(args).database_url)
-    for run in store.runs():
+    runs = _read_store(args).runs()
+    if args.json:
+        print_json(runs)
+        return 0
+    for run in runs:
         print(f"{run.id}  {run.status:<9} {run.created_at:%Y-%m-%d %H:%M}  {run.name}")
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """List a run's alerts in step order."""
+    from monitor.cli_store import print_json, resolve_run
+
+    store = _read_store(args)
+    run = resolve_run(store, args.run_id)
+    alerts = [a for a in store.alerts(run.id) if args.kind is None or a.kind == args.kind]
+    alerts.sort(key=lambda a: (a.step, a.id))
+    if args.json:
+        print_json(alerts)
+        return 0
+    if not alerts:
+        print(f"run {run.id}: no alerts")
+        return 0
+    for alert in alerts:
+        site = f" [{alert.site}]" if alert.site else ""
+        print(f"{alert.step:>7}  {alert.kind:<16} {alert.severity:<8}{site} {alert.message}")
     return 0
 
 
@@ -190,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fit, and the time line with alerts. Files go to OUT/RUN_ID/*.png and are attached to "
         "the run's MLflow run as artifacts.",
     )
-    report.add_argument("run_id", nargs="?", help="run id (default: the newest run)")
+    report.add_argument(
+        "run_id", nargs="?", metavar="RUN", help="run id or unique prefix (default: the newest)"
+    )
     report.add_argument(
         "--out", default="apmon-report", help="output folder (default apmon-report)"
     )
@@ -209,11 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     current.set_defaults(func=cmd_db_current)
 
     plugins = commands.add_parser("plugins", help="list the measure plugins that load")
+    _add_json_flag(plugins)
     plugins.set_defaults(func=cmd_plugins)
 
-    runs = commands.add_parser("runs", help="list and manage stored runs")
+    alerts = commands.add_parser(
+        "alerts",
+        help="list a run's alerts (step, kind, severity, site, message)",
+        description="List the alerts of a stored run in step order. RUN is a run id or a "
+        "unique prefix of one.",
+    )
+    alerts.add_argument("run_id", metavar="RUN", help="run id or a unique prefix")
+    alerts.add_argument("--kind", help="only alerts of this kind (e.g. bad_batch)")
+    _add_json_flag(alerts)
+    _add_store_flags(alerts)
+    alerts.set_defaults(func=cmd_alerts)
+
+    runs = commands.add_parser("runs", help="list, show and manage stored runs")
     runs_commands = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
     listing = runs_commands.add_parser("list", help="list stored runs, newest first")
+    _add_json_flag(listing)
     _add_store_flags(listing)
     listing.set_defaults(func=cmd_runs_list)
     _register_optional(commands, runs_commands)
@@ -240,22 +307,39 @@ def _register_optional(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``apmon`` console script."""
+    """Entry point of the ``apmon`` console script.
+
+    Problems the user can fix (no database, an unreachable server, a bad URL, an old schema)
+    are one line on stderr and exit status 2; ``-v`` adds the traceback.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from monitor.cli_store import CliError, schema_message, url_origin
     from monitor.store import SchemaOutOfDate, StoreError
 
     try:
         return int(args.func(args))
-    except SchemaOutOfDate as error:
-        print(f"apmon: {error}", file=sys.stderr)
+    except (CliError, SchemaOutOfDate, StoreError, SQLAlchemyError) as error:
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        origin = url_origin(args)
+        if isinstance(error, SchemaOutOfDate):
+            message = schema_message(error, origin)
+        elif isinstance(error, SQLAlchemyError):
+            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+            message = f"database error ({reason}); check the database that {origin} names"
+        else:
+            message = str(error)
+        print(f"apmon: {message}", file=sys.stderr)
         return 2
-    except StoreError as error:
-        print(f"apmon: {error}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:  # `apmon ... | head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         return 130
 

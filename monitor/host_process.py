@@ -96,6 +96,7 @@ class RunHost:
     def _connect_mlflow(self, start: RunStart) -> None:
         try:
             from monitor.sinks.mlflow_sink import MlflowSink
+            from monitor.sinks.tracking import standard_tags
 
             sink = MlflowSink(
                 self.settings.mlflow_tracking_uri,
@@ -105,9 +106,10 @@ class RunHost:
                 flush_every=sys.maxsize,  # flushed by ``persist``, off the alert path
                 keys=self.settings.mlflow_keys,
                 min_interval_seconds=self.settings.mlflow_min_interval_seconds,
+                tags={**standard_tags(start), "apmon.run_id": self.run_id},
             )
             sink.log_params({f"apmon.{k}": v for k, v in start.config.items()})
-            sink.client.set_tag(sink.run_id, "apmon.run_id", self.run_id)
+            sink.client.set_tag(sink.run_id, "apmon.run_id", self.run_id)  # the user's run too
             self.store.claim_mlflow_run_id(self.run_id, sink.run_id)
         except Exception:
             logger.exception("MLflow is unavailable; results go to SQL only")
@@ -245,12 +247,42 @@ class RunHost:
         except Exception:
             self.failures += 1
             logger.exception("apmon end-of-run processing failed")
-        if self.mlflow is not None:
-            try:
-                self.mlflow.close()
-            except Exception:
-                logger.exception("could not close the MLflow run")
         return alerts
+
+    def close_mlflow(self) -> None:
+        """Attach the report (``settings.mlflow_report``) and end the MLflow run.
+
+        The host process does this after it has told the training job that the run is done, so
+        the job's ``close`` does not wait for the seconds of rendering.
+        """
+        if self.mlflow is None:
+            return
+        if self.settings.mlflow_report:
+            self._attach_report()
+        try:
+            self.mlflow.close()
+        except Exception:
+            logger.exception("could not close the MLflow run")
+
+    def _attach_report(self) -> None:
+        """Render the run's report and attach it to the MLflow run (before it is ended).
+
+        Rendering (figures, the HTML page) and uploading take seconds, logged at INFO.
+        """
+        import tempfile
+        from pathlib import Path
+
+        from monitor.report import log_report_to_mlflow, render_report
+
+        began = time.monotonic()
+        try:
+            with tempfile.TemporaryDirectory(prefix="apmon-report-") as out:
+                files = render_report(self.store, self.run_id, Path(out))
+                log_report_to_mlflow(self.settings.mlflow_tracking_uri, self.mlflow.run_id, files)
+        except Exception:
+            self.failures += 1
+            logger.exception("could not attach the report of run %s to MLflow", self.run_id)
+        logger.info("report of run %s attached in %.2f s", self.run_id, time.monotonic() - began)
 
     @property
     def mlflow_run_id(self) -> str | None:
@@ -294,6 +326,7 @@ def serve(in_fd: int, out_fd: int) -> int:
         if not data:  # the training process is gone without saying finish: end the run
             if host is not None:
                 host.finish(last_step)
+                host.close_mlflow()
             return 0
         for message in reader.feed(data):
             kind = message[0]
@@ -323,6 +356,7 @@ def serve(in_fd: int, out_fd: int) -> int:
                         {"failures": host.failures, "mlflow_run_id": host.mlflow_run_id},
                     ),
                 )
+                host.close_mlflow()  # the job's close() has its answer already
                 return 0
             if host.buffered >= MAX_BUFFERED:
                 host.persist()

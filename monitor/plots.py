@@ -155,6 +155,11 @@ def transition_curves(fits: Sequence[FitPoint], alerts: Sequence[AlertRecord] = 
     return figure
 
 
+def spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
+    """True when every value is positive and max/min is at least 10**decades (log axis)."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= 10**decades
+
+
 def timeline(
     losses: Sequence[tuple[int, float]],
     points: Sequence[MeasurePoint],
@@ -179,6 +184,8 @@ def timeline(
     )
     for axes, (name, series) in zip(axes_list[:, 0], panels, strict=False):
         axes.plot([s for s, _ in series], [v for _, v in series], linewidth=1)
+        if name == "loss" and spans_decades([v for _, v in series]):
+            axes.set_yscale("log")
         axes.set_ylabel(name)
         _mark_alerts(axes, alerts)
     axes_list[-1, 0].set_xlabel("step")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from monitor.store.entities import MeasurePoint
+from monitor.sinks.alerts import AlertTally, alerts_json
+from monitor.store.entities import AlertRecord, MeasurePoint
 from monitor.store.store import Store
 
 if TYPE_CHECKING:
@@ -59,8 +60,10 @@ def site_table(points: Sequence[MeasurePoint], measures: Sequence[str] = TABLE_M
 def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
     """Render every figure of a stored run into ``out_dir``; returns the files written.
 
-    The PNG figures, then ``report.html``: the page with the run's facts, the figures and an
-    interactive Sankey per stored activation pattern diagram (``monitor.report_html``).
+    ``alerts.json`` (every alert), the PNG figures, then ``report.html``: the page with the
+    run's facts, its alerts as a table, interactive time line, heat maps and phase diagram
+    (``monitor.plots_interactive``), the PNGs and a Sankey per stored activation pattern
+    diagram (``monitor.report_html``).
     """
     import matplotlib.pyplot as plt
 
@@ -70,6 +73,8 @@ def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
     sites = list(store.sites(run_id))
     measures = store.measures(run_id)
     alerts = store.alerts(run_id)
+    alerts_file = out_dir / "alerts.json"
+    alerts_file.write_text(alerts_json(alerts), encoding="utf-8")
     probes = store.probes(run_id)
     fits = store.fits(run_id)
     present = {(p.name, p.source) for p in measures}
@@ -106,15 +111,62 @@ def render_report(store: Store, run_id: str, out_dir: Path) -> list[Path]:
     from monitor.report_html import write_html_report
 
     page = write_html_report(
-        store.run(run_id), sites, measures, written, diagrams, out_dir / "report.html"
+        store.run(run_id),
+        sites,
+        measures,
+        written,
+        diagrams,
+        out_dir / "report.html",
+        alerts=alerts,
+        figures=interactive_figures(store, run_id, losses, panels),
     )
-    return [*written, page]
+    return [alerts_file, *written, page]
 
 
-def log_report_to_mlflow(tracking_uri: str, mlflow_run_id: str, files: Sequence[Path]) -> None:
-    """Attach rendered figures to the run's MLflow run under ``apmon-report/``."""
+def interactive_figures(
+    store: Store,
+    run_id: str,
+    losses: Sequence[tuple[int, float]],
+    panels: Sequence[tuple[str, str]],
+) -> list[tuple[str, Any]]:
+    """The page's plotly figures as (section, figure): time line, heat maps, phase diagram."""
+    from monitor import plots_interactive as interactive
+
+    sites = list(store.sites(run_id))
+    measures = store.measures(run_id)
+    alerts = store.alerts(run_id)
+    present = {(p.name, p.source) for p in measures if p.site is not None}
+    figures: list[tuple[str, Any]] = [
+        ("Time line", interactive.timeline(losses, measures, panels, alerts))
+    ]
+    for measure, source in HEATMAPS:
+        if (measure, source) in present:
+            figure = interactive.site_step_heatmap(measures, measure, sites, source)
+            figures.append(("Heat maps (site x step)", figure))
+    probes = store.probes(run_id)
+    if any(p.kind == "sweep" for p in probes):
+        figures.append(("Phase diagram", interactive.phase_diagram(probes)))
+    return figures
+
+
+def log_report_to_mlflow(
+    tracking_uri: str,
+    mlflow_run_id: str,
+    files: Sequence[Path],
+    alerts: Sequence[AlertRecord] | None = None,
+) -> None:
+    """Attach rendered figures to the run's MLflow run under ``apmon-report/``.
+
+    With ``alerts`` (all the run's stored alerts), the ``apmon.alert.<kind>`` tags are set from
+    them: the service's workers each count only the alerts they saw while the run went on.
+    """
+    from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     for path in files:
         client.log_artifact(mlflow_run_id, str(path), artifact_path="apmon-report")
+    if alerts:
+        tally = AlertTally()
+        tally.add(alerts)
+        client.log_batch(mlflow_run_id, tags=[RunTag(k, v) for k, v in tally.tags().items()])

@@ -328,6 +328,9 @@ class RunStart(WireModel):
         ConfigValue,
     ] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS)
     mlflow_run_id: StoredText | None = Field(default=None, max_length=64)
+    # Who ran what, for MLflow's "Created by" and "Source" on runs apmon creates.
+    user: StoredText | None = Field(default=None, max_length=256)
+    source_name: StoredText | None = Field(default=None, max_length=500)
 
 
 class IngestBatch(WireModel):

@@ -28,7 +28,11 @@ class Settings(BaseSettings):
         default_factory=default_mlflow_uri,
         description="MLflow tracking URI; empty string disables the MLflow sink.",
     )
-    mlflow_experiment: str = Field(default="apmon", description="MLflow experiment for new runs.")
+    mlflow_experiment: str = Field(
+        default="",
+        description="MLflow experiment for new runs; empty follows MLflow: "
+        "MLFLOW_EXPERIMENT_NAME, else MLFLOW_EXPERIMENT_ID (mlflow.set_experiment), else 'apmon'.",
+    )
     mlflow_keys: Literal["summary", "all"] = Field(
         default="summary",
         description="Embedded: 'summary' logs the run-level measures (site means, fits of the "
@@ -39,6 +43,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Embedded: a metric key gets a new MLflow point at most this often (0: every "
         "step); the apmon database keeps every step.",
+    )
+    mlflow_report: bool = Field(
+        default=True,
+        description="Embedded: render the run's report when it finishes and attach it to its "
+        "MLflow run (the training job's close waits for the rendering).",
     )
     project: str = Field(default="default", description="Project of embedded runs.")
     server_url: str | None = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,8 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
     }
     assert expected <= set(figures)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run_id, "apmon-report")}
-    assert artifacts == {f"apmon-report/{name}" for name in [*figures, "report.html"]}
+    names = [*figures, "report.html", "alerts.json"]
+    assert artifacts == {f"apmon-report/{name}" for name in names}
     # the labelled probe set: seed-002 measures per site, diagrams at 0, 25 and the last step
     sample_sets = {
         (m.name, m.site) for m in store.measures(run_id, name="predictability") if m.site
@@ -83,12 +85,38 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
     assert sample_sets == {("predictability", site) for site in DEMO_SITES}
     assert [step for step, _ in store.diagrams(run_id)] == [0, 25, 39]
     assert {"heatmap_probe_set_predictability.png", "flow_clusters.png"} <= set(figures)
-    page = (tmp_path / "apmon-report" / run_id / "report.html").read_text(encoding="utf-8")
+    report = tmp_path / "apmon-report" / run_id / "report.html"
+    page = report.read_text(encoding="utf-8")
     assert page.count('"type":"sankey"') == 3
+    # the page of a real run: every PNG inlined, the interactive figures, nothing loaded
+    assert page.count('<img alt="') == len(figures)
+    plots = page.count("Plotly.newPlot")
+    heatmaps = sum(name.startswith("heatmap_") for name in figures)
+    assert plots == 1 + heatmaps + 1 + 3  # time line, heat maps, phase diagram, Sankeys
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=|<img[^>]+src=\"(?!data:)", page)
+    if shutil.which("chromium"):
+        # opened offline (every request goes to a closed port): plotly draws every figure
+        shown = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--proxy-server=127.0.0.1:9",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                report.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert shown.stdout.count('class="plotly-graph-div js-plotly-plot"') == plots
 
 
 def test_commands_refuse_an_out_of_date_database_and_upgrade_fixes_it(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
+    (tmp_path / "old.db").touch()  # there, but never migrated
     refused = _apmon("runs", "list", "--database-url", url, cwd=tmp_path)
     assert refused.returncode == 2
     assert "apmon db upgrade" in refused.stderr

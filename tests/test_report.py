@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
+from monitor import plots
+from monitor import plots_interactive as interactive
 from monitor.plots import site_step_matrix
 from monitor.report import render_report, site_table
 from monitor.schema import (
@@ -83,7 +87,8 @@ def test_render_report_writes_every_figure(store: SqlStore, tmp_path: Path) -> N
     run_id = _fill_run(store)
     files = render_report(store, run_id, tmp_path / "out")
     assert files[-1] == tmp_path / "out" / "report.html"  # the page comes last
-    files = files[:-1]
+    assert files[0] == tmp_path / "out" / "alerts.json"  # every alert, first
+    files = files[1:-1]
     names = {f.stem for f in files}
     assert names == {
         "heatmap_train_rel_entropy",
@@ -95,3 +100,41 @@ def test_render_report_writes_every_figure(store: SqlStore, tmp_path: Path) -> N
     for path in files:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 5_000
+
+
+def test_report_page_holds_facts_alerts_and_every_figure_offline(
+    store: SqlStore, tmp_path: Path
+) -> None:
+    run_id = _fill_run(store)
+    extra = PluginOutcome("train")
+    extra.alerts = [
+        ("d", AlertValue(kind="bad_batch", step=5, message="<batch 7>", site="a#0")),
+        ("d", AlertValue(kind="bad_batch", step=5, message="second", severity="critical")),
+    ]
+    store.save_outcome(run_id, 5, extra)
+    files = render_report(store, run_id, tmp_path / "out")
+    stored = store.alerts(run_id)
+    listed = json.loads((tmp_path / "out" / "alerts.json").read_text())
+    assert [(a["step"], a["kind"], a["message"]) for a in listed] == sorted(
+        (a.step, a.kind, a.message) for a in stored
+    )
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    table = page.split('<table class="alerts">')[1].split("</table>")[0]
+    assert table.count("<tr class=") == len(stored) == 3
+    assert "&lt;batch 7&gt;" in table and "<batch 7>" not in page  # escaped
+    assert "bad_batch 2, divergence 1" in page  # the facts count alerts per kind
+    # interactive: the time line, one heat map per (measure, source) with sites, the phase diagram
+    assert page.count("Plotly.newPlot") == 1 + 2 + 1
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert page.count('<img alt="') == len(pngs) == 5
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=|<img[^>]+src=\"(?!data:)", page)
+    assert not re.search(r"@import|url\(\s*['\"]?https?:", page)
+
+
+def test_time_line_uses_a_log_axis_for_a_loss_over_decades() -> None:
+    steep = [(s, 10.0 ** (-s / 2)) for s in range(6)]  # 2.5 decades
+    flat = [(s, 1.0 / (s + 1)) for s in range(6)]  # under one decade
+    assert interactive.timeline(steep, [], []).layout.yaxis.type == "log"
+    assert interactive.timeline(flat, [], []).layout.yaxis.type != "log"
+    assert plots.timeline(steep, [], []).axes[0].get_yscale() == "log"
+    assert plots.timeline(flat, [], []).axes[0].get_yscale() == "linear"

@@ -205,10 +205,22 @@ class EmbeddedTransport:
                 self.run_id,
             )
         self._close_pipes()
-        if finished:
-            self._process.wait(timeout=30)
         if self.dropped:
             logger.warning("apmon dropped %d records the host never took", self.dropped)
+
+    def wait_for_host(self, timeout: float | None = None) -> bool:
+        """After ``finish``: wait until the host has attached the report and ended MLflow.
+
+        The host does that after the run is stored, so ``close`` does not wait for it. True
+        when the host has exited within ``timeout`` seconds.
+        """
+        if self._process is None:
+            return True
+        try:
+            self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     # -- the pipes ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
+from monitor.client.mlflow_link import learning_rates, link_mlflow_run, run_origin
 from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
 from monitor.client.schedules import Schedule, as_schedule
@@ -195,7 +196,14 @@ class Monitor:
                 probe_rows=probe_rows,
             )
         # -- end of APT probes and sweeps ----------------------------------------------------
-        start = RunStart(name=name, config=_plain_config(config or {}), mlflow_run_id=mlflow_run_id)
+        user, source_name = run_origin()
+        start = RunStart(
+            name=name,
+            config=_plain_config(config or {}),
+            mlflow_run_id=mlflow_run_id,
+            user=user,
+            source_name=source_name,
+        )
         self.run_id = transport.start_run(start)
         self._arm()
         self._atexit = _register_atexit(self)
@@ -358,6 +366,7 @@ class Monitor:
                     source="train",
                     sites=[to_wire(n, s, self.sketch_k) for n, s in stats.items()],
                     sample_indices=self._sample_indices,
+                    scalars=learning_rates(optimizer) or None,  # MLflow's lr/group<i>
                 )
             self._stats = {}
             self._sample_indices = None
@@ -711,6 +720,7 @@ def watch(
     *,
     settings: Settings | None = None,
     transport: Transport | None = None,
+    mlflow_run_id: str | None = None,
     **options: Any,
 ) -> Monitor:
     """Monitor a training job, as a context manager or as a decorator of the step function.
@@ -732,9 +742,10 @@ def watch(
     ``monitor.client.apt``): ``apt_every``
     (int k or schedule; the thesis probes every 8 steps), ``sweep_every`` (sensitivity sweeps),
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
-    (probe only the first rows of the batch; default the whole batch).
+    (probe only the first rows of the batch; default the whole batch). ``mlflow_run_id``: the
+    MLflow run to log into; default the active one when mlflow is imported, else a new run.
     """
-    settings = settings or Settings()
+    settings, mlflow_run_id = link_mlflow_run(settings or Settings(), mlflow_run_id)
     if transport is None:
         if settings.server_url:
             from monitor.client.http import HttpTransport
@@ -744,4 +755,4 @@ def watch(
             from monitor.client.embedded import EmbeddedTransport
 
             transport = EmbeddedTransport(settings)
-    return Monitor(model, optimizer, transport, **options)
+    return Monitor(model, optimizer, transport, mlflow_run_id=mlflow_run_id, **options)

@@ -154,7 +154,8 @@ def create_app(
 
             with tempfile.TemporaryDirectory(prefix="apmon-report-") as out:
                 files = render_report(store, run_id, Path(out))
-                log_report_to_mlflow(settings.mlflow_tracking_uri, mlflow_run_id, files)
+                alerts = store.alerts(run_id)  # every worker's, for the alert tags' counts
+                log_report_to_mlflow(settings.mlflow_tracking_uri, mlflow_run_id, files, alerts)
 
         mlflow_sink = AsyncMlflowSink(
             settings.mlflow_tracking_uri,

@@ -62,12 +62,12 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 
 def cmd_errors(args: argparse.Namespace) -> int:
     """Print a run's recorded failures and its quarantined batches; exit 1 when there are any."""
-    from monitor.store import open_store
+    from monitor.cli_store import open_existing_store, resolve_run, url_origin
 
-    store = open_store(_settings(args).database_url)
-    store.run(args.run_id)  # NotFound (exit 2) for an unknown run
-    errors = store.errors(args.run_id)
-    quarantined = store.quarantined_batches(args.run_id)
+    store = open_existing_store(_settings(args).database_url, url_origin(args))  # never creates
+    run_id = resolve_run(store, args.run_id).id  # a unique prefix will do; unknown: exit 2
+    errors = store.errors(run_id)
+    quarantined = store.quarantined_batches(run_id)
     for source, step, error in errors:
         last_line = (
             error.strip().splitlines()[-1] if error.strip() else ""
@@ -76,7 +76,7 @@ def cmd_errors(args: argparse.Namespace) -> int:
     for stream, seq, _ in quarantined:
         print(f"quarantined batch {stream}/{seq} (its payload is kept in ingest_batches)")
     if not errors and not quarantined:
-        print(f"run {args.run_id}: no errors", file=sys.stderr)
+        print(f"run {run_id}: no errors", file=sys.stderr)
     return 1 if errors or quarantined else 0
 
 

@@ -22,6 +22,13 @@ def metric_key(measure: MeasureValue) -> str:
     return UNSAFE.sub(":", key)
 
 
+def plugin_metric_key(plugin: str, measure: MeasureValue) -> str:
+    """As ``metric_key``, but a client's own step scalars keep their names (``lr/group0``)."""
+    if plugin == "scalars" and measure.site is None:
+        return UNSAFE.sub(":", measure.name)
+    return metric_key(measure)
+
+
 def param(key: str, value: object) -> Param:
     """An MLflow param, its key made safe and both cut to MLflow's length limits."""
     from mlflow.entities import Param  # imported here: the service loads mlflow lazily

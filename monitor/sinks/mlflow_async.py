@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from monitor.sinks.keys import MAX_BATCH, metric_key, param
+from monitor.sinks.alerts import AlertTally
+from monitor.sinks.keys import MAX_BATCH, metric_key, param, plugin_metric_key
+from monitor.sinks.tracking import experiment_id
 from monitor.store.store import PluginOutcome
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ class _RunWork:
     params: dict[str, str] = field(default_factory=dict)
     metrics: deque[tuple[str, float, int, int]] = field(default_factory=deque)
     tags: dict[str, str] = field(default_factory=dict)
+    new_run_tags: dict[str, str] = field(default_factory=dict)  # only on a run this sink makes
     terminate: bool = False
     reported: bool = False
 
@@ -70,6 +73,7 @@ class AsyncMlflowSink:
         self._lock = threading.Condition()
         self._stopping = False
         self._in_flight: _RunWork | None = None  # popped by the sink's thread, not yet sent
+        self._alerts: dict[str, AlertTally] = {}  # per run (this worker's share of its alerts)
         self.failures = 0
         self.sent_batches = 0
         self._thread = threading.Thread(target=self._loop, name="apmon-mlflow", daemon=True)
@@ -77,12 +81,22 @@ class AsyncMlflowSink:
 
     # -- producer side (request threads) -------------------------------------------------------
 
-    def open_run(self, run_id: str, name: str, params: dict[str, object]) -> None:
-        """Make sure the MLflow run exists and carries the run's config as params."""
+    def open_run(
+        self,
+        run_id: str,
+        name: str,
+        params: dict[str, object],
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Make sure the MLflow run exists and carries the run's config as params.
+
+        ``tags`` (MLflow's user and source) go only on a run this sink creates.
+        """
         with self._lock:
             work = self._work.setdefault(run_id, _RunWork())
             work.name = name
             work.params.update({k: str(v) for k, v in params.items()})
+            work.new_run_tags.update(tags or {})
             work.tags["apmon.run_id"] = run_id
             self._lock.notify()
 
@@ -91,15 +105,18 @@ class AsyncMlflowSink:
         now = int(time.time() * 1000)
         with self._lock:
             work = self._work.setdefault(run_id, _RunWork())
+            tally = self._alerts.setdefault(run_id, AlertTally())
             for step, outcome in outcomes:
-                for _, _, measure in outcome.measures:
-                    work.metrics.append((metric_key(measure), measure.value, now, step))
+                for plugin, _, measure in outcome.measures:
+                    key = plugin_metric_key(plugin, measure)
+                    work.metrics.append((key, measure.value, now, step))
                 for _, _, at_step, measure in outcome.backfill:
                     work.metrics.append((metric_key(measure), measure.value, now, at_step))
-                for _, alert in outcome.alerts:
-                    work.tags[f"apmon.alert.{alert.kind}"] = (
-                        f"step {alert.step}: {alert.message}"
-                    )[:5000]
+                for kind in tally.add(alert for _, alert in outcome.alerts):
+                    key, value = tally.tag(kind)
+                    work.tags[key] = value
+                    count = float(tally.counts[kind])
+                    work.metrics.append((tally.metric_key(kind), count, now, step))
             dropped = 0
             while len(work.metrics) > self._max_pending:
                 work.metrics.popleft()
@@ -113,6 +130,7 @@ class AsyncMlflowSink:
     def finish_run(self, run_id: str) -> None:
         """End the MLflow run once everything queued for it is sent (if this service made it)."""
         with self._lock:
+            self._alerts.pop(run_id, None)
             self._work.setdefault(run_id, _RunWork()).terminate = True
             self._lock.notify()
 
@@ -182,6 +200,7 @@ class AsyncMlflowSink:
                 work.metrics.extend(newer.metrics)
                 work.params.update(newer.params)
                 work.tags.update(newer.tags)
+                work.new_run_tags.update(newer.new_run_tags)
                 work.terminate = work.terminate or newer.terminate
                 work.reported = work.reported or newer.reported
                 work.name = newer.name or work.name
@@ -197,16 +216,16 @@ class AsyncMlflowSink:
             self._client = MlflowClient(tracking_uri=self._uri)
         return self._client
 
-    def _mlflow_id(self, run_id: str, name: str) -> str:
+    def _mlflow_id(self, run_id: str, name: str, tags: dict[str, str]) -> str:
         known = self._ids.get(run_id) or self._resolve(run_id)
         if known:
             self._ids[run_id] = known
             return known
         client = self._client_()
-        found = client.get_experiment_by_name(self._experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(self._experiment)
         created = client.create_run(
-            experiment_id, run_name=name or None, tags={CREATED_TAG: "1", "apmon.run_id": run_id}
+            experiment_id(client, self._experiment),
+            run_name=name or None,
+            tags={**tags, CREATED_TAG: "1", "apmon.run_id": run_id},
         ).info.run_id
         holder = self._claim(run_id, created)
         if holder != created:  # another worker created it first
@@ -219,7 +238,7 @@ class AsyncMlflowSink:
         from mlflow.entities import Metric, RunTag
 
         client = self._client_()
-        mlflow_id = self._mlflow_id(run_id, work.name)
+        mlflow_id = self._mlflow_id(run_id, work.name, work.new_run_tags)
         if work.params:
             params = [param(k, v) for k, v in sorted(work.params.items())]
             for start in range(0, len(params), 100):

@@ -1,6 +1,7 @@
-"""MLflow sink: measures as metrics (batched ``log_batch``), alerts as run tags.
+"""MLflow sink: measures as metrics (batched ``log_batch``), alerts as run tags and counts.
 
-Metric keys stay few and readable: ``ap/<measure>/<site>`` per site, ``ap/<measure>`` run-level.
+Metric keys stay few and readable: ``ap/<measure>/<site>`` per site, ``ap/<measure>`` run-level,
+a client's own step scalars under their own names (``lr/group0``), ``alerts/<kind>`` counts.
 Heavy per-site arrays (histograms, per-unit rates) stay in SQL only.
 """
 
@@ -12,7 +13,9 @@ import time
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from monitor.sinks.keys import MAX_BATCH, metric_key, param
+from monitor.sinks.alerts import AlertTally
+from monitor.sinks.keys import MAX_BATCH, metric_key, param, plugin_metric_key
+from monitor.sinks.tracking import experiment_id
 from monitor.store.store import PluginOutcome
 
 __all__ = ["MAX_BATCH", "MlflowSink", "metric_key", "param"]
@@ -32,14 +35,13 @@ class MlflowSink:
         flush_every: int = MAX_BATCH,
         keys: str = "all",
         min_interval_seconds: float = 0.0,
+        tags: dict[str, str] | None = None,
     ) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         if mlflow_run_id is None:
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = (
-                found.experiment_id if found else self.client.create_experiment(experiment)
+            run = self.client.create_run(
+                experiment_id(self.client, experiment), run_name=run_name or None, tags=tags
             )
-            run = self.client.create_run(experiment_id, run_name=run_name or None)
             mlflow_run_id = run.info.run_id
             self._owns_run = True
         else:
@@ -55,6 +57,7 @@ class MlflowSink:
         self._min_interval = min_interval_seconds
         self._last_logged: dict[str, float] = {}
         self._held: dict[str, Metric] = {}  # each key's newest point not logged yet
+        self.alerts = AlertTally()
 
     def log_params(self, params: dict[str, object]) -> None:
         """Log run configuration as MLflow params."""
@@ -66,19 +69,22 @@ class MlflowSink:
         """Result listener: buffer the outcome's measures, tag its alerts."""
         now = int(time.time() * 1000)
         clock = time.monotonic()
-        for _, _, measure in outcome.measures:
+        for plugin, _, measure in outcome.measures:
             if self._all_sites or measure.site is None:
-                key = metric_key(measure)
+                key = plugin_metric_key(plugin, measure)
                 self._add(Metric(key, measure.value, now, step), clock)
         for _, _, at_step, measure in outcome.backfill:
             if self._all_sites or measure.site is None:
                 self._buffer.append(Metric(metric_key(measure), measure.value, now, at_step))
-        tags = [
-            RunTag(f"apmon.alert.{alert.kind}", f"step {alert.step}: {alert.message}"[:5000])
-            for _, alert in outcome.alerts
-        ]
-        if tags:
-            self.client.log_batch(self.run_id, tags=tags)
+        if outcome.alerts:
+            kinds = self.alerts.add(alert for _, alert in outcome.alerts)
+            # Tags go out at once (alerts are rare, and a run page should show them live).
+            self.client.log_batch(
+                self.run_id, tags=[RunTag(*self.alerts.tag(kind)) for kind in sorted(kinds)]
+            )
+            for kind in kinds:
+                count = float(self.alerts.counts[kind])
+                self._buffer.append(Metric(self.alerts.metric_key(kind), count, now, step))
         if len(self._buffer) >= self._flush_every:
             self.flush()
 

@@ -173,7 +173,10 @@ def test_mlflow_away_then_back_gets_every_metric_once_in_batches(
     assert mirrored.info.status == "FINISHED"
     assert mirrored.data.params["apmon.lr"] == "0.1"
     assert mirrored.data.tags["apmon.run_id"] == run["id"]
-    assert mirrored.data.tags["apmon.alert.test_alarm"].startswith("step 80:")  # the newest alert
+    tag = mirrored.data.tags["apmon.alert.test_alarm"]  # "<count> (latest step <s>: ...)"
+    alarms = [a for a in services.store.alerts(run["id"]) if a.kind == "test_alarm"]
+    assert tag.startswith(f"{len(alarms)} (latest step 80:")
+    assert mirrored.data.metrics.pop("alerts/test_alarm") == len(alarms)  # the count, charted
     stored = services.store.measures(run["id"])
     keys = set(mirrored.data.metrics)
     expected_keys = {

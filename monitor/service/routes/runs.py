@@ -11,6 +11,7 @@ from monitor.schema import RunStart
 from monitor.service.api import FinishIn, FinishOut, RunOut, SitesOut
 from monitor.service.auth import Project, project_run
 from monitor.service.state import Services, services
+from monitor.sinks.tracking import standard_tags
 from monitor.store import NotFound, StoreError
 from monitor.store.entities import RunInfo
 
@@ -46,7 +47,8 @@ def _create(svc: Services, project: str, start: RunStart, run_id: str) -> RunInf
     svc.store.create_run(project, start, run_id=run_id)
     run = svc.store.run(run_id)
     if svc.mlflow is not None:
-        svc.mlflow.open_run(run_id, start.name, {f"apmon.{k}": v for k, v in start.config.items()})
+        params: dict[str, object] = {f"apmon.{k}": v for k, v in start.config.items()}
+        svc.mlflow.open_run(run_id, start.name, params, standard_tags(start))
     return run
 
 
