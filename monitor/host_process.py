@@ -244,6 +244,8 @@ class RunHost:
             if self._mlflow_thread is not None:
                 self._mlflow_thread.join()  # a short run ends before MLflow is there
             self._mirror(None, final_step, outcome)
+            if self.mlflow is not None:
+                self.mlflow.flush()  # every metric is in MLflow when the job's close() returns
         except Exception:
             self.failures += 1
             logger.exception("apmon end-of-run processing failed")

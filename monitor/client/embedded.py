@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe to the host (Linux; best effort)
 # Marks a host that is behind must clear per training step (see ``wait_for_mark``).
 CATCH_UP = 2
+# Longest ``finish`` waits for the host to store the rest of the run (a local process that is
+# working, not a service that may be away: the HTTP transport's finish_timeout_seconds is not it).
+FINISH_SECONDS = 600.0
 
 
 class EmbeddedTransport:
@@ -176,8 +179,9 @@ class EmbeddedTransport:
     def finish(self, final_step: int) -> None:
         """Hand over everything, let the host run end-of-run work, collect the last alerts.
 
-        Waits up to ``settings.finish_timeout_seconds`` for the host; past that the host goes on
-        on its own (it finishes the run and exits) and this returns.
+        Waits while the host works, up to ``FINISH_SECONDS`` (it stores what it still buffers
+        and runs the end-of-run plugins); past that the host goes on on its own (it finishes
+        the run and exits) and this returns. The report is attached after this returns.
         """
         if self._process is None or self._done:
             return
@@ -188,7 +192,7 @@ class EmbeddedTransport:
             "late_marks": float(self.late_marks),
         }
         self._send(("finish", final_step, costs))
-        deadline = time.monotonic() + self.settings.finish_timeout_seconds
+        deadline = time.monotonic() + FINISH_SECONDS
         finished = False
         while not self._dead and time.monotonic() < deadline:
             writable = [self._to_host] if self._unsent else []
@@ -201,7 +205,7 @@ class EmbeddedTransport:
             logger.warning(
                 "apmon's host is still storing the run after %.0f s; it finishes in the "
                 "background (run %s)",
-                self.settings.finish_timeout_seconds,
+                FINISH_SECONDS,
                 self.run_id,
             )
         self._close_pipes()

@@ -151,7 +151,6 @@ class Monitor:
         self._checked_capture = False
         self._forward_module: nn.Module | None = None  # a submodule training calls directly
         self._entered: nn.Module | None = None
-        self.step_lr: float | None = None  # learning rate of the last step (first group)
         # -- fixed probe set (probeset.py) and data-parallel merging (distributed.py) ---------
         self.probe_set: ProbeSet | None = None if probe_set is None else as_probe_set(probe_set)
         self.probe_schedule = as_schedule(probe_every)
@@ -297,10 +296,6 @@ class Monitor:
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> Any:
         self._in_optimizer_step = True
         self._closure_calls = 0
-        try:
-            self.step_lr = float(optimizer.param_groups[0]["lr"])
-        except Exception:
-            self.step_lr = None
         if self.prober is not None:
             try:
                 self.prober.before_step(self.step, optimizer)

@@ -69,8 +69,6 @@ class TrainerSteps:
         loss = None
         if losses:
             loss = sum(losses) if reduce == "sum" else sum(losses) / len(losses)
-        if monitor.step_lr is not None and monitor.step_lr > 0:
-            monitor.record_scalars({"lr": monitor.step_lr})
         monitor.end_step(loss)
         return monitor.should_stop
 
