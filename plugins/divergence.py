@@ -6,11 +6,16 @@ import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 from monitor.measures import Event, PluginResult, RunContext
 from monitor.schema import AlertValue, FitValue, ProbeRecord, StepSummary
 from plugins._robust import median_mad, push
+
+HEAT_CLIP = 0.01  # D is clipped to [0.01, 0.99] before Phi^-1: a few rows are not a certainty
+HEAT_HISTORY = 64  # APT probes kept for the "heat" rule
+HEAT_CALM = 1.5  # probes at no more than this multiple of the median rate form the reference
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ class DivergenceSettings:
     climb_floor: float = 0.6
     smooth: int = 5
     climb_from: int = 10
+    heat_rate: float = 4.0
+    heat_rise: float = 0.5
+    heat_probes: int = 3
+    heat_window: int = 100
+    heat_reference: int = 5
 
 
 class DivergenceDetector:
@@ -105,7 +115,12 @@ class DivergenceDetector:
             bad = [s.site for s in event.sites if s.nonfinite_rows > 0]
             if bad:
                 return self._hard(event.step, "non-finite activations", {"sites": bad})
-            if event.source == "train" and event.loss is not None:
+            if event.source != "train":
+                return PluginResult()
+            rate = (event.scalars or {}).get("lr/group0")
+            if rate is not None and rate > 0 and event.step >= self.settings.start:
+                state["rates"] = push(state.get("rates", []), rate, self.settings.heat_window)
+            if event.loss is not None:
                 return self._climb(event.step, event.loss, state)
             return PluginResult()
         if not isinstance(event, ProbeRecord):
@@ -124,7 +139,8 @@ class DivergenceDetector:
                     "D = 1 on every site (all probe rows changed)",
                     {"lr": event.lr, "probes": run},
                 )
-            return self._hot(event, state)
+            hot = self._hot(event, state)
+            return hot if hot.alerts else self._heat(event, state)
         fit_result = upstream.get("transition_fit")
         if fit_result is None:
             return PluginResult()
@@ -146,6 +162,42 @@ class DivergenceDetector:
             f"the APT change fraction D = {mean_d:.3g} (mean over sites) stayed >= {s.hot_d} "
             f"for {run} probes",
             {"signal": "apt_hot", "D": mean_d, "threshold": s.hot_d, "lr": event.lr},
+        )
+
+    def _heat(self, event: ProbeRecord, state: dict[str, Any]) -> PluginResult:
+        """The "heat" rule on one APT probe (see ``DivergenceSettings``)."""
+        s = self.settings
+        changes = [x.changed[0] / x.rows for x in event.sites if x.rows and x.changed]
+        if event.step < s.start or not changes:
+            return PluginResult()
+        d = min(max(sum(changes) / len(changes), HEAT_CLIP), 1 - HEAT_CLIP)
+        z = NormalDist().inv_cdf(d)
+        probes: list[list[float]] = state.get("probes", [])
+        probes = [*probes, [float(event.step), event.lr, z]][-HEAT_HISTORY:]
+        state["probes"] = probes
+        rates = state.get("rates") or [p[1] for p in probes]
+        reference_rate = statistics.median(rates)
+        calm = [p[2] for p in probes[: -s.heat_probes] if p[1] <= HEAT_CALM * reference_rate]
+        recent = [p[2] for p in probes[-s.heat_probes :]]
+        if len(calm) < s.heat_reference or len(recent) < s.heat_probes:
+            return PluginResult()
+        reference, now = statistics.median(calm), statistics.median(recent)
+        ratio = event.lr / reference_rate
+        if ratio < s.heat_rate or now - reference < s.heat_rise or state.get("heated"):
+            return PluginResult()
+        state["heated"] = True
+        return self._warning(
+            event.step,
+            f"the learning rate rose to {ratio:.3g}x its recent median and the APT temperature "
+            f"followed: z = Phi^-1(D) {now:.3g} against {reference:.3g} at the run's calm rates",
+            {
+                "signal": "apt_heat",
+                "z": now,
+                "reference_z": reference,
+                "D": d,
+                "lr_ratio": ratio,
+                "threshold": s.heat_rise,
+            },
         )
 
     def _climb(self, step: int, loss: float, state: dict[str, Any]) -> PluginResult:

@@ -111,8 +111,12 @@ def diverged_at(losses: list[float], classes: int, bad: Iterable[int] = ()) -> i
     return None
 
 
-def train(spec: RunSpec, record: bool = False) -> Result:
-    """Train ``spec`` under ``watch()`` at its defaults (MLflow off, a temporary SQLite store)."""
+def train(spec: RunSpec, record: bool = False, options: dict[str, Any] | None = None) -> Result:
+    """Train ``spec`` under ``watch()`` at its defaults (MLflow off, a temporary SQLite store).
+
+    ``options`` are passed on to ``watch()`` (e.g. ``apt_every=1, sweep_every=5`` for a dense
+    recording to study offline); the scored runs pass none.
+    """
     torch.set_num_threads(1)
     torch.manual_seed(spec.seed)
     data = load_data(spec.data, spec.seed)
@@ -139,7 +143,9 @@ def train(spec: RunSpec, record: bool = False) -> Result:
                 Received(alert.kind, alert.step, now["step"], signal_of(alert), alert.message)
             )
 
-        mon = monitor.watch(model, opt, settings=settings, on_alert=on_alert, transport=tee)
+        mon = monitor.watch(
+            model, opt, settings=settings, on_alert=on_alert, transport=tee, **(options or {})
+        )
 
         @mon
         def step(xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor) -> float:

@@ -38,18 +38,28 @@ from score import score_all
 DETECTORS = ["apt", "transition_fit", "divergence", "strikes"]
 
 
-def _train(job: tuple[RunSpec, bool]) -> Result:
-    spec, record = job
+def _train(job: tuple[RunSpec, bool, dict[str, Any]]) -> Result:
+    spec, record, options = job
     os.nice(10)
     logging.disable(logging.WARNING)
-    return train(spec, record)
+    return train(spec, record, options)
 
 
-def run_specs(specs: list[RunSpec], jobs: int, record: Path | None, log: Any) -> list[Result]:
-    """Train every spec, ``jobs`` at a time; keep each result (with its events) under ``record``."""
+def run_specs(
+    specs: list[RunSpec],
+    jobs: int,
+    record: Path | None,
+    log: Any,
+    options: dict[str, Any] | None = None,
+) -> list[Result]:
+    """Train every spec, ``jobs`` at a time; keep each result (with its events) under ``record``.
+
+    ``options`` go to ``watch()``: for dense recordings only, the scored runs use none.
+    """
     results = []
+    jobs_list = [(s, record is not None, options or {}) for s in specs]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        for result in pool.map(_train, [(s, record is not None) for s in specs]):
+        for result in pool.map(_train, jobs_list):
             log(line(result))
             if record is not None:
                 record.mkdir(parents=True, exist_ok=True)
@@ -141,7 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--match", default="", help="only runs whose key contains this")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--apt-every", type=int, help="recording only: APT probe every k steps")
+    parser.add_argument("--sweep-every", type=int, help="recording only: a sweep every k steps")
+    parser.add_argument("--probe-rows", type=int, help="recording only: rows per probe")
     args = parser.parse_args(argv)
+    options = {
+        name: value
+        for name, value in (
+            ("apt_every", args.apt_every),
+            ("sweep_every", args.sweep_every),
+            ("probe_rows", args.probe_rows),
+        )
+        if value is not None
+    }
     log = print if args.verbose else (lambda _: None)
     started = time.perf_counter()
     if args.replay is not None:
@@ -150,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         halves = ["tune", "held"] if args.half == "both" else [args.half]
         specs = quick_suite() if args.quick else [s for h in halves for s in suite(h)]
         specs = [s for s in specs if args.match in s.key]
-        results = run_specs(specs, args.jobs, args.record, log)
+        results = run_specs(specs, args.jobs, args.record, log, options)
     by_half: dict[str, list[Result]] = {}
     for result in results:
         by_half.setdefault(result.spec.half, []).append(result)

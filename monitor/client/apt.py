@@ -37,6 +37,63 @@ THESIS_SWEEP_ETAS = log_grid(1e-4, 1e2, 50)
 DEFAULT_SWEEP_ETAS = log_grid(1e-4, 1e2, 16)
 # Thesis Appendix A.4, Table A.1: probing_step_size = 8.
 DEFAULT_APT_EVERY = 8
+# ``watch()``'s default APT schedule (``RateTriggered``): a probe when the learning rate rose by
+# more than 20% since the last probe, else one every 25 steps (costs: benchmarks/scenarios/
+# probe_cost.py and the README there).
+DEFAULT_PROBE_BASELINE = 25
+DEFAULT_PROBE_RISE = 0.2
+
+
+class RateTriggered:
+    """A cost-budgeted APT schedule: probe when the learning rate rose, else at a slow cadence.
+
+    Step s is probed when the learning rate of the last step seen (``observe``) is more than
+    ``1 + rise`` times that of the last probe, or ``every`` steps have passed since the last
+    probe (the first probe: step ``start``). A rising rate is where the transition position
+    z = (ln eta - mu) / sigma moves (thesis Sec. 3.2.4), so probes come densely while the rate
+    climbs (every 3-5 steps of a 4-8% per step ramp) and rarely while it holds or falls. Each
+    step's answer is fixed the first time it is asked, so that every part of the client agrees
+    on it; it is a plain ``step -> bool`` callable otherwise (STYLE.md 5), fed by the prober.
+    """
+
+    def __init__(
+        self,
+        every: int = DEFAULT_PROBE_BASELINE,
+        rise: float = DEFAULT_PROBE_RISE,
+        start: int = 0,
+    ) -> None:
+        if every < 1 or not rise > 0:
+            raise ValueError(f"need every >= 1 and rise > 0, got {every}, {rise}")
+        self.every = every
+        self.rise = rise
+        self.start = start
+        self._lr: float | None = None  # the rate of the last step seen
+        self._probed_lr: float | None = None
+        self._probed_step: int | None = None
+        self._decided: tuple[int, bool] | None = None
+
+    def __call__(self, step: int) -> bool:
+        if self._decided is not None and self._decided[0] == step:
+            return self._decided[1]
+        due = step >= self.start and (
+            self._probed_step is None
+            or step - self._probed_step >= self.every
+            or (
+                self._lr is not None
+                and self._probed_lr is not None
+                and self._lr > (1 + self.rise) * self._probed_lr
+            )
+        )
+        self._decided = (step, due)
+        return due
+
+    def observe(self, step: int, lr: float) -> None:
+        """The learning rate that step ``step`` used (read before its optimizer step)."""
+        self._lr = lr
+
+    def probed(self, step: int, lr: float) -> None:
+        """A probe ran at ``step`` with rate ``lr``: the reference for the next rise."""
+        self._probed_step, self._probed_lr = step, lr
 
 
 def apt_temperature(d: float) -> float:
@@ -403,6 +460,10 @@ class AptProber:
         batch, training = self._batch, self._training
         self._training = None
         self._lr = _reference_lr(optimizer)
+        for schedule in (self.apt, self.sweep):
+            observe = getattr(schedule, "observe", None)
+            if observe is not None:  # a schedule that follows the rate (``RateTriggered``)
+                observe(step, self._lr)
         if not self.scheduled(step) or self._lr <= 0:
             self._batch = None
             return
@@ -447,6 +508,9 @@ class AptProber:
                     nonfinite=before.nonfinite or after.nonfinite,
                 )
             )
+            probed = getattr(self.apt, "probed", None)
+            if probed is not None:
+                probed(step, self._lr)
         if saved:
             # Counted forward by forward, so one trial's masks are alive at a time.
             changes = [

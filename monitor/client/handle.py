@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber
+from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber, RateTriggered
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
@@ -93,7 +93,7 @@ class Monitor:
         name: str = "",
         on_alert: AlertCallback | str | None = None,
         config: dict[str, Any] | None = None,
-        apt_every: int | Schedule | None = None,
+        apt_every: int | Schedule | str | None = "rate",
         sweep_every: int | Schedule | None = None,
         sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
         probe_rows: int | None = None,
@@ -184,6 +184,12 @@ class Monitor:
         # -- APT probes and sweeps (apt.py): hooks exist only when some probe is scheduled ----
         self.prober: AptProber | None = None
         self._probe_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        if apt_every == "rate":  # the default: a probe when the rate rose, else every 25 steps
+            apt_every = RateTriggered()
+        if isinstance(apt_every, str):
+            raise ValueError(
+                f'apt_every must be an int, a schedule, None or "rate", got {apt_every!r}'
+            )
         if apt_every is not None or sweep_every is not None:
             self.prober = AptProber(
                 model,
@@ -735,7 +741,9 @@ def watch(
     evaluations ``apd_every`` selects, see ``monitor.client.diagram``); ``merge_ranks`` (merge
     data-parallel ranks' statistics exactly, rank 0 ships; ``process_group``); APT probes (see
     ``monitor.client.apt``): ``apt_every``
-    (int k or schedule; the thesis probes every 8 steps), ``sweep_every`` (sensitivity sweeps),
+    (int k or schedule; the thesis probes every 8 steps; default ``"rate"``: a probe when the
+    learning rate rose by more than 20% since the last one, else every 25 steps, ``RateTriggered``;
+    None: no probes), ``sweep_every`` (sensitivity sweeps),
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
     (probe only the first rows of the batch; default the whole batch). ``mlflow_run_id``: the
     MLflow run to log into; default the active one when mlflow is imported, else a new run.

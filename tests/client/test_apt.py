@@ -295,7 +295,7 @@ def test_no_probe_hooks_without_probes() -> None:
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     hooks = len(model._forward_pre_hooks)
-    monitor = Monitor(model, optimizer, ListTransport(), every=1)
+    monitor = Monitor(model, optimizer, ListTransport(), every=1, apt_every=None)
     assert monitor.prober is None
     assert len(model._forward_pre_hooks) == hooks + 1  # the tracker's root hook only
     monitor.close()

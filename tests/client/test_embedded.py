@@ -195,7 +195,7 @@ def test_a_host_that_stops_reading_costs_bounded_memory_and_is_reported(tmp_path
         alert_wait_seconds=0.2,
         embedded_buffer_bytes=64 * 1024,
     )
-    mon = watch(model, opt, settings=settings)
+    mon = watch(model, opt, settings=settings, apt_every=None)  # summaries only: counts below
     _wait_until_started(mon)
     transport = mon.transport
     pid = transport._process.pid  # type: ignore[attr-defined]

@@ -97,7 +97,13 @@ def measured_d(seed: int) -> list[float]:
     optimizer = GaussianStep(model.parameters(), lr=0.01, sigma=RATIO * SIGMA_W, generator=g)
     probes = Probes()
     with Monitor(
-        model, optimizer, probes, every=1000, sweep_every=lambda s: s == 0, sweep_etas=ETAS
+        model,
+        optimizer,
+        probes,
+        every=1000,
+        apt_every=None,
+        sweep_every=lambda s: s == 0,
+        sweep_etas=ETAS,
     ):
         model(torch.randn(ROWS, D_IN, generator=g))
         optimizer.step()

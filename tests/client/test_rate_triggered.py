@@ -1,0 +1,87 @@
+"""The default APT schedule ``RateTriggered``: against its definition, alone and under ``watch()``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from memory_transport import ListTransport
+from torch import nn
+
+from monitor.client.apt import RateTriggered
+from monitor.client.handle import Monitor
+
+
+def reference(rates: list[float], every: int, rise: float) -> list[int]:
+    """Brute force: step s is probed when s - last probe >= every, or the rate of step s - 1
+    exceeds (1 + rise) x the rate of the last probe (the first probe: step 0)."""
+    probed: list[int] = []
+    for s in range(len(rates)):
+        if not probed:
+            probed.append(s)
+            continue
+        last = probed[-1]
+        if s - last >= every or rates[s - 1] > (1 + rise) * rates[last]:
+            probed.append(s)
+    return probed
+
+
+def drive(rates: list[float], schedule: RateTriggered) -> list[int]:
+    """The order the client asks in: the step's answer, its rate, then the probe if due."""
+    chosen = []
+    for step, rate in enumerate(rates):
+        due = schedule(step)
+        assert schedule(step) == due  # fixed once asked
+        schedule.observe(step, rate)
+        assert schedule(step) == due  # a rate seen later does not change it
+        if due:
+            chosen.append(step)
+            schedule.probed(step, rate)
+    return chosen
+
+
+@pytest.mark.parametrize(
+    "rates",
+    [
+        [0.1] * 120,  # constant: the baseline cadence only
+        [0.1] * 30 + [0.1 * 1.05 ** (s - 30) for s in range(30, 120)],  # a 5% per step ramp
+        [0.1] * 40 + [1.0] * 80,  # a jump
+        [0.1 * (1 + s) / 40 for s in range(40)] + [0.1 * 0.99**s for s in range(80)],  # warm-up
+    ],
+)
+def test_probes_where_the_rate_rose_and_at_the_baseline_cadence(rates: list[float]) -> None:
+    assert drive(rates, RateTriggered(every=25, rise=0.2)) == reference(rates, 25, 0.2)
+
+
+def test_cadence_and_ramp_in_numbers() -> None:
+    assert drive([0.1] * 80, RateTriggered(every=25, rise=0.2)) == [0, 25, 50, 75]
+    ramp = [0.1] * 30 + [0.1 * 1.05 ** (s - 30) for s in range(30, 60)]
+    # 1.05^3 = 1.158 <= 1.2 < 1.05^4 = 1.216, judged on the previous step's rate: step 35 (rate
+    # of step 34 = 1.05^4 x that of 25), then every fifth step
+    assert drive(ramp, RateTriggered(every=25, rise=0.2)) == [0, 25, 35, 40, 45, 50, 55]
+    with pytest.raises(ValueError):
+        RateTriggered(every=0)
+    with pytest.raises(ValueError):
+        RateTriggered(rise=0.0)
+
+
+def test_watch_probes_by_default_when_the_rate_rises() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    transport = ListTransport()
+    rates = [0.01] * 40 + [0.1] * 30
+    with Monitor(model, optimizer, transport) as monitor:
+        assert isinstance(monitor.prober.apt if monitor.prober else None, RateTriggered)
+        for rate in rates:
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            optimizer.zero_grad()
+            model(torch.randn(16, 4)).square().mean().backward()
+            optimizer.step()
+    probes = transport.probes_of("apt")
+    assert [p.step for p in probes] == reference(rates, 25, 0.2) == [0, 25, 41, 66]
+    assert [p.lr for p in probes] == [rates[p.step] for p in probes]
+    assert not transport.probes_of("sweep")
+    off = ListTransport()
+    with Monitor(model, optimizer, off, apt_every=None) as monitor:
+        assert monitor.prober is None
