@@ -58,11 +58,11 @@ class DivergenceSettings:
     climb_floor: float = 0.6
     smooth: int = 5
     climb_from: int = 10
-    heat_rate: float = 4.0
+    heat_rate: float = 3.0
     heat_rise: float = 0.5
-    heat_probes: int = 3
+    heat_probes: int = 2
     heat_window: int = 100
-    heat_reference: int = 5
+    heat_reference: int = 3
 
 
 class DivergenceDetector:

@@ -110,10 +110,11 @@ def main() -> None:
         print(total.row())
         return
     grid = {
-        "heat_rate": [2.5, 3.0, 4.0, 5.0],
+        "heat_rate": [2.0, 3.0, 4.0, 5.0],
         "heat_rise": [0.3, 0.5, 0.7, 1.0],
-        "heat_probes": [2, 3],
-        "heat_reference": [2, 3, 5],
+        "heat_reference": [2, 3],
+        "hot_d": [0.8, 1.1],  # 1.1: the "hot" rule off
+        "climb_for": [5, 8],
     }
     rows = []
     for values in itertools.product(*grid.values()):

@@ -38,10 +38,10 @@ DEFAULT_SWEEP_ETAS = log_grid(1e-4, 1e2, 16)
 # Thesis Appendix A.4, Table A.1: probing_step_size = 8.
 DEFAULT_APT_EVERY = 8
 # ``watch()``'s default APT schedule (``RateTriggered``): a probe when the learning rate rose by
-# more than 20% since the last probe, else one every 25 steps (costs: benchmarks/scenarios/
+# more than 10% since the last probe, else one every 25 steps (costs: benchmarks/scenarios/
 # probe_cost.py and the README there).
 DEFAULT_PROBE_BASELINE = 25
-DEFAULT_PROBE_RISE = 0.2
+DEFAULT_PROBE_RISE = 0.1
 
 
 class RateTriggered:
@@ -51,7 +51,7 @@ class RateTriggered:
     ``1 + rise`` times that of the last probe, or ``every`` steps have passed since the last
     probe (the first probe: step ``start``). A rising rate is where the transition position
     z = (ln eta - mu) / sigma moves (thesis Sec. 3.2.4), so probes come densely while the rate
-    climbs (every 3-5 steps of a 4-8% per step ramp) and rarely while it holds or falls. Each
+    climbs (every 2-3 steps of a 4-8% per step ramp) and rarely while it holds or falls. Each
     step's answer is fixed the first time it is asked, so that every part of the client agrees
     on it; it is a plain ``step -> bool`` callable otherwise (STYLE.md 5), fed by the prober.
     """

@@ -184,7 +184,7 @@ class Monitor:
         # -- APT probes and sweeps (apt.py): hooks exist only when some probe is scheduled ----
         self.prober: AptProber | None = None
         self._probe_hooks: list[torch.utils.hooks.RemovableHandle] = []
-        if apt_every == "rate":  # the default: a probe when the rate rose, else every 25 steps
+        if apt_every == "rate":  # the default: a probe when the rate rose 10%, else every 25 steps
             apt_every = RateTriggered()
         if isinstance(apt_every, str):
             raise ValueError(
@@ -742,7 +742,7 @@ def watch(
     data-parallel ranks' statistics exactly, rank 0 ships; ``process_group``); APT probes (see
     ``monitor.client.apt``): ``apt_every``
     (int k or schedule; the thesis probes every 8 steps; default ``"rate"``: a probe when the
-    learning rate rose by more than 20% since the last one, else every 25 steps, ``RateTriggered``;
+    learning rate rose by more than 10% since the last one, else every 25 steps, ``RateTriggered``;
     None: no probes), ``sweep_every`` (sensitivity sweeps),
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
     (probe only the first rows of the batch; default the whole batch). ``mlflow_run_id``: the

@@ -79,7 +79,7 @@ def test_watch_probes_by_default_when_the_rate_rises() -> None:
             model(torch.randn(16, 4)).square().mean().backward()
             optimizer.step()
     probes = transport.probes_of("apt")
-    assert [p.step for p in probes] == reference(rates, 25, 0.2) == [0, 25, 41, 66]
+    assert [p.step for p in probes] == reference(rates, 25, 0.1) == [0, 25, 41, 66]
     assert [p.lr for p in probes] == [rates[p.step] for p in probes]
     assert not transport.probes_of("sweep")
     off = ListTransport()
