@@ -139,8 +139,9 @@ class DivergenceDetector:
                     "D = 1 on every site (all probe rows changed)",
                     {"lr": event.lr, "probes": run},
                 )
-            hot = self._hot(event, state)
-            return hot if hot.alerts else self._heat(event, state)
+            return PluginResult(
+                alerts=self._hot(event, state).alerts + self._heat(event, state).alerts
+            )
         fit_result = upstream.get("transition_fit")
         if fit_result is None:
             return PluginResult()

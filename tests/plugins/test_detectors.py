@@ -167,6 +167,97 @@ def test_isolated_bad_batches_and_small_loss_rises_do_not_climb() -> None:
     assert climb_alerts(losses_then([None] * 10)) == []  # type: ignore[list-item]
 
 
+# -- divergence at watch()'s defaults: the "heat" rule (APT temperature while the rate rose) ------
+
+
+def rated(step: int, lr: float) -> StepSummary:
+    return StepSummary(step=step, source="train", sites=[], scalars={"lr/group0": lr})
+
+
+def apt_at(step: int, lr: float, d: float, rows: int = 100) -> ProbeRecord:
+    sites = [SiteProbe(site=s, rows=rows, etas=[lr], changed=[round(d * rows)]) for s in "abc"]
+    return ProbeRecord(step=step, kind="apt", lr=lr, sites=sites)
+
+
+def heat_alerts(rates: list[float], probes: dict[int, float]) -> list[AlertValue]:
+    """Summaries with the rate of every step, APT probes (step -> D on every site) in between,
+    in the order the client sends them (a step's summary goes out at the next step)."""
+    detector, state = DivergenceDetector(), {}
+    alerts = []
+    for step, lr in enumerate(rates):
+        if step > 0:
+            alerts += detector.process(rated(step - 1, rates[step - 1]), CTX, state, {}).alerts
+        if step in probes:
+            alerts += detector.process(apt_at(step, lr, probes[step]), CTX, state, {}).alerts
+    return [a for a in alerts if a.evidence and a.evidence.get("signal") == "apt_heat"]
+
+
+def brute_heat(rates: list[float], probes: dict[int, float]) -> int | None:
+    """The rule by hand: at a probe after step 20, the rate over the median of the rates of the
+    last 100 steps from step 20 (summaries seen so far: steps before the probe's), the median
+    z = Phi^-1(D) of the last two probes against that of the earlier probes after step 20 at no
+    more than 1.5x that median (at least three)."""
+    normal = statistics.NormalDist()
+    seen: list[tuple[int, float, float]] = []
+    for step in sorted(probes):
+        if step < 20:
+            continue
+        seen.append((step, rates[step], normal.inv_cdf(min(max(probes[step], 0.01), 0.99))))
+        # (none yet at step 20: the probes' own rates)
+        history = [rates[s] for s in range(20, step)][-100:] or [lr for _, lr, _ in seen]
+        median = statistics.median(history)
+        calm = [z for _, lr, z in seen[:-2] if lr <= 1.5 * median]
+        if len(calm) < 3 or len(seen) < 2:
+            continue
+        now = statistics.median(z for _, _, z in seen[-2:])
+        if rates[step] >= 3 * median and now - statistics.median(calm) >= 0.5:
+            return step
+    return None
+
+
+def test_heat_alerts_when_the_rate_ramps_and_the_patterns_follow() -> None:
+    rates = [0.1] * 60 + [0.1 * 1.08 ** (s - 60) for s in range(60, 120)]
+    # D 0.2 at the calm rate (z = -0.84), rising with the rate as Phi(z0 + ln(rate / 0.1))
+    d = {
+        s: statistics.NormalDist().cdf(-0.84 + math.log(rates[s] / 0.1)) for s in rates_steps(rates)
+    }
+    alerts = heat_alerts(rates, d)
+    assert [a.step for a in alerts] == [brute_heat(rates, d)]
+    (alert,) = alerts
+    assert alert.severity == "warning" and alert.evidence["lr_ratio"] >= 3
+    assert alert.evidence["z"] - alert.evidence["reference_z"] >= 0.5
+
+
+def rates_steps(rates: list[float]) -> list[int]:
+    """Probe steps: every 10 steps, and every step after step 60."""
+    return [s for s in range(len(rates)) if s % 10 == 0 or s > 60]
+
+
+def test_heat_needs_both_the_rate_and_the_temperature() -> None:
+    ramp = [0.1] * 60 + [0.1 * 1.08 ** (s - 60) for s in range(60, 120)]
+    cold = {s: 0.2 for s in rates_steps(ramp)}  # the rate climbs, the patterns do not move
+    assert heat_alerts(ramp, cold) == [] and brute_heat(ramp, cold) is None
+    flat = [0.1] * 120
+    hot = {s: 0.2 if s < 60 else 0.95 for s in rates_steps(flat)}  # hot patterns, steady rate
+    assert heat_alerts(flat, hot) == [] and brute_heat(flat, hot) is None
+    # a one-cycle-like rise to 2x: hot patterns, but the rate never reaches 3x its median
+    cycle = [0.1 * (1 + min(s, 90) / 90) for s in range(120)]
+    warm = {s: 0.2 if s < 40 else 0.9 for s in rates_steps(cycle)}
+    assert heat_alerts(cycle, warm) == [] and brute_heat(cycle, warm) is None
+
+
+def test_heat_randomised_against_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        start, growth = int(rng.integers(30, 90)), float(rng.uniform(1.0, 1.1))
+        rates = [0.05 * growth ** max(0, s - start) for s in range(150)]
+        steps = sorted({int(s) for s in rng.choice(150, size=40, replace=False)})
+        d = {s: float(rng.uniform(0.0, 1.0)) for s in steps}
+        got = [a.step for a in heat_alerts(rates, d)]
+        expected = brute_heat(rates, d)
+        assert got == ([] if expected is None else [expected])
+
+
 # -- bad batches: loss, pattern shift and preactivation scale against their bands ----------------
 
 UNITS = 8
