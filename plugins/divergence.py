@@ -1,4 +1,4 @@
-"""Early-divergence detector: hot APT temperature, climbing loss, sigma off its band, hard signs."""
+"""Early-divergence detector: APT temperature up as the rate rose, loss climb, sigma, hard signs."""
 
 from __future__ import annotations
 
@@ -32,8 +32,16 @@ class DivergenceSettings:
     a few dozen rows are noisy; a 64-unit MLP trained at a safe rate of 2x its base rate shows
     D = 1 on every site for 3 probes in a row).
 
-    Two rules without sweeps, judged from step ``start`` on: **hot** (needs APT probes,
-    ``apt_every``, which ``watch()`` does not run by default), the APT change fraction D
+    Three rules without sweeps, judged from step ``start`` on. **heat** (on the APT probes that
+    ``watch()`` runs by default, ``RateTriggered``): with D the APT change fraction at the used
+    rate averaged over sites, clipped to [0.01, 0.99], and z = Phi^-1(D) (the used rate's place
+    on the Gaussian transition, D = Phi((ln eta - mu) / sigma), thesis Eq. 3.17), it alerts at
+    a probe whose rate is at least ``heat_rate`` times the median rate of the last
+    ``heat_window`` steps (the ``lr/group0`` scalar of the training summaries) *and* whose median
+    z over the last ``heat_probes`` probes is at least ``heat_rise`` above the median z of the
+    earlier probes taken at no more than 1.5x that median rate (at least ``heat_reference`` of
+    them): the rate climbed and the patterns followed it into the transition. Once per run.
+    **hot** (APT probes), the APT change fraction D
     averaged over sites at least ``hot_d`` (temperature T = -ln(1 - D) >= 1.6) on ``hot_for``
     consecutive probes; **climb**, the median
     of the last ``smooth`` losses above ``climb`` times the lowest such median since step

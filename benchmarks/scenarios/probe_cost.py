@@ -1,10 +1,13 @@
 """What the default APT probes cost: ``watch()`` at defaults against ``watch(apt_every=None)``.
 
-    python benchmarks/scenarios/probe_cost.py [--steps 400] [--rounds 5]
+    python benchmarks/scenarios/probe_cost.py [--steps 400] [--rounds 5] [--ramp]
 
 Per model, alternating rounds of the same training loop (plain, monitored with probes off,
 monitored at defaults), one thread; prints the median seconds per step of each and the probes'
-share of a plain step: (defaults - probes off) / plain.
+share of a plain step: (defaults - probes off) / plain. The default schedule (``RateTriggered``)
+probes every 25 steps while the learning rate holds; ``--ramp`` makes the rate rise 4% per step
+(a saw-tooth, back to the start every 50 steps), where it probes every third step or so: the
+cost while a rate climbs.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ def digits_cnn() -> tuple[nn.Module, torch.Tensor]:
 
 
 def seconds_per_step(
-    build: Callable[[], tuple[nn.Module, torch.Tensor]], steps: int, options: dict | None
+    build: Callable[[], tuple[nn.Module, torch.Tensor]],
+    steps: int,
+    options: dict | None,
+    ramp: bool = False,
 ) -> float:
     """One timed loop of ``steps`` steps; ``options`` None: no monitor."""
     torch.manual_seed(0)
@@ -66,7 +72,10 @@ def seconds_per_step(
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
         started = time.perf_counter()
-        for _ in range(steps):
+        for step in range(steps):
+            if ramp:
+                for group in opt.param_groups:
+                    group["lr"] = 0.001 * 1.04 ** (step % 50)
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
@@ -84,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ramp", action="store_true", help="a rising learning rate")
     args = parser.parse_args()
     torch.set_num_threads(1)
     modes: dict[str, dict | None] = {
@@ -95,7 +105,7 @@ def main() -> None:
         times: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.rounds):
             for mode, options in modes.items():
-                times[mode].append(seconds_per_step(build, args.steps, options))
+                times[mode].append(seconds_per_step(build, args.steps, options, args.ramp))
         median = {m: statistics.median(t) for m, t in times.items()}
         share = (median["defaults"] - median["probes off"]) / median["plain"]
         cells = ", ".join(f"{m} {1e3 * v:.2f} ms" for m, v in median.items())

@@ -51,9 +51,8 @@ def thinned(result: Result, every: int, rise: float) -> list[tuple[int, Any]]:
             schedule.observe(step, rates[step])
     kept = []
     for at, kind, payload in result.events:
-        if kind == "summary" and payload.source == "train":
-            kept.append((at, payload))
-        elif kind == "probe" and payload.kind == "apt" and payload.step in chosen:
+        summary = kind == "summary" and payload.source == "train"
+        if summary or (kind == "probe" and payload.kind == "apt" and payload.step in chosen):
             kept.append((at, payload))
     return kept
 

@@ -73,6 +73,7 @@ class RateTriggered:
         self._decided: tuple[int, bool] | None = None
 
     def __call__(self, step: int) -> bool:
+        """Whether step ``step`` is probed (decided on the rate of the last step seen)."""
         if self._decided is not None and self._decided[0] == step:
             return self._decided[1]
         due = step >= self.start and (
@@ -258,7 +259,8 @@ def probe_forward(
     ``params`` replaces parameters by name (``torch.func.functional_call``); the live parameters
     are never written. Buffers are cloned and passed in, so batch norm runs in whatever mode the
     model is in (training mode during training: batch statistics, as in the thesis) while its
-    running statistics and ``num_batches_tracked`` stay untouched.
+    running statistics and ``num_batches_tracked`` stay untouched. A module without buffers
+    probed at its live parameters (the APT "after" forward) is called directly.
     """
     found = SitePatterns()
     module = model if batch.module is None else batch.module
@@ -275,7 +277,10 @@ def probe_forward(
         replayed_rng(batch),
         tracker.probing(pattern_collector(found, site_filter)),
     ):
-        functional_call(module, state, args, kwargs)
+        if state:
+            functional_call(module, state, args, kwargs)
+        else:  # nothing to swap in (no buffers, live parameters): the plain call, less overhead
+            module(*args, **(kwargs or {}))
     return found
 
 

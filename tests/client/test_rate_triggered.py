@@ -1,4 +1,4 @@
-"""The default APT schedule ``RateTriggered``: against its definition, alone and under ``watch()``."""
+"""The default APT schedule ``RateTriggered`` against its definition, alone and under watch()."""
 
 from __future__ import annotations
 
@@ -85,3 +85,46 @@ def test_watch_probes_by_default_when_the_rate_rises() -> None:
     off = ListTransport()
     with Monitor(model, optimizer, off, apt_every=None) as monitor:
         assert monitor.prober is None
+
+
+def test_default_probe_of_a_model_without_buffers_matches_brute_force() -> None:
+    """The direct-call path (no buffers to swap in): changed rows by hand, per site."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    transport = ListTransport()
+    expected = {}
+    with Monitor(model, optimizer, transport, every=1000) as monitor:
+        assert monitor.prober is not None and not list(model.buffers())
+        for step in range(30):
+            x = torch.randn(20, 5)
+            before = [m(x) for m in _prefixes(model)]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), torch.randint(0, 3, (20,))).backward()
+            optimizer.step()
+            after = [m(x) for m in _prefixes(model)]
+            expected[step] = [
+                int(((b > 0) != (a > 0)).any(dim=1).sum())
+                for b, a in zip(before, after, strict=True)
+            ]
+    probes = transport.probes_of("apt")
+    assert [p.step for p in probes] == [0, 25]
+    for probe in probes:
+        assert [s.changed[0] for s in probe.sites] == expected[probe.step]
+        assert all(s.rows == 20 for s in probe.sites)
+
+
+def _prefixes(model: nn.Sequential) -> list[nn.Module]:
+    """The preactivations of the two ReLU sites: the layers before each ReLU, without autograd
+    (so that the monitor does not take them for training forwards)."""
+
+    def without_grad(part: nn.Module) -> nn.Module:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return part(x)
+
+        return run  # type: ignore[return-value]
+
+    return [without_grad(model[:1]), without_grad(model[:3])]
