@@ -58,13 +58,14 @@ def test_bad_batch_recall_target(figures: dict[str, Any]) -> None:
     assert figures["bad_batch"]["apmon"]["recall"] >= 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="not met: see the held-out table in the README")
 def test_divergence_target_90_percent_in_time_with_median_lead_20(
     figures: dict[str, Any],
 ) -> None:
+    """Met on the quick subset (its two slow ramps) since ``divergence`` 3.0 and the default
+    probes; not on the whole held-out half (README)."""
     row = figures["divergence"]["apmon"]
     hits, total = fraction(row["in_time"])
-    assert hits >= 0.9 * total and row["median_lead"] >= 20
+    assert total >= 2 and hits >= 0.9 * total and row["median_lead"] >= 20
 
 
 def load(name: str) -> Any:
@@ -87,7 +88,7 @@ def test_a_recorded_run_replays_to_the_same_alerts(tmp_path: Path) -> None:
             corrupt={40: "constant"},
         )  # fmt: skip
         trained = driver.train(spec, record=True)
-        assert {kind for _, kind, _ in trained.events} == {"sites", "summary"}
+        assert {kind for _, kind, _ in trained.events} == {"sites", "summary", "probe"}
         with gzip.open(tmp_path / f"{spec.key}.pkl.gz", "wb") as f:
             pickle.dump(trained, f)
         (replayed,) = run.replay(tmp_path, lambda _: None)
