@@ -194,8 +194,10 @@ class RunHost:
         return True
 
     def hand_off(self, states: bool = False) -> None:
-        """Give what is buffered to the writer thread (with the plugin states that changed,
-        every ``STATES_SECONDS`` or when ``states``); waits only on a writer far behind."""
+        """Give what is buffered to the writer thread; waits only on a writer far behind.
+
+        The plugin states that changed go with it every ``STATES_SECONDS``, or when ``states``.
+        """
         pending = self._pending
         now = time.monotonic()
         changed: dict[str, dict[str, Any]] = {}
@@ -407,8 +409,10 @@ def serve(in_fd: int, out_fd: int) -> int:
 
 
 def _thinned(event: StepSummary, outcome: PluginOutcome) -> StepSummary:
-    """A training step stored without its site summaries and per-site measures (see
-    ``StoreBudget``): its loss, sample indices, run-level measures and fits stay."""
+    """A training step stored without its site summaries and per-site measures.
+
+    See ``StoreBudget``: its loss, sample indices, run-level measures and fits stay.
+    """
     outcome.measures = [m for m in outcome.measures if m[2].site is None]
     outcome.backfill = []
     return StepSummary.model_construct(
