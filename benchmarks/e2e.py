@@ -119,10 +119,11 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
         step()
     figures: dict[str, Any] = {"model": name, "mode": mode, "threads": threads, "steps": steps}
     if mode == "plain":
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), _own_cpu_s()
         for _ in range(steps):
             step()
         figures["total_s"] = time.perf_counter() - begin
+        figures["cpu_s"] = _own_cpu_s() - cpu
         figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return figures
     import monitor
@@ -135,7 +136,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     options: dict[str, Any] = {"every": 10} if mode == "every10" else {}
     transport = DropTransport() if mode == "capture" else None
     delays: list[int] = []
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), _own_cpu_s()
     mon = monitor.watch(
         model,
         opt,
@@ -155,8 +156,12 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     host_rss = _host_peak_rss_mb(mon.transport)
     mon.close()
     end = time.perf_counter()
+    cpu = _own_cpu_s() - cpu
+    host_cpu = _host_cpu_s(mon.transport)  # loop and close, not the report rendered after
     figures.update(
         total_s=end - begin,
+        cpu_s=cpu,
+        host_cpu_s=host_cpu,
         setup_s=setup,
         loop_s=loop_end - begin - setup,
         close_s=end - loop_end,
@@ -171,6 +176,24 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
         host_rss_mb=host_rss,
     )
     return figures
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _host_cpu_s(transport: Any) -> float:
+    """CPU seconds the embedded host process has used so far (0 without one)."""
+    process = getattr(transport, "_process", None)
+    if process is None:
+        return 0.0
+    try:
+        with open(f"/proc/{process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _host_peak_rss_mb(transport: Any) -> float:
@@ -269,6 +292,12 @@ def summarise(
                 (m["total_s"] - p["total_s"]) / max(m["captured"], 1) * 1e3
                 for m, p in zip(measured, plain, strict=True)
             ]
+            # CPU per captured step: what the job added to its own CPU time, and the host's.
+            job_cpu = [
+                (m["cpu_s"] - p["cpu_s"]) / max(m["captured"], 1) * 1e3
+                for m, p in zip(measured, plain, strict=True)
+            ]
+            host_cpu = [m["host_cpu_s"] / max(m["captured"], 1) * 1e3 for m in measured]
             out[name][mode] = {"ratio": ratio, "interval": [low, high], "runs": measured}
             row.append(f"{ratio:.3f}x ({low:.3f}..{high:.3f})")
             details.append(
@@ -276,6 +305,7 @@ def summarise(
                     name,
                     mode,
                     f"{statistics.median(added):.3f}",
+                    f"{statistics.median(job_cpu):.3f} / {statistics.median(host_cpu):.3f}",
                     f"{statistics.median(m['setup_s'] for m in measured):.3f}",
                     f"{statistics.median(m['close_s'] for m in measured):.3f}",
                     f"{max(m['waited_s'] for m in measured):.3f}",
@@ -301,6 +331,7 @@ def summarise(
                 "model",
                 "mode",
                 "added ms / captured step",
+                "CPU ms / captured step (job added / host)",
                 "watch() s",
                 "close() s",
                 "waited for host s",
