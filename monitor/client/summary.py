@@ -221,11 +221,12 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def measure_scale(x: torch.Tensor, kind: SiteKind) -> SiteStats:
-    """What the detectors read every step, without the patterns: rows, per-unit on-counts,
-    non-finite rows and the preactivation scale (sum of squares and max |x| of the finite values).
+    """What the detectors read every step, without the patterns.
 
-    The same values as ``measure`` for those fields (the tests compare them), at a fraction of
-    its cost: no bits are packed and no patterns counted. Labels are not used.
+    Rows, per-unit on-counts, non-finite rows and the preactivation scale (sum of squares and
+    max |x| of the finite values): the same values as ``measure`` for those fields (the tests
+    compare them), at a fraction of its cost: no bits are packed and no patterns counted.
+    Labels are not used.
     """
     if x.dim() == 1:
         x = x.reshape(1, -1)

@@ -264,7 +264,8 @@ from monitor.settings import Settings
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
-mon = watch(model, opt, settings=Settings(database_url=sys.argv[1], mlflow_tracking_uri=""))
+settings = Settings(database_url=sys.argv[1], mlflow_tracking_uri="", host_store_fraction=0)
+mon = watch(model, opt, settings=settings, capture_budget=None)  # every step stored in full
 for _ in range(25):
     opt.zero_grad()
     model(torch.randn(8, 6)).sum().backward()

@@ -78,9 +78,15 @@ def train(settings: Settings, steps: int, at_step: dict[int, Any] | None = None)
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     done = 0
-    # Every row summarised (capture_rows=None): records big enough to fill a 1 MiB spool.
+    # Every row summarised (capture_rows=None) and patterns counted on every step
+    # (capture_budget=None): records big enough to fill a 1 MiB spool.
     with watch(
-        model, optimizer, settings=settings, name="spool test", capture_rows=None
+        model,
+        optimizer,
+        settings=settings,
+        name="spool test",
+        capture_rows=None,
+        capture_budget=None,
     ) as monitor:
         for step in range(steps):
             if at_step and step in at_step:
