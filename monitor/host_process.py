@@ -175,7 +175,7 @@ class RunHost:
         if (
             isinstance(event, StepSummary)
             and event.source == "train"
-            and _counts_patterns(event)
+            and event.sites
             and not outcome.alerts
             and not self.budget.keep(event.step)
         ):
@@ -244,7 +244,7 @@ class RunHost:
             self._mirror(event, event.step, outcome)
         if time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
             self._flush_mlflow()
-        full = sum(1 for e, _ in events if isinstance(e, StepSummary) and _counts_patterns(e))
+        full = sum(1 for e, _ in events if isinstance(e, StepSummary) and e.sites)
         self.budget.note_written(full, time.perf_counter() - began)
 
     def _flush_mlflow(self) -> None:
@@ -407,11 +407,6 @@ def serve(in_fd: int, out_fd: int) -> int:
                 return 0
             if host.buffered >= SLICE_EVENTS:
                 host.hand_off()
-
-
-def _counts_patterns(event: StepSummary) -> bool:
-    """Whether a summary carries patterns (not only the detectors' scale-only statistics)."""
-    return any(not site.scale_only for site in event.sites)
 
 
 def _thinned(event: StepSummary, outcome: PluginOutcome) -> StepSummary:
