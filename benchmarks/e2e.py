@@ -158,6 +158,9 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     end = time.perf_counter()
     cpu = _own_cpu_s() - cpu
     host_cpu = _host_cpu_s(mon.transport)  # loop and close, not the report rendered after
+    wait_for_host = getattr(mon.transport, "wait_for_host", None)
+    if wait_for_host is not None:
+        wait_for_host(300)  # untimed: the next run starts on a quiet machine
     figures.update(
         total_s=end - begin,
         cpu_s=cpu,
@@ -386,6 +389,9 @@ def soak(steps: int) -> dict[str, Any]:
                 rss.append(_current_rss_mb())
         host_rss = _host_peak_rss_mb(mon.transport)
         mon.close()
+        wait_for_host = getattr(mon.transport, "wait_for_host", None)
+        if wait_for_host is not None:
+            wait_for_host(300)  # it attaches the report after close(): before the folder goes
         figures = {
             "steps": steps,
             "rss_mb_after_first_500": rss[1] if len(rss) > 1 else rss[0],
