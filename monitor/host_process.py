@@ -20,6 +20,7 @@ Order of work, so that alerts are never held up by storage:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -50,6 +51,7 @@ from monitor.store import PluginOutcome, SqlStore, open_store
 logger = logging.getLogger("monitor.host_process")
 
 SLICE_EVENTS = 64
+HOST_NICENESS = 10
 WRITER_BATCHES = 16
 IDLE_SECONDS = 0.002
 FLUSH_SECONDS = 0.5
@@ -443,6 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="apmon host: %(levelname)s %(message)s")
     in_fd, out_fd = int(args[0]), int(args[1])
+    # Background work: where the host and training compete for a core (its start-up imports,
+    # SQL, MLflow), training's threads should win. The host still runs at full speed whenever
+    # training waits for it (a mark), so alerts stay timely.
+    with contextlib.suppress(OSError):
+        os.nice(HOST_NICENESS)
     # The MLflow thread imports and writes in Python for seconds: a short switch interval keeps
     # the plugins' answers to the training job from waiting the default 5 ms for the GIL.
     sys.setswitchinterval(0.0005)
