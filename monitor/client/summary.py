@@ -233,9 +233,26 @@ def measure_scale(x: torch.Tensor, kind: SiteKind) -> SiteStats:
     unit_dim = unit_dim_of(kind)
     x3 = unit_layout(x, unit_dim)
     outer, units, inner = x3.shape
-    unit_on = (x3 > 0).sum(dim=(0, 2))
-    nonfinite = _nonfinite_rows(x, unit_dim)
-    sumsq, max_abs = _scale_with_torch(x, nonfinite > 0)
+    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+        # One compiled pass (the kernels of ``measure``; the packed bits are not used).
+        values = x3.contiguous().numpy()
+        on = np.zeros((1, units), dtype=np.int64)
+        scale = np.zeros(2, dtype=np.float64)
+        no_class = np.zeros(outer, dtype=np.int64)
+        if inner == 1:
+            nonfinite = cpu_kernels.count_on_rows(values[:, :, 0], no_class, on, scale)
+        else:
+            words = np.zeros((outer * inner, (units + 63) // 64), dtype=np.int64)
+            nonfinite = cpu_kernels.pack_and_count_on(values, no_class, words, on, scale)
+        unit_on = torch.from_numpy(on[0])
+        sumsq, max_abs = float(scale[0]), float(scale[1])
+        if nonfinite:  # the kernels' scale is over every value: take it over the finite ones
+            nonfinite = _nonfinite_rows(x, unit_dim)
+            sumsq, max_abs = _scale_with_torch(x, True)
+    else:
+        unit_on = (x3 > 0).sum(dim=(0, 2))
+        nonfinite = _nonfinite_rows(x, unit_dim)
+        sumsq, max_abs = _scale_with_torch(x, nonfinite > 0)
     return SiteStats(
         units=units,
         counts=empty_counts(x.device),
