@@ -23,37 +23,37 @@ def first_floating(args: Any, kwargs: Mapping[str, Any] | None = None) -> torch.
     return None
 
 
-def batch_sums(x: torch.Tensor, rows: int | None) -> torch.Tensor:
-    """(count, sum of squares, max |x|) of the first ``rows`` rows (all with None), float64.
+def batch_extremes(x: torch.Tensor, rows: int | None) -> tuple[int, torch.Tensor | None]:
+    """(count, tensor [sqrt(sum of squares), min, max]) of the first ``rows`` rows (all: None).
 
-    The result stays on ``x``'s device: nothing here waits for an accelerator. A 0-d or empty
-    tensor has count 0.
+    The tensor stays on ``x``'s device (nothing here waits for an accelerator); None when the
+    batch is empty. Two passes over the rows: a norm and a min-max.
     """
     with torch.no_grad():
         x = x.detach()
         if rows is not None and x.dim() > 1 and x.shape[0] > rows:
             x = x[:rows]
         if x.numel() == 0:
-            return torch.zeros(3, dtype=torch.float64, device=x.device)
+            return 0, None
         flat = x.reshape(-1)
-        if flat.element_size() < 4:  # half precision: a sum of squares overflows float16
+        if flat.element_size() < 4:  # half precision: the norm of a large batch overflows float16
             flat = flat.float()
-        sumsq = torch.dot(flat, flat).to(torch.float64)
-        top = flat.abs().max().to(torch.float64)
-        count = torch.tensor(float(flat.numel()), dtype=torch.float64, device=x.device)
-        return torch.stack([count, sumsq, top])
+        low, high = torch.aminmax(flat)
+        return flat.numel(), torch.stack([torch.linalg.vector_norm(flat), low, high])
 
 
 class InputStats:
-    """Sums of the inputs of the training forwards of one step, merged over micro-batches.
+    """The inputs of the training forwards of one step, merged over micro-batches.
 
-    Sums and a maximum only (STYLE.md 4): ``add`` of two batches equals ``add`` of them together.
-    ``take`` turns them into the step's scalars, RMS = sqrt(sumsq / count) and max |x|, and
-    starts the next step empty. Nothing here raises into the training forward.
+    Kept per forward as (count, norm, min, max) until ``take``, which adds the counts and the
+    squared norms and keeps the extremes (sums and extremes only, STYLE.md 4: two micro-batches
+    give what their concatenation gives) and turns them into the step's scalars,
+    RMS = sqrt(sum of squares / count) and max |x| = max(-min, max). Nothing here raises into
+    the training forward.
     """
 
     def __init__(self) -> None:
-        self._sums: torch.Tensor | None = None
+        self._parts: list[tuple[int, torch.Tensor]] = []
         self._failed = False  # logged once: a failure repeats at every step
 
     def add(self, args: Any, kwargs: Mapping[str, Any] | None, rows: int | None) -> None:
@@ -64,25 +64,21 @@ class InputStats:
             x = first_floating(args, kwargs)
             if x is None:
                 return
-            sums = batch_sums(x, rows)
-            if self._sums is None:
-                self._sums = sums
-            else:
-                merged = self._sums.to(sums.device)
-                self._sums = torch.stack(
-                    [merged[0] + sums[0], merged[1] + sums[1], torch.maximum(merged[2], sums[2])]
-                )
+            count, extremes = batch_extremes(x, rows)
+            if extremes is not None:
+                self._parts.append((count, extremes))
         except Exception:
             self._failed = True
             logger.exception("apmon cannot measure the forward's inputs; it stops trying")
 
     def take(self) -> dict[str, float]:
-        """``input/rms`` and ``input/max_abs`` of the step (finite ones only); then reset."""
-        sums, self._sums = self._sums, None
-        if sums is None:
-            return {}
-        count, sumsq, top = sums.tolist()
-        if count <= 0:
-            return {}
-        values = {RMS: math.sqrt(sumsq / count), MAX_ABS: top}
-        return {k: v for k, v in values.items() if math.isfinite(v)}
+        """``input/rms`` and ``input/max_abs`` of the step (none if any input was not finite)."""
+        parts, self._parts = self._parts, []
+        count, sumsq, top = 0, 0.0, 0.0
+        for n, extremes in parts:
+            norm, low, high = extremes.tolist()
+            count, sumsq = count + n, sumsq + norm * norm
+            top = max(top, -low, high) if math.isfinite(low + high) else math.nan
+        if count == 0 or not math.isfinite(sumsq + top):
+            return {}  # non-finite inputs: nothing to send (the wire refuses them)
+        return {RMS: math.sqrt(sumsq / count), MAX_ABS: top}

@@ -63,13 +63,16 @@ def test_the_first_floating_argument_is_measured_and_integers_are_skipped() -> N
     assert stats.take() == pytest.approx({RMS: math.sqrt(12.5), MAX_ABS: 4.0})
 
 
-def test_half_precision_sums_in_float32_and_non_finite_values_are_left_out() -> None:
+def test_half_precision_sums_in_float32_and_non_finite_inputs_send_nothing() -> None:
     x = torch.full((4, 1000), 200.0, dtype=torch.float16)  # sum of squares 1.6e8 > float16's max
     stats = InputStats()
     stats.add((x,), {}, None)
     assert stats.take() == pytest.approx({RMS: 200.0, MAX_ABS: 200.0})
     stats.add((torch.tensor([[1.0, float("inf")]]),), {}, None)
     assert stats.take() == {}  # both are inf: neither is sent
+    stats.add((torch.tensor([[1.0, 2.0]]),), {}, None)
+    stats.add((torch.tensor([[float("nan"), 2.0]]),), {}, None)  # a second micro-batch
+    assert stats.take() == {}
     stats.add((torch.zeros(0, 3),), {}, None)
     assert stats.take() == {}
 
