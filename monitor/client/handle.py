@@ -24,7 +24,7 @@ from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
-from monitor.client.input_stats import InputStats
+from monitor.client.input_stats import InputStats, as_scalars, gather_ranks
 from monitor.client.mlflow_link import learning_rates, link_mlflow_run, run_origin
 from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
@@ -354,9 +354,10 @@ class Monitor:
         self._run_probes()
         self._run_probe_set()
         try:
-            stats = self._stats
+            stats, inputs = self._stats, self._inputs.take()
             if self.merge_ranks and self.schedule(self.step):
                 stats = all_gather_stats(stats, self.process_group)
+                inputs = gather_ranks(inputs, self.process_group)
                 if not is_leader(self.process_group):
                     stats = {}
             if stats:
@@ -366,10 +367,9 @@ class Monitor:
                     sites=[to_wire(n, s, self.sketch_k) for n, s in stats.items()],
                     sample_indices=self._sample_indices,
                     # MLflow's lr/group<i>, and input/rms, input/max_abs (for ``strikes``)
-                    scalars={**learning_rates(optimizer), **self._inputs.take()} or None,
+                    scalars={**learning_rates(optimizer), **as_scalars(inputs)} or None,
                 )
             self._stats = {}
-            self._inputs.take()  # a step without sites leaves nothing for the next
             self._sample_indices = None
             self.step += 1
             self._arm()

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,16 @@ def batch_extremes(x: torch.Tensor, rows: int | None) -> tuple[int, torch.Tensor
         return flat.numel(), torch.stack([torch.linalg.vector_norm(flat), low, high])
 
 
+InputSums = tuple[int, float, float]  # values counted, sum of squares, max |x|
+
+
 class InputStats:
     """The inputs of the training forwards of one step, merged over micro-batches.
 
     Kept per forward as (count, norm, min, max) until ``take``, which adds the counts and the
-    squared norms and keeps the extremes (sums and extremes only, STYLE.md 4: two micro-batches
-    give what their concatenation gives) and turns them into the step's scalars,
-    RMS = sqrt(sum of squares / count) and max |x| = max(-min, max). Nothing here raises into
-    the training forward.
+    squared norms and keeps max |x| = max(-min, max) (sums and extremes only, STYLE.md 4: two
+    micro-batches give what their concatenation gives; ``gather_ranks`` merges ranks the same
+    way; ``as_scalars`` makes the step's numbers). Nothing here raises into the training forward.
     """
 
     def __init__(self) -> None:
@@ -71,14 +74,43 @@ class InputStats:
             self._failed = True
             logger.exception("apmon cannot measure the forward's inputs; it stops trying")
 
-    def take(self) -> dict[str, float]:
-        """``input/rms`` and ``input/max_abs`` of the step (none if any input was not finite)."""
+    def take(self) -> InputSums:
+        """The step's (count, sum of squares, max |x|); then start the next step empty.
+
+        max |x| is NaN if any input was not finite.
+        """
         parts, self._parts = self._parts, []
         count, sumsq, top = 0, 0.0, 0.0
         for n, extremes in parts:
             norm, low, high = extremes.tolist()
             count, sumsq = count + n, sumsq + norm * norm
             top = max(top, -low, high) if math.isfinite(low + high) else math.nan
-        if count == 0 or not math.isfinite(sumsq + top):
-            return {}  # non-finite inputs: nothing to send (the wire refuses them)
-        return {RMS: math.sqrt(sumsq / count), MAX_ABS: top}
+        return count, sumsq, top
+
+
+def gather_ranks(sums: InputSums, group: Any = None) -> InputSums:
+    """Every rank's sums added (maxima kept); without ``torch.distributed``, ``sums``.
+
+    A collective, called where ``merge_ranks`` gathers the site statistics.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return sums
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, sums, group=group)
+    count, sumsq, top = 0, 0.0, 0.0
+    for n, squares, largest in gathered:
+        count, sumsq = count + n, sumsq + squares
+        top = max(top, largest) if math.isfinite(largest) else math.nan
+    return count, sumsq, top
+
+
+def as_scalars(sums: InputSums) -> dict[str, float]:
+    """``input/rms`` = sqrt(sum of squares / count) and ``input/max_abs`` of ``sums``.
+
+    None when nothing was counted or an input was not finite (the wire refuses non-finite
+    scalars).
+    """
+    count, sumsq, top = sums
+    if count == 0 or not math.isfinite(sumsq + top):
+        return {}
+    return {RMS: math.sqrt(sumsq / count), MAX_ABS: top}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monitor.client.handle import Monitor
-from monitor.client.input_stats import MAX_ABS, RMS, InputStats, first_floating
+from monitor.client.input_stats import MAX_ABS, RMS, InputStats, as_scalars, first_floating
 from tests.client.memory_transport import ListTransport
 
 
@@ -44,10 +44,10 @@ def test_the_statistics_match_plain_python(shapes: list[tuple[int, ...]], rows: 
     stats = InputStats()
     for x in batches:
         stats.add((x,), {}, rows)
-    got = stats.take()
+    got = as_scalars(stats.take())
     want = naive(batches, rows)
     assert got == pytest.approx(want, rel=1e-6)
-    assert stats.take() == {}  # taken: the next step starts empty
+    assert stats.take() == (0, 0.0, 0.0)  # taken: the next step starts empty
 
 
 def test_the_first_floating_argument_is_measured_and_integers_are_skipped() -> None:
@@ -58,23 +58,23 @@ def test_the_first_floating_argument_is_measured_and_integers_are_skipped() -> N
     assert first_floating((tokens, "text"), {}) is None
     stats = InputStats()
     stats.add((tokens,), {}, None)
-    assert stats.take() == {}
+    assert as_scalars(stats.take()) == {}
     stats.add((tokens,), {"inputs": x}, None)
-    assert stats.take() == pytest.approx({RMS: math.sqrt(12.5), MAX_ABS: 4.0})
+    assert as_scalars(stats.take()) == pytest.approx({RMS: math.sqrt(12.5), MAX_ABS: 4.0})
 
 
 def test_half_precision_sums_in_float32_and_non_finite_inputs_send_nothing() -> None:
     x = torch.full((4, 1000), 200.0, dtype=torch.float16)  # sum of squares 1.6e8 > float16's max
     stats = InputStats()
     stats.add((x,), {}, None)
-    assert stats.take() == pytest.approx({RMS: 200.0, MAX_ABS: 200.0})
+    assert as_scalars(stats.take()) == pytest.approx({RMS: 200.0, MAX_ABS: 200.0})
     stats.add((torch.tensor([[1.0, float("inf")]]),), {}, None)
-    assert stats.take() == {}  # both are inf: neither is sent
+    assert as_scalars(stats.take()) == {}  # both are inf: neither is sent
     stats.add((torch.tensor([[1.0, 2.0]]),), {}, None)
     stats.add((torch.tensor([[float("nan"), 2.0]]),), {}, None)  # a second micro-batch
-    assert stats.take() == {}
+    assert as_scalars(stats.take()) == {}
     stats.add((torch.zeros(0, 3),), {}, None)
-    assert stats.take() == {}
+    assert as_scalars(stats.take()) == {}
 
 
 def test_a_monitored_run_ships_them_on_each_captured_summary() -> None:
