@@ -19,8 +19,8 @@ class StrikeSettings:
     """Thresholds in units of each statistic's robust band (tuned on the suite's tuning half).
 
     See benchmarks/scenarios/README.md for the suite.
-    Every statistic x of a step is judged against its own last ``window`` values from clean
-    steps (after ``warmup`` of them, and from step ``start``): its excess is
+    Every statistic x of a step is judged against its own last ``window`` values from steps
+    that were not strikes (after ``warmup`` of them, and from step ``start``): its excess is
     (x - centre) / max(MAD, floor), the centre the median of those values and MAD their scaled
     median absolute deviation (Hampel 1974). A step is a strike when one excess passes its limit:
 
@@ -30,11 +30,10 @@ class StrikeSettings:
     - ``rms`` and ``max_abs`` (both ways, largest over sites): ln of the site's preactivation
       RMS = sqrt(sumsq / (rows d)) and of its largest magnitude max |x|;
     - ``shift`` (upward): (1/d) sum_u |on_u / rows - b_u|, the distance of the batch's
-      per-unit on-rates from those of the last clean step. Its centre is the median of only the
-      last ``shift_recent`` clean values (a level that follows a slow drift, as while a one-cycle
-      rate rises), its band the MAD of the whole window; and a site's excess counts only when
-      at least ``shift_quorum`` of the sites pass the limit together (the step's excess is then
-      the smallest of the largest ``ceil(shift_quorum * sites)``).
+      per-unit on-rates from those of the last step that was not a strike. Its centre is the
+      median of only the last ``shift_recent`` values (a level that follows a slow drift, as
+      while a one-cycle rate rises), its band the MAD of the whole window; and the sites' shifts
+      count only when at least ``ceil(shift_quorum * sites)`` of them pass the limit together.
 
     A strike step stays out of the baselines. The ``refractory`` steps after it are not judged
     (a bad step's update disturbs the next batches too; that echo is not a second bad batch),
@@ -103,10 +102,10 @@ class StrikeDetector:
 
     Sources: Hartmann et al. 2021, Sec. 3.2 and 4: pattern changes that strike "the lower to the
     top layers simultaneously" are "evidence for unfavorable batches" (here: the batch's per-unit
-    on-rates jumping away from the last clean step's in at least half the sites); SPEC
+    on-rates jumping away from the last step's in at least half the sites); SPEC
     "Detectors" (training summary statistics, preactivation scale and the loss, on the training
     summary the client sends every step; the inputs' scale rides on it as two scalars). Each
-    statistic is compared with its robust baseline (median and MAD of its recent clean values;
+    statistic is compared with its robust baseline (median and MAD of its recent values;
     see ``StrikeSettings``). The alert names the step, the statistic that carried it
     (``signal``: the one furthest past its limit), every statistic past its limit
     with its band, and the batch's sample indices when the summary carried them.
