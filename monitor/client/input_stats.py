@@ -53,6 +53,10 @@ class InputStats:
     squared norms and keeps max |x| = max(-min, max) (sums and extremes only, STYLE.md 4: two
     micro-batches give what their concatenation gives; ``gather_ranks`` merges ranks the same
     way; ``as_scalars`` makes the step's numbers). Nothing here raises into the training forward.
+
+    Cost per captured step (``python benchmarks/input_stats_cost.py``, one CPU thread, a loaded
+    2-core box): 15-34 us on a 64x1x8x8 batch, 40-65 us on a 128x3072 batch (0.2-0.6% of the
+    plain training step of the digits CNN and the MLP 3072-512x3 measured beside them).
     """
 
     def __init__(self) -> None:
