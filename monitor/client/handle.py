@@ -26,6 +26,7 @@ from monitor.client.budget import DEFAULT_CAPTURE_BUDGET, CaptureBudget
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
+from monitor.client.input_stats import InputStats, as_scalars, gather_ranks
 from monitor.client.mlflow_link import learning_rates, link_mlflow_run, run_origin
 from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
@@ -151,6 +152,7 @@ class Monitor:
         self._new_sites: list[SiteInfo] = []
         self._pending: StepSummary | None = None
         self._labels: torch.Tensor | None = None
+        self._inputs = InputStats()  # scale of the training forwards' inputs (input_stats.py)
         self._sample_indices: list[int] | None = None
         # Step ends and marks (see ``_flush_and_mark``); transports without marks skip the wait.
         self._holds_for_loss = False
@@ -264,6 +266,8 @@ class Monitor:
         """The tracker's word that an outermost training forward begins (see ``capture``)."""
         self._forwards += 1
         self._entered = module
+        if self._recording and self._closure_calls <= 1:
+            self._inputs.add(args, kwargs, self.capture_rows)
         if self.prober is None:
             return
         try:
@@ -369,9 +373,10 @@ class Monitor:
         self._run_probes()
         self._run_probe_set()
         try:
-            stats = self._stats
+            stats, inputs = self._stats, self._inputs.take()
             if self.merge_ranks and self.schedule(self.step):
                 stats = all_gather_stats(stats, self.process_group)
+                inputs = gather_ranks(inputs, self.process_group)
                 if not is_leader(self.process_group):
                     stats = {}
             if stats:
@@ -380,7 +385,8 @@ class Monitor:
                     source="train",
                     sites=[to_wire(n, s, self.sketch_k) for n, s in stats.items()],
                     sample_indices=self._sample_indices,
-                    scalars=learning_rates(optimizer) or None,  # MLflow's lr/group<i>
+                    # MLflow's lr/group<i>, and input/rms, input/max_abs (for ``strikes``)
+                    scalars={**learning_rates(optimizer), **as_scalars(inputs)} or None,
                 )
             self._stats = {}
             self._sample_indices = None
