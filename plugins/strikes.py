@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from monitor.measures import Event, PluginResult, RunContext
 from monitor.schema import AlertValue, SiteSummary, StepSummary
 from plugins._robust import median_mad, push
@@ -76,8 +78,9 @@ def site_values(site: SiteSummary, previous_on: list[float] | None) -> dict[str,
     if site.max_abs is not None and site.max_abs > 0:
         values["max_abs"] = math.log(site.max_abs)
     if previous_on is not None and len(previous_on) == units:
-        rates = [c / site.rows for c in site.unit_on]
-        values["shift"] = sum(abs(r - b) for r, b in zip(rates, previous_on, strict=True)) / units
+        # numpy: a 512-unit site in pure Python took most of the host's time per step
+        rates = np.asarray(site.unit_on, dtype=np.float64) / site.rows
+        values["shift"] = float(np.abs(rates - np.asarray(previous_on)).sum()) / units
     return values
 
 
@@ -160,7 +163,9 @@ class StrikeDetector:
             baselines[key] = push(baselines.get(key, []), x, s.window)
         for site in event.sites:
             if site.rows and site.unit_on:
-                on_rates[site.site] = [c / site.rows for c in site.unit_on]
+                on_rates[site.site] = (
+                    np.asarray(site.unit_on, dtype=np.float64) / site.rows
+                ).tolist()
         return PluginResult()
 
     def _exceeded(
