@@ -169,6 +169,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
         loop_s=loop_end - begin - setup,
         close_s=end - loop_end,
         captured=sum(1 for s in range(steps + 3) if mon.schedule(s)),
+        pattern_stride=mon.capture_budget.stride,
         waited_s=getattr(mon.transport, "waited_seconds", 0.0),
         late_marks=getattr(mon.transport, "late_marks", 0),
         dropped=getattr(mon.transport, "dropped", 0),
@@ -315,6 +316,7 @@ def summarise(
                     str(max(m["max_lag_steps"] for m in measured)),
                     str(max(m["late_marks"] for m in measured)),
                     _worst_delay(measured),
+                    str(max(m.get("pattern_stride", 1) for m in measured)),
                     f"{max(p.get('rss_mb', 0.0) for p in plain):.0f} / "
                     f"{max(m['rss_mb'] for m in measured):.0f} / "
                     f"{max(m['host_rss_mb'] for m in measured):.0f}",
@@ -341,6 +343,7 @@ def summarise(
                 "host lag (steps)",
                 "late marks",
                 "alert delay (steps, worst)",
+                "patterns counted every k-th step (k, worst)",
                 "peak RSS MiB (plain job / job / host)",
             ],
         )
