@@ -119,10 +119,11 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
         step()
     figures: dict[str, Any] = {"model": name, "mode": mode, "threads": threads, "steps": steps}
     if mode == "plain":
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), _own_cpu_s()
         for _ in range(steps):
             step()
         figures["total_s"] = time.perf_counter() - begin
+        figures["cpu_s"] = _own_cpu_s() - cpu
         figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return figures
     import monitor
@@ -135,7 +136,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     options: dict[str, Any] = {"every": 10} if mode == "every10" else {}
     transport = DropTransport() if mode == "capture" else None
     delays: list[int] = []
-    begin = time.perf_counter()
+    begin, cpu = time.perf_counter(), _own_cpu_s()
     mon = monitor.watch(
         model,
         opt,
@@ -155,12 +156,20 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     host_rss = _host_peak_rss_mb(mon.transport)
     mon.close()
     end = time.perf_counter()
+    cpu = _own_cpu_s() - cpu
+    host_cpu = _host_cpu_s(mon.transport)  # loop and close, not the report rendered after
+    wait_for_host = getattr(mon.transport, "wait_for_host", None)
+    if wait_for_host is not None:
+        wait_for_host(300)  # untimed: the next run starts on a quiet machine
     figures.update(
         total_s=end - begin,
+        cpu_s=cpu,
+        host_cpu_s=host_cpu,
         setup_s=setup,
         loop_s=loop_end - begin - setup,
         close_s=end - loop_end,
         captured=sum(1 for s in range(steps + 3) if mon.schedule(s)),
+        pattern_stride=mon.capture_budget.stride,
         waited_s=getattr(mon.transport, "waited_seconds", 0.0),
         late_marks=getattr(mon.transport, "late_marks", 0),
         dropped=getattr(mon.transport, "dropped", 0),
@@ -171,6 +180,24 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
         host_rss_mb=host_rss,
     )
     return figures
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _host_cpu_s(transport: Any) -> float:
+    """CPU seconds the embedded host process has used so far (0 without one)."""
+    process = getattr(transport, "_process", None)
+    if process is None:
+        return 0.0
+    try:
+        with open(f"/proc/{process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _host_peak_rss_mb(transport: Any) -> float:
@@ -269,6 +296,12 @@ def summarise(
                 (m["total_s"] - p["total_s"]) / max(m["captured"], 1) * 1e3
                 for m, p in zip(measured, plain, strict=True)
             ]
+            # CPU per captured step: what the job added to its own CPU time, and the host's.
+            job_cpu = [
+                (m["cpu_s"] - p["cpu_s"]) / max(m["captured"], 1) * 1e3
+                for m, p in zip(measured, plain, strict=True)
+            ]
+            host_cpu = [m["host_cpu_s"] / max(m["captured"], 1) * 1e3 for m in measured]
             out[name][mode] = {"ratio": ratio, "interval": [low, high], "runs": measured}
             row.append(f"{ratio:.3f}x ({low:.3f}..{high:.3f})")
             details.append(
@@ -276,12 +309,14 @@ def summarise(
                     name,
                     mode,
                     f"{statistics.median(added):.3f}",
+                    f"{statistics.median(job_cpu):.3f} / {statistics.median(host_cpu):.3f}",
                     f"{statistics.median(m['setup_s'] for m in measured):.3f}",
                     f"{statistics.median(m['close_s'] for m in measured):.3f}",
                     f"{max(m['waited_s'] for m in measured):.3f}",
                     str(max(m["max_lag_steps"] for m in measured)),
                     str(max(m["late_marks"] for m in measured)),
                     _worst_delay(measured),
+                    str(max(m.get("pattern_stride", 1) for m in measured)),
                     f"{max(p.get('rss_mb', 0.0) for p in plain):.0f} / "
                     f"{max(m['rss_mb'] for m in measured):.0f} / "
                     f"{max(m['host_rss_mb'] for m in measured):.0f}",
@@ -301,12 +336,14 @@ def summarise(
                 "model",
                 "mode",
                 "added ms / captured step",
+                "CPU ms / captured step (job added / host)",
                 "watch() s",
                 "close() s",
                 "waited for host s",
                 "host lag (steps)",
                 "late marks",
                 "alert delay (steps, worst)",
+                "patterns counted every k-th step (k, worst)",
                 "peak RSS MiB (plain job / job / host)",
             ],
         )
@@ -355,6 +392,9 @@ def soak(steps: int) -> dict[str, Any]:
                 rss.append(_current_rss_mb())
         host_rss = _host_peak_rss_mb(mon.transport)
         mon.close()
+        wait_for_host = getattr(mon.transport, "wait_for_host", None)
+        if wait_for_host is not None:
+            wait_for_host(300)  # it attaches the report after close(): before the folder goes
         figures = {
             "steps": steps,
             "rss_mb_after_first_500": rss[1] if len(rss) > 1 else rss[0],

@@ -8,16 +8,19 @@ Order of work, so that alerts are never held up by storage:
 
 1. Every message that has arrived is run through the plugins at once (their states live in
    memory), and the alerts it raised and the marks that follow it are answered straight away.
-2. When no message has come for ``IDLE_SECONDS``, or ``FLUSH_SECONDS`` after the last write,
-   the process writes a slice of at most ``SLICE_EVENTS`` buffered events in one transaction
-   (``SqlStore.locked_run``), then the MLflow metrics in one ``log_batch``. At ``MAX_BUFFERED``
-   events it writes before it reads on, which bounds its memory; the training side's wait for
-   marks then slows training to the pace of the store (back-pressure, which the client counts
-   as wait time).
+2. When no message has come for ``IDLE_SECONDS``, after ``FLUSH_SECONDS``, or at
+   ``SLICE_EVENTS`` events, the buffered events go to the writer thread (``host_writer``),
+   which stores them in transactions of at most ``SLICE_EVENTS`` events and mirrors them to
+   MLflow; the main thread goes on answering. ``StoreBudget`` thins what is stored when storing
+   every step would take more than ``settings.host_store_fraction`` of wall time (the detectors
+   still see every step). A writer that falls ``WRITER_BATCHES`` batches behind makes the main
+   thread wait, which bounds the host's memory; the training side's wait for marks then slows
+   training to the pace of the store (back-pressure, counted as wait time by the client).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -32,6 +35,7 @@ from typing import Any
 
 from monitor.frames import FrameReader, write_frame
 from monitor.host import alert_key, run_plugins
+from monitor.host_writer import StoreBudget, StoreWriter
 from monitor.measures import RunContext, RunFinished, load_plugins
 from monitor.schema import (
     AlertValue,
@@ -47,9 +51,11 @@ from monitor.store import PluginOutcome, SqlStore, open_store
 logger = logging.getLogger("monitor.host_process")
 
 SLICE_EVENTS = 64
-MAX_BUFFERED = 1024
+HOST_NICENESS = 10
+WRITER_BATCHES = 16
 IDLE_SECONDS = 0.002
 FLUSH_SECONDS = 0.5
+STATES_SECONDS = 5.0  # plugin states are stored this often, and at the run's end
 
 
 @dataclass
@@ -92,6 +98,10 @@ class RunHost:
         self._pending = _Pending()
         self.failures = 0
         self.events = 0
+        self.budget = StoreBudget(settings.host_store_fraction)
+        self._states_at = time.monotonic()
+        self._flushed_at = time.monotonic()
+        self.writer = StoreWriter(self._write, limit=WRITER_BATCHES)
 
     def _connect_mlflow(self, start: RunStart) -> None:
         try:
@@ -162,9 +172,17 @@ class RunHost:
         context = RunContext(run_id=self.run_id, sites=self.sites)
         outcome = run_plugins(self.plugins, event, context, self.states, event.step, source)
         outcome.alerts = [(p, a) for p, a in outcome.alerts if self._admit(a)]
-        outcome.states = {}  # written once per slice, see ``persist``
-        self._pending.events.append((event, outcome))
-        self._mirror(event, event.step, outcome)
+        outcome.states = {}  # written every STATES_SECONDS, see ``hand_off``
+        stored: StepSummary | ProbeRecord = event
+        if (
+            isinstance(event, StepSummary)
+            and event.source == "train"
+            and event.sites
+            and not outcome.alerts
+            and not self.budget.keep(event.step)
+        ):
+            stored = _thinned(event, outcome)
+        self._pending.events.append((stored, outcome))
         for plugin, error in outcome.errors:
             self.failures += 1
             logger.debug("plugin %s failed: %s", plugin, error)
@@ -178,42 +196,69 @@ class RunHost:
         self._last_alert[key] = alert.step
         return True
 
-    def persist(self, limit: int | None = SLICE_EVENTS) -> None:
-        """Write up to ``limit`` buffered events (every one with ``None``) in one transaction.
+    def hand_off(self, states: bool = False) -> None:
+        """Give what is buffered to the writer thread; waits only on a writer far behind.
 
-        Plugin states are written with the slice that empties the buffer, and only those that
-        changed since they were last written.
+        The plugin states that changed go with it every ``STATES_SECONDS``, or when ``states``.
         """
         pending = self._pending
-        if not pending.sites and not pending.events:
+        now = time.monotonic()
+        changed: dict[str, dict[str, Any]] = {}
+        if states or now - self._states_at >= STATES_SECONDS:
+            self._states_at = now
+            for name, state in self.states.items():
+                if self._written_states.get(name) != state:
+                    changed[name] = pickle.loads(pickle.dumps(state))  # the writer's own copy
+            self._written_states.update(changed)
+        if not pending.sites and not pending.events and not changed:
             return
-        count = len(pending.events) if limit is None else min(limit, len(pending.events))
-        events, rest = pending.events[:count], pending.events[count:]
-        sites = pending.sites
-        changed = {
-            name: state
-            for name, state in self.states.items()
-            if self._written_states.get(name) != state
-        }
-        try:
-            self.store.save_events(self.run_id, sites, events, changed if not rest else {})
-        except Exception:
-            # Nothing of this slice is stored; keep going with the next ones, never stall.
-            self.failures += 1
-            logger.exception("apmon could not store %d events of run %s", count, self.run_id)
-        else:
-            if changed and not rest:
-                self._written_states.update(pickle.loads(pickle.dumps(changed)))
-        pending.sites = []
-        pending.events = rest
-        if self.mlflow is not None:
-            self._drain_mlflow_backlog()
-        if self.mlflow is not None:
+        self._pending = _Pending()
+        self.writer.submit((pending.sites, pending.events, changed))
+
+    def persist(self, limit: int | None = None) -> None:
+        """Store everything buffered, states included, and flush MLflow; returns when done.
+
+        ``limit`` is accepted for callers of the earlier, synchronous host; everything is
+        written either way.
+        """
+        self.hand_off(states=True)
+        self.writer.drain()
+        self._flush_mlflow()
+
+    def _write(self, batch: tuple[list[SiteInfo], list[Any], dict[str, dict[str, Any]]]) -> None:
+        """On the writer thread: store a batch in slices, mirror it to MLflow, time it all."""
+        sites, events, states = batch
+        began = time.perf_counter()
+        for start in range(0, max(len(events), 1), SLICE_EVENTS):
+            chunk = events[start : start + SLICE_EVENTS]
+            last = start + SLICE_EVENTS >= len(events)
             try:
-                self.mlflow.flush()
+                self.store.save_events(
+                    self.run_id, sites if start == 0 else [], chunk, states if last else {}
+                )
             except Exception:
+                # Nothing of this slice is stored; keep going with the next ones, never stall.
                 self.failures += 1
-                logger.exception("could not send metrics to MLflow")
+                logger.exception(
+                    "apmon could not store %d events of run %s", len(chunk), self.run_id
+                )
+        for event, outcome in events:
+            self._mirror(event, event.step, outcome)
+        if time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
+            self._flush_mlflow()
+        full = sum(1 for e, _ in events if isinstance(e, StepSummary) and e.sites)
+        self.budget.note_written(full, time.perf_counter() - began)
+
+    def _flush_mlflow(self) -> None:
+        self._flushed_at = time.monotonic()
+        if self.mlflow is None:
+            return
+        self._drain_mlflow_backlog()
+        try:
+            self.mlflow.flush()
+        except Exception:
+            self.failures += 1
+            logger.exception("could not send metrics to MLflow")
 
     def finish(self, final_step: int, costs: dict[str, float] | None = None) -> list[AlertValue]:
         """Write everything, run end-of-run plugins, close the run and the MLflow run.
@@ -222,6 +267,7 @@ class RunHost:
         host, waits that ran out), stored as run-level measures ``monitor/<name>`` of the final
         step so that a thinned or slowed run says so.
         """
+        costs = {**(costs or {}), "thinned_steps": float(self.budget.thinned)}
         if costs:
             outcome = PluginOutcome("train")
             outcome.measures = [
@@ -244,11 +290,12 @@ class RunHost:
             if self._mlflow_thread is not None:
                 self._mlflow_thread.join()  # a short run ends before MLflow is there
             self._mirror(None, final_step, outcome)
-            if self.mlflow is not None:
-                self.mlflow.flush()  # every metric is in MLflow when the job's close() returns
+            self._flush_mlflow()  # every metric is in MLflow when the job's close() returns
         except Exception:
             self.failures += 1
             logger.exception("apmon end-of-run processing failed")
+        self.writer.stop()
+        self.failures += self.writer.failures
         return alerts
 
     def close_mlflow(self) -> None:
@@ -320,7 +367,7 @@ def serve(in_fd: int, out_fd: int) -> int:
         due = waiting and time.monotonic() - last_write > FLUSH_SECONDS
         readable, _, _ = select.select([in_fd], [], [], IDLE_SECONDS if waiting else None)
         if host is not None and waiting and (due or not readable):
-            host.persist()
+            host.hand_off()
             last_write = time.monotonic()
         if not readable:
             continue
@@ -360,8 +407,26 @@ def serve(in_fd: int, out_fd: int) -> int:
                 )
                 host.close_mlflow()  # the job's close() has its answer already
                 return 0
-            if host.buffered >= MAX_BUFFERED:
-                host.persist()
+            if host.buffered >= SLICE_EVENTS:
+                host.hand_off()
+
+
+def _thinned(event: StepSummary, outcome: PluginOutcome) -> StepSummary:
+    """A training step stored without its site summaries and per-site measures.
+
+    See ``StoreBudget``: its loss, sample indices, run-level measures and fits stay.
+    """
+    outcome.measures = [m for m in outcome.measures if m[2].site is None]
+    outcome.backfill = []
+    return StepSummary.model_construct(
+        step=event.step,
+        source=event.source,
+        sites=[],
+        loss=event.loss,
+        sample_indices=event.sample_indices,
+        scalars=None,
+        diagram=None,
+    )
 
 
 def _start(reply: _Replies, settings: Settings, run_id: str, start: RunStart) -> RunHost | None:
@@ -380,6 +445,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="apmon host: %(levelname)s %(message)s")
     in_fd, out_fd = int(args[0]), int(args[1])
+    # Background work: where the host and training compete for a core (its start-up imports,
+    # SQL, MLflow), training's threads should win. The host still runs at full speed whenever
+    # training waits for it (a mark), so alerts stay timely.
+    with contextlib.suppress(OSError):
+        os.nice(HOST_NICENESS)
     # The MLflow thread imports and writes in Python for seconds: a short switch interval keeps
     # the plugins' answers to the training job from waiting the default 5 ms for the GIL.
     sys.setswitchinterval(0.0005)

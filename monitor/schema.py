@@ -160,6 +160,10 @@ class SiteSummary(WireModel):
     # Optional preactivation scale over the finite values: sum of squares, largest magnitude.
     sumsq: float | None = Field(default=None, ge=0)
     max_abs: float | None = Field(default=None, ge=0)
+    # Only rows, unit_on, nonfinite_rows and the scale were measured (no patterns): the cheap
+    # per-step statistics of the detectors between steps with full summaries. Not stored as a
+    # site summary; plugins that read patterns skip it.
+    scale_only: bool = False
 
     @field_validator(
         "patterns",
@@ -190,6 +194,8 @@ class SiteSummary(WireModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteSummary:
+        if self.scale_only and (self.spectrum or self.patterns or self.distinct):
+            raise ValueError("a scale_only summary has no patterns, spectrum or distinct count")
         if self.spectrum:
             if sum(c * m for c, m in self.spectrum) != self.rows:
                 raise ValueError("spectrum does not add up to rows")

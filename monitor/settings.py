@@ -89,6 +89,14 @@ class Settings(BaseSettings):
         ge=1024,
         description="Embedded: most bytes of records kept for a host that stopped reading.",
     )
+    host_store_fraction: float = Field(
+        default=0.15,
+        ge=0,
+        le=1,
+        description="Embedded: most of the wall time the host process spends storing results; "
+        "beyond it, it stores every k-th step's site summaries and measures (every step's loss, "
+        "run-level measures and alerts are kept; the detectors see every step). 0: store all.",
+    )
     finish_timeout_seconds: float = Field(
         default=30.0,
         ge=0,

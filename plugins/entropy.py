@@ -70,7 +70,7 @@ class EntropyPlugin:
         relative: list[float] = []
         for site in event.sites:
             info = context.sites.get(site.site)
-            if info is None:
+            if info is None or site.scale_only:  # no patterns were counted at this step
                 continue
             values = entropy_family(site, info.units)
             for name, value in values.items():

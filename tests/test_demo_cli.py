@@ -48,7 +48,13 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
         stored = [
             m for m in store.measures(run_id, name="rel_entropy", site=site) if m.source == "train"
         ]
-        assert [m.step for m in stored] == list(range(40))
+        # Patterns are counted on every step until the capture budget's first estimate (16
+        # steps), then on every k-th step (k a power of two) that the budget allows.
+        steps = [m.step for m in stored]
+        assert steps[:16] == list(range(16)) and steps == sorted(set(steps)) and steps[-1] < 40
+        # The detectors' statistics (per-unit on-counts: dead units) come with every step.
+        dead = [m for m in store.measures(run_id, name="dead", site=site) if m.source == "train"]
+        assert [m.step for m in dead] == list(range(40))
         # MLflow gets the site means by default (mlflow_keys="summary"), not each site's keys.
         assert not client.get_metric_history(
             mlflow_run_id, f"ap/rel_entropy/{site.replace('#', ':')}"
@@ -59,9 +65,10 @@ def test_demo_leaves_rows_and_mlflow_metrics_for_every_site(tmp_path: Path) -> N
         if m.source == "train"
     }
     history = client.get_metric_history(mlflow_run_id, "ap/rel_entropy_mean")
-    # A key gets a point at most every 0.1 s, and its last point always: steps 0 and 39 are in.
+    # A key gets a point at most every 0.1 s, and its last point always: the first and the
+    # last step with patterns are in.
     steps = [m.step for m in history]
-    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 39
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == max(means)
     assert all(m.value == means[m.step] for m in history)
     assert [m.step for m in client.get_metric_history(mlflow_run_id, "train/loss")][-1] == 39
     assert client.get_run(mlflow_run_id).data.tags["apmon.run_id"] == run_id

@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import re
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -21,14 +22,22 @@ import torch
 from torch import nn
 
 from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber, RateTriggered
+from monitor.client.budget import DEFAULT_CAPTURE_BUDGET, CaptureBudget
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
+from monitor.client.input_stats import InputStats, as_scalars, gather_ranks
 from monitor.client.mlflow_link import learning_rates, link_mlflow_run, run_origin
 from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
 from monitor.client.schedules import Schedule, as_schedule
-from monitor.client.summary import DEFAULT_SKETCH_K, SiteStats, measure, to_wire
+from monitor.client.summary import (
+    DEFAULT_SKETCH_K,
+    SiteStats,
+    measure,
+    measure_scale,
+    to_wire,
+)
 from monitor.client.transport import Transport
 from monitor.schema import MAX_SCALARS, AlertValue, RunStart, SiteInfo, SiteMode, StepSummary
 from monitor.settings import Settings
@@ -98,6 +107,7 @@ class Monitor:
         sweep_etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
         probe_rows: int | None = None,
         capture_rows: int | None = DEFAULT_CAPTURE_ROWS,
+        capture_budget: float | None = DEFAULT_CAPTURE_BUDGET,
         probe_set: ProbeSet | torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
         probe_every: int | Schedule = 100,
         apd_every: int | Schedule | None = None,
@@ -125,6 +135,12 @@ class Monitor:
         if capture_rows is not None and capture_rows < 1:
             raise ValueError(f"capture_rows must be >= 1, got {capture_rows}")
         self.capture_rows = capture_rows
+        # Which captured steps count patterns (budget.py); the others carry only the detectors'
+        # statistics. Merged ranks always count them (the merge needs the patterns).
+        self.capture_budget = CaptureBudget(None if merge_ranks else capture_budget)
+        self._full = True  # the step being captured counts patterns
+        self._own = 0.0  # seconds of the monitor's own work in this step, on this thread
+        self._step_ended_at: float | None = None
         self.on_alert = self._alert_policy(on_alert)
         # Set by ``on_alert="stop"``: the integrations stop the trainer at the end of the step.
         self.should_stop = False
@@ -136,6 +152,7 @@ class Monitor:
         self._new_sites: list[SiteInfo] = []
         self._pending: StepSummary | None = None
         self._labels: torch.Tensor | None = None
+        self._inputs = InputStats()  # scale of the training forwards' inputs (input_stats.py)
         self._sample_indices: list[int] | None = None
         # Step ends and marks (see ``_flush_and_mark``); transports without marks skip the wait.
         self._holds_for_loss = False
@@ -236,6 +253,7 @@ class Monitor:
     def _arm(self) -> None:
         """Arm the tracker for the step about to run: for its summary or its APT probe."""
         self._recording = self.schedule(self.step)
+        self._full = self._recording and self.capture_budget.full(self.step)
         probed = self.prober is not None and self.prober.scheduled(self.step)
         self.tracker.armed = self._recording or probed
         self._forwards = 0
@@ -254,6 +272,8 @@ class Monitor:
         """The tracker's word that an outermost training forward begins (see ``capture``)."""
         self._forwards += 1
         self._entered = module
+        if self._recording and self._closure_calls <= 1:
+            self._inputs.add(args, kwargs, self.capture_rows)
         if self.prober is None:
             return
         try:
@@ -279,6 +299,7 @@ class Monitor:
         # A closure evaluated again inside optimizer.step() (LBFGS) is not summarised twice.
         if not self._recording or self._closure_calls > 1 or not self.site_filter(name):
             return
+        began = time.perf_counter()
         try:
             x = preactivation.detach()
             kind = site_kind(x)
@@ -287,7 +308,7 @@ class Monitor:
                 x = x[: self.capture_rows]
                 labels = None if labels is None else labels[: self.capture_rows]
             with torch.no_grad():
-                stats = measure(x, kind, labels)
+                stats = measure(x, kind, labels) if self._full else measure_scale(x, kind)
             if name not in self.sites:
                 info = SiteInfo(name=name, kind=kind, mode=mode, units=stats.units)
                 self.sites[name] = info
@@ -296,6 +317,7 @@ class Monitor:
             self._stats[name] = stats if previous is None else previous.merge(stats)
         except Exception:
             logger.exception("apmon could not capture site %s; training continues", name)
+        self._own += time.perf_counter() - began
 
     # -- APT probes and sweeps (apt.py); a failing probe is logged, training goes on --------
 
@@ -347,6 +369,7 @@ class Monitor:
     # -- end of APT probes and sweeps ----------------------------------------------------------
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        began = time.perf_counter()
         self._in_optimizer_step = False
         self._check_capture()
         # Records still held (a summary waiting for its loss, the last probe-set summary) go
@@ -356,9 +379,10 @@ class Monitor:
         self._run_probes()
         self._run_probe_set()
         try:
-            stats = self._stats
+            stats, inputs = self._stats, self._inputs.take()
             if self.merge_ranks and self.schedule(self.step):
                 stats = all_gather_stats(stats, self.process_group)
+                inputs = gather_ranks(inputs, self.process_group)
                 if not is_leader(self.process_group):
                     stats = {}
             if stats:
@@ -367,10 +391,12 @@ class Monitor:
                     source="train",
                     sites=[to_wire(n, s, self.sketch_k) for n, s in stats.items()],
                     sample_indices=self._sample_indices,
-                    scalars=learning_rates(optimizer) or None,  # MLflow's lr/group<i>
+                    # MLflow's lr/group<i>, and input/rms, input/max_abs (for ``strikes``)
+                    scalars={**learning_rates(optimizer), **as_scalars(inputs)} or None,
                 )
             self._stats = {}
             self._sample_indices = None
+            self._note_cost(began)
             self.step += 1
             self._arm()
         except Exception:
@@ -384,6 +410,19 @@ class Monitor:
             self._flush_and_mark()
         if not self._in_step_function and not self._ends_own_steps:
             self._deliver_alerts()
+
+    def _note_cost(self, began: float) -> None:
+        """Tell the capture budget what this step cost the training thread (see budget.py).
+
+        The step's wall time runs from the previous step's end to this one's; the monitor's
+        own time is its capture and summary work in this step plus the previous step's send.
+        """
+        now = time.perf_counter()
+        if self._recording and self._step_ended_at is not None:
+            own = self._own + (now - began)
+            self.capture_budget.note(self._full, own, now - self._step_ended_at)
+        self._step_ended_at = now
+        self._own = 0.0
 
     def _check_capture(self) -> None:
         """Say once, at the first summarised step, why nothing was captured, if nothing was."""
@@ -508,11 +547,13 @@ class Monitor:
         The end of the next step waits for that mark (``_deliver_alerts``): by then the host
         has run the plugins over this step's records.
         """
+        began = time.perf_counter()
         try:
             if self._flush_pending() and self._mark is not None:
                 self._marks = [*self._marks[-1:], self._mark()]
         except Exception:
             logger.exception("apmon could not send step %d's summary", self.step)
+        self._own += time.perf_counter() - began
 
     def _deliver_alerts(self) -> None:
         """At the end of a step: wait for the previous step's mark, then hand alerts over.
@@ -729,7 +770,12 @@ def watch(
     ``with watch(model, opt):`` or ``@watch(model, opt)``. With no server configured, results go
     to a local SQLite file and MLflow store.
 
-    Options: ``every`` (int k or a step -> bool schedule), ``include``/``exclude`` (site name
+    Options: ``every`` (int k or a step -> bool schedule; each captured step carries the
+    detectors' statistics), ``capture_budget`` (the share of a plain step that counting
+    patterns may cost, default 0.05: patterns are counted on every k-th captured step, k the
+    smallest power of two that fits, see ``monitor.client.budget``; ``None`` counts them on every
+    captured step), ``capture_rows`` (rows of each batch summarised, default 32; ``None``: all),
+    ``include``/``exclude`` (site name
     patterns), ``sign_mode`` (also capture GELU/SiLU sites by preactivation sign), ``sketch_k``,
     ``name``, ``on_alert`` (a callable, called on the training thread, that may raise to stop
     training, or a policy: ``"warn"``, ``"raise"`` (``AlertRaised``), ``"stop"`` (sets

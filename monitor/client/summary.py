@@ -75,11 +75,15 @@ class SiteStats:
     class_unit_on: dict[int, torch.Tensor] = field(default_factory=dict)
     sumsq: float = 0.0
     max_abs: float = 0.0
+    # Scale-only statistics (``measure_scale``): no patterns were counted, ``counts`` is empty
+    # and ``scale_rows`` holds the rows.
+    scale_only: bool = False
+    scale_rows: int = 0
 
     @property
     def rows(self) -> int:
         """Rows counted."""
-        return self.counts.rows
+        return self.scale_rows if self.scale_only else self.counts.rows
 
     def merge(self, other: SiteStats) -> SiteStats:
         """Statistics of both row sets together."""
@@ -94,15 +98,20 @@ class SiteStats:
             else:
                 class_unit_on[label] = other.class_unit_on[label].clone()
         device = self.unit_on.device
+        scale_only = self.scale_only or other.scale_only  # patterns of some rows were not counted
         return SiteStats(
             units=self.units,
-            counts=merge_counts([self.counts, other.counts.to(device)]),
+            counts=empty_counts(device)
+            if scale_only
+            else merge_counts([self.counts, other.counts.to(device)]),
             unit_on=self.unit_on + other.unit_on.to(device),
             nonfinite_rows=self.nonfinite_rows + other.nonfinite_rows,
             class_rows=class_rows,
             class_unit_on=class_unit_on,
             sumsq=self.sumsq + other.sumsq,
             max_abs=max(self.max_abs, other.max_abs),
+            scale_only=scale_only,
+            scale_rows=self.rows + other.rows if scale_only else 0,
         )
 
     def to(self, device: torch.device | str) -> SiteStats:
@@ -116,6 +125,8 @@ class SiteStats:
             class_unit_on={k: v.to(device) for k, v in self.class_unit_on.items()},
             sumsq=self.sumsq,
             max_abs=self.max_abs,
+            scale_only=self.scale_only,
+            scale_rows=self.scale_rows,
         )
 
 
@@ -207,6 +218,51 @@ def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def measure_scale(x: torch.Tensor, kind: SiteKind) -> SiteStats:
+    """What the detectors read every step, without the patterns.
+
+    Rows, per-unit on-counts, non-finite rows and the preactivation scale (sum of squares and
+    max |x| of the finite values): the same values as ``measure`` for those fields (the tests
+    compare them), at a fraction of its cost: no bits are packed and no patterns counted.
+    Labels are not used.
+    """
+    if x.dim() == 1:
+        x = x.reshape(1, -1)
+    unit_dim = unit_dim_of(kind)
+    x3 = unit_layout(x, unit_dim)
+    outer, units, inner = x3.shape
+    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+        # One compiled pass (the kernels of ``measure``; the packed bits are not used).
+        values = x3.contiguous().numpy()
+        on = np.zeros((1, units), dtype=np.int64)
+        scale = np.zeros(2, dtype=np.float64)
+        no_class = np.zeros(outer, dtype=np.int64)
+        if inner == 1:
+            nonfinite = cpu_kernels.count_on_rows(values[:, :, 0], no_class, on, scale)
+        else:
+            words = np.zeros((outer * inner, (units + 63) // 64), dtype=np.int64)
+            nonfinite = cpu_kernels.pack_and_count_on(values, no_class, words, on, scale)
+        unit_on = torch.from_numpy(on[0])
+        sumsq, max_abs = float(scale[0]), float(scale[1])
+        if nonfinite:  # the kernels' scale is over every value: take it over the finite ones
+            nonfinite = _nonfinite_rows(x, unit_dim)
+            sumsq, max_abs = _scale_with_torch(x, True)
+    else:
+        unit_on = (x3 > 0).sum(dim=(0, 2))
+        nonfinite = _nonfinite_rows(x, unit_dim)
+        sumsq, max_abs = _scale_with_torch(x, nonfinite > 0)
+    return SiteStats(
+        units=units,
+        counts=empty_counts(x.device),
+        unit_on=unit_on,
+        nonfinite_rows=nonfinite,
+        sumsq=sumsq,
+        max_abs=max_abs,
+        scale_only=True,
+        scale_rows=outer * inner,
+    )
 
 
 def _measure_with_kernels(
@@ -339,6 +395,23 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
     fingerprints (unsigned order); either way sorted by unsigned fingerprint. One compiled pass
     (``cpu_kernels.sketch_and_spectrum``) selects them and counts the spectrum.
     """
+    if stats.scale_only:
+        return SiteSummary.model_construct(
+            site=name,
+            rows=stats.rows,
+            distinct=0,
+            spectrum=[],
+            patterns=[],
+            patterns_exact=True,
+            sketch_k=None,
+            unit_on=stats.unit_on.tolist(),
+            nonfinite_rows=stats.nonfinite_rows,
+            class_rows=None,
+            class_unit_on=None,
+            sumsq=stats.sumsq,
+            max_abs=stats.max_abs,
+            scale_only=True,
+        )
     fingerprints = stats.counts.fingerprints.cpu().numpy().view(np.uint64)
     counts = stats.counts.counts.cpu().numpy()
     distinct = int(counts.size)
@@ -361,6 +434,7 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
         class_unit_on=None,
         sumsq=stats.sumsq,
         max_abs=stats.max_abs,
+        scale_only=False,
     )
     if stats.class_rows:
         summary.class_rows = {str(k): v for k, v in sorted(stats.class_rows.items())}

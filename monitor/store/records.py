@@ -141,6 +141,7 @@ class Records(SqlBase):
                             "payload": site.model_dump(mode="json", exclude={"site"}),
                         }
                         for site in event.sites
+                        if not site.scale_only  # its statistics live on as the plugins' measures
                     ]
                 else:
                     probes += [

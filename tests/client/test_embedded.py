@@ -94,7 +94,9 @@ def test_an_alert_reaches_on_alert_by_the_end_of_the_next_step(tmp_path: Path) -
 def test_every_step_is_stored_once_with_its_loss(tmp_path: Path) -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    mon = watch(model, opt, settings=_settings(tmp_path), apt_every=1)
+    # Patterns counted and stored on every step: no capture budget, no storage budget.
+    settings = _settings(tmp_path).model_copy(update={"host_store_fraction": 0.0})
+    mon = watch(model, opt, settings=settings, apt_every=1, capture_budget=None)
 
     @mon
     def step(x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +264,8 @@ from monitor.settings import Settings
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
-mon = watch(model, opt, settings=Settings(database_url=sys.argv[1], mlflow_tracking_uri=""))
+settings = Settings(database_url=sys.argv[1], mlflow_tracking_uri="", host_store_fraction=0)
+mon = watch(model, opt, settings=settings, capture_budget=None)  # every step stored in full
 for _ in range(25):
     opt.zero_grad()
     model(torch.randn(8, 6)).sum().backward()

@@ -78,10 +78,17 @@ def train(settings: Settings, steps: int, at_step: dict[int, Any] | None = None)
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     done = 0
-    # Every row summarised (capture_rows=None): records big enough to fill a 1 MiB spool. No APT
-    # probes: the counts below are of training summaries, one record per step.
+    # Every row summarised (capture_rows=None) and patterns counted on every step
+    # (capture_budget=None): records big enough to fill a 1 MiB spool. No APT probes: the counts
+    # below are of training summaries, one record per step.
     with watch(
-        model, optimizer, settings=settings, name="spool test", capture_rows=None, apt_every=None
+        model,
+        optimizer,
+        settings=settings,
+        name="spool test",
+        capture_rows=None,
+        capture_budget=None,
+        apt_every=None,
     ) as monitor:
         for step in range(steps):
             if at_step and step in at_step:
