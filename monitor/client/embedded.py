@@ -191,7 +191,15 @@ class EmbeddedTransport:
             "waited_seconds": self.waited_seconds,
             "late_marks": float(self.late_marks),
         }
+        dropped = self.dropped
         self._send(("finish", final_step, costs))
+        finish_frame = encode(("finish", final_step, costs))
+        if self.dropped != dropped and self._unsent and self._unsent[-1] == finish_frame:
+            # Queuing "finish" dropped older records itself (a host that stopped reading):
+            # it reports those too. Only an untouched frame is replaced.
+            costs["dropped_records"] = float(self.dropped)
+            self._unsent[-1] = encode(("finish", final_step, costs))
+            self._unsent_bytes += len(self._unsent[-1]) - len(finish_frame)
         deadline = time.monotonic() + FINISH_SECONDS
         finished = False
         while not self._dead and time.monotonic() < deadline:
