@@ -101,9 +101,10 @@ class RunHost:
         self.budget = StoreBudget(settings.host_store_fraction)
         self._states_at = time.monotonic()
         self._flushed_at = time.monotonic()
-        self.writer = StoreWriter(self._write, limit=WRITER_BATCHES)
+        self.writer = StoreWriter(self._write, limit=WRITER_BATCHES, on_start=lower_priority)
 
     def _connect_mlflow(self, start: RunStart) -> None:
+        lower_priority()
         try:
             from monitor.sinks.mlflow_sink import MlflowSink
             from monitor.sinks.tracking import standard_tags
@@ -437,7 +438,19 @@ def _start(reply: _Replies, settings: Settings, run_id: str, start: RunStart) ->
         reply(("failed", "".join(traceback.format_exception_only(error)).strip()))
         return None
     reply(("started", host.mlflow_run_id))
+    lower_priority()  # started at full speed (training's steps wait for it); then background
     return host
+
+
+def lower_priority() -> None:
+    """Background work: where the host and training compete for a core, training wins.
+
+    Lowers the calling thread's priority (Linux: per thread): the writer and MLflow threads from
+    their start, the main thread once the run's plugins are up. The host still runs at full
+    speed whenever training waits for it (a mark), so alerts stay timely.
+    """
+    with contextlib.suppress(OSError):
+        os.nice(HOST_NICENESS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -445,11 +458,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="apmon host: %(levelname)s %(message)s")
     in_fd, out_fd = int(args[0]), int(args[1])
-    # Background work: where the host and training compete for a core (its start-up imports,
-    # SQL, MLflow), training's threads should win. The host still runs at full speed whenever
-    # training waits for it (a mark), so alerts stay timely.
-    with contextlib.suppress(OSError):
-        os.nice(HOST_NICENESS)
     # The MLflow thread imports and writes in Python for seconds: a short switch interval keeps
     # the plugins' answers to the training job from waiting the default 5 ms for the GIL.
     sys.setswitchinterval(0.0005)

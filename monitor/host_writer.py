@@ -85,8 +85,14 @@ class StoreWriter:
     A ``write`` that raises is logged and counted in ``failures``; the next batch goes on.
     """
 
-    def __init__(self, write: Callable[[Any], None], limit: int = 16) -> None:
+    def __init__(
+        self,
+        write: Callable[[Any], None],
+        limit: int = 16,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
         self._write = write
+        self._on_start = on_start
         self._limit = limit
         self._queue: list[Any] = []
         self._busy = False
@@ -125,6 +131,8 @@ class StoreWriter:
         self._thread.join()
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            self._on_start()  # e.g. lower this thread's priority
         while True:
             with self._cond:
                 while not self._queue and not self._stopped:
