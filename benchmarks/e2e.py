@@ -158,9 +158,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     end = time.perf_counter()
     cpu = _own_cpu_s() - cpu
     host_cpu = _host_cpu_s(mon.transport)  # loop and close, not the report rendered after
-    wait_for_host = getattr(mon.transport, "wait_for_host", None)
-    if wait_for_host is not None:
-        wait_for_host(300)  # untimed: the next run starts on a quiet machine
+    _wait_for_host(mon.transport)  # untimed: the next run starts on a quiet machine
     figures.update(
         total_s=end - begin,
         cpu_s=cpu,
@@ -187,31 +185,40 @@ def _own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _host_cpu_s(transport: Any) -> float:
-    """CPU seconds the embedded host process has used so far (0 without one)."""
+def _wait_for_host(transport: Any) -> None:
+    """After close(): wait (up to 300 s) until the host process has attached the report."""
+    wait = getattr(transport, "wait_for_host", None)
+    if wait is not None:
+        wait(300)
+
+
+def _host_proc(transport: Any, name: str) -> str | None:
+    """The text of /proc/<host pid>/<name> of the embedded host process (None without one)."""
     process = getattr(transport, "_process", None)
     if process is None:
-        return 0.0
+        return None
     try:
-        with open(f"/proc/{process.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{process.pid}/{name}") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+def _host_cpu_s(transport: Any) -> float:
+    """CPU seconds the embedded host process has used so far (0 without one)."""
+    stat = _host_proc(transport, "stat")
+    try:
+        fields = (stat or "").rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+    except (IndexError, ValueError):
         return 0.0
 
 
 def _host_peak_rss_mb(transport: Any) -> float:
     """Peak RSS of the embedded host process (0 without one), read before it exits."""
-    process = getattr(transport, "_process", None)
-    if process is None:
-        return 0.0
-    try:
-        with open(f"/proc/{process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    for line in (_host_proc(transport, "status") or "").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return 0.0
 
 
@@ -392,9 +399,7 @@ def soak(steps: int) -> dict[str, Any]:
                 rss.append(_current_rss_mb())
         host_rss = _host_peak_rss_mb(mon.transport)
         mon.close()
-        wait_for_host = getattr(mon.transport, "wait_for_host", None)
-        if wait_for_host is not None:
-            wait_for_host(300)  # it attaches the report after close(): before the folder goes
+        _wait_for_host(mon.transport)  # it renders the report after close(): keep its folder
         figures = {
             "steps": steps,
             "rss_mb_after_first_500": rss[1] if len(rss) > 1 else rss[0],

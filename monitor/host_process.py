@@ -216,12 +216,8 @@ class RunHost:
         self._pending = _Pending()
         self.writer.submit((pending.sites, pending.events, changed))
 
-    def persist(self, limit: int | None = None) -> None:
-        """Store everything buffered, states included, and flush MLflow; returns when done.
-
-        ``limit`` is accepted for callers of the earlier, synchronous host; everything is
-        written either way.
-        """
+    def persist(self) -> None:
+        """Store everything buffered, states included, and flush MLflow; returns when done."""
         self.hand_off(states=True)
         self.writer.drain()
         self._flush_mlflow()
@@ -276,7 +272,7 @@ class RunHost:
                 for name, value in sorted(costs.items())
             ]
             self._pending.events.append((StepSummary(step=final_step, sites=[]), outcome))
-        self.persist(limit=None)
+        self.persist()
         alerts: list[AlertValue] = []
         try:
             event = RunFinished(

@@ -395,37 +395,28 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
     fingerprints (unsigned order); either way sorted by unsigned fingerprint. One compiled pass
     (``cpu_kernels.sketch_and_spectrum``) selects them and counts the spectrum.
     """
-    if stats.scale_only:
-        return SiteSummary.model_construct(
-            site=name,
-            rows=stats.rows,
-            distinct=0,
-            spectrum=[],
-            patterns=[],
-            patterns_exact=True,
-            sketch_k=None,
-            unit_on=stats.unit_on.tolist(),
-            nonfinite_rows=stats.nonfinite_rows,
-            class_rows=None,
-            class_unit_on=None,
-            sumsq=stats.sumsq,
-            max_abs=stats.max_abs,
-            scale_only=True,
+    spectrum: list[tuple[int, int]] = []
+    patterns: list[tuple[int, int]] = []
+    rows, distinct, exact = stats.rows, 0, True
+    if not stats.scale_only:  # scale-only statistics counted no patterns
+        fingerprints = stats.counts.fingerprints.cpu().numpy().view(np.uint64)
+        counts = stats.counts.counts.cpu().numpy()
+        rows, distinct = int(counts.sum()), int(counts.size)
+        exact = distinct <= sketch_k
+        kept, values, multiplicities = cpu_kernels.sketch_and_spectrum(
+            fingerprints, counts, sketch_k
         )
-    fingerprints = stats.counts.fingerprints.cpu().numpy().view(np.uint64)
-    counts = stats.counts.counts.cpu().numpy()
-    distinct = int(counts.size)
-    exact = distinct <= sketch_k
-    kept, values, multiplicities = cpu_kernels.sketch_and_spectrum(fingerprints, counts, sketch_k)
+        spectrum = list(zip(values.tolist(), multiplicities.tolist(), strict=True))
+        patterns = list(zip(fingerprints[kept].tolist(), counts[kept].tolist(), strict=True))
     # Built from our own exact counts, so pydantic's validation (a tenth of a millisecond per
     # site, every step) is skipped here; the service validates what it receives, and the tests
     # validate what this returns.
     summary = SiteSummary.model_construct(
         site=name,
-        rows=int(counts.sum()),
+        rows=rows,
         distinct=distinct,
-        spectrum=list(zip(values.tolist(), multiplicities.tolist(), strict=True)),
-        patterns=list(zip(fingerprints[kept].tolist(), counts[kept].tolist(), strict=True)),
+        spectrum=spectrum,
+        patterns=patterns,
         patterns_exact=exact,
         sketch_k=None if exact else sketch_k,
         unit_on=stats.unit_on.tolist(),
@@ -434,9 +425,9 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
         class_unit_on=None,
         sumsq=stats.sumsq,
         max_abs=stats.max_abs,
-        scale_only=False,
+        scale_only=stats.scale_only,
     )
-    if stats.class_rows:
+    if stats.class_rows and not stats.scale_only:
         summary.class_rows = {str(k): v for k, v in sorted(stats.class_rows.items())}
         summary.class_unit_on = {str(k): v.tolist() for k, v in sorted(stats.class_unit_on.items())}
     return summary

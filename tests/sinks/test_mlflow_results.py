@@ -123,7 +123,7 @@ def test_a_finished_embedded_run_attaches_its_report_and_every_alert(tmp_path: P
             site="fc#0", rows=4, distinct=2, spectrum=[(2, 2)], unit_on=[4, 2, 0, 1]
         )
         host.handle(StepSummary(step=step, sites=[summary], loss=1.0 / (step + 1)))
-    host.persist(limit=None)
+    host.persist()
     outcome = PluginOutcome("train")
     outcome.alerts = [_alert("bad_batch", 2, "a"), _alert("bad_batch", 4, "b")]
     outcome.measures = [("p", "1", MeasureValue(name="dead", value=0.25, site="fc#0"))]
