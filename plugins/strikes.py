@@ -11,7 +11,7 @@ import numpy as np
 
 from monitor.measures import Event, PluginResult, RunContext
 from monitor.schema import AlertValue, SiteSummary, StepSummary
-from plugins._robust import median_mad, push
+from plugins._robust import medians_mads, push
 
 INPUT_SCALARS = {"input_rms": "input/rms", "input_max_abs": "input/max_abs"}
 
@@ -67,8 +67,21 @@ class StrikeSettings:
 UPWARD = frozenset({"loss", "shift"})
 
 
-def site_values(site: SiteSummary, previous_on: list[float] | None) -> dict[str, float]:
-    """A site's judged statistics at one step: ln RMS, ln max |x|, on-rate shift (see above)."""
+def on_rates_of(site: SiteSummary) -> np.ndarray | None:
+    """The site's per-unit on-rates on_u / rows (None without rows or unit counts)."""
+    if site.rows == 0 or not site.unit_on:
+        return None
+    # numpy: a 512-unit site in pure Python took most of the host's time per step
+    return np.asarray(site.unit_on, dtype=np.float64) / site.rows
+
+
+def site_values(
+    site: SiteSummary, previous_on: list[float] | None, rates: np.ndarray | None = None
+) -> dict[str, float]:
+    """A site's judged statistics at one step: ln RMS, ln max |x|, on-rate shift (see above).
+
+    ``rates``: the site's ``on_rates_of``, when the caller has them already.
+    """
     values: dict[str, float] = {}
     units = len(site.unit_on)
     if site.rows == 0 or units == 0:
@@ -78,14 +91,20 @@ def site_values(site: SiteSummary, previous_on: list[float] | None) -> dict[str,
     if site.max_abs is not None and site.max_abs > 0:
         values["max_abs"] = math.log(site.max_abs)
     if previous_on is not None and len(previous_on) == units:
-        # numpy: a 512-unit site in pure Python took most of the host's time per step
-        rates = np.asarray(site.unit_on, dtype=np.float64) / site.rows
+        rates = on_rates_of(site) if rates is None else rates
         values["shift"] = float(np.abs(rates - np.asarray(previous_on)).sum()) / units
     return values
 
 
-def step_values(event: StepSummary, on_rates: Mapping[str, list[float]]) -> dict[str, float]:
-    """Every judged statistic of a training step, keyed ``kind`` or ``kind:site``."""
+def step_values(
+    event: StepSummary,
+    on_rates: Mapping[str, list[float]],
+    rates: Mapping[str, np.ndarray | None] | None = None,
+) -> dict[str, float]:
+    """Every judged statistic of a training step, keyed ``kind`` or ``kind:site``.
+
+    ``rates``: each site's ``on_rates_of``, when the caller has them already.
+    """
     values: dict[str, float] = {}
     if event.loss is not None and event.loss > 0:
         values["loss"] = math.log(event.loss)
@@ -95,7 +114,8 @@ def step_values(event: StepSummary, on_rates: Mapping[str, list[float]]) -> dict
         if x is not None and x > 0:
             values[kind] = math.log(x)
     for site in event.sites:
-        for name, x in site_values(site, on_rates.get(site.site)).items():
+        known = None if rates is None else rates.get(site.site)
+        for name, x in site_values(site, on_rates.get(site.site), known).items():
             values[f"{name}:{site.site}"] = x
     return values
 
@@ -151,7 +171,8 @@ class StrikeDetector:
         state["judged_step"] = event.step
         s = self.settings
         on_rates: dict[str, list[float]] = state.setdefault("on_rate", {})
-        values = step_values(event, on_rates)
+        rates = {site.site: on_rates_of(site) for site in event.sites}
+        values = step_values(event, on_rates, rates)
         baselines: dict[str, list[float]] = state.setdefault("baseline", {})
         exceeded = self._exceeded(event.step, values, baselines)
         last = state.get("last_strike")
@@ -161,11 +182,9 @@ class StrikeDetector:
             return PluginResult(alerts=[self._alert(event, exceeded)])
         for key, x in values.items():
             baselines[key] = push(baselines.get(key, []), x, s.window)
-        for site in event.sites:
-            if site.rows and site.unit_on:
-                on_rates[site.site] = (
-                    np.asarray(site.unit_on, dtype=np.float64) / site.rows
-                ).tolist()
+        for name, site_rates in rates.items():
+            if site_rates is not None:
+                on_rates[name] = site_rates.tolist()
         return PluginResult()
 
     def _exceeded(
@@ -174,14 +193,23 @@ class StrikeDetector:
         """The statistics past their limits at ``step``, each with its band (see the settings)."""
         s = self.settings
         judged: dict[str, dict[str, float]] = {}
+        if step < s.start:
+            return judged
+        windows = {k: baselines[k] for k in values if len(baselines.get(k, [])) >= s.warmup}
+        recent = {
+            k: w[-s.shift_recent :]
+            for k, w in windows.items()
+            if k.startswith("shift:") and s.shift_recent < len(w)
+        }
+        bands = medians_mads(windows)
+        recent_bands = medians_mads(recent)
         for key, x in values.items():
-            history = baselines.get(key, [])
-            if step < s.start or len(history) < s.warmup:
+            if key not in windows:
                 continue
             kind = key.split(":")[0]
-            centre, mad = median_mad(history)
-            if kind == "shift" and s.shift_recent < len(history):
-                centre = median_mad(history[-s.shift_recent :])[0]
+            centre, mad = bands[key]
+            if key in recent_bands:
+                centre = recent_bands[key][0]
             band = max(mad, getattr(s, f"{kind}_floor"))
             excess = (x - centre) / band if kind in UPWARD else abs(x - centre) / band
             limit: float = getattr(s, kind)

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import least_squares
-from scipy.special import ndtr, ndtri
 
 from monitor.measures import Event, PluginResult, RunContext
 from monitor.schema import FitValue, MeasureValue, ProbeRecord
@@ -35,6 +33,8 @@ class Fit:
 
 def model(log_eta: np.ndarray, mu: float, sigma: float) -> np.ndarray:
     """P(eta) = 1/2 (1 + erf((ln eta - mu) / (sigma sqrt 2))) = Phi((ln eta - mu) / sigma)."""
+    from scipy.special import ndtr  # imported at the first fit: see ``fit_transition``
+
     return np.asarray(ndtr((log_eta - mu) / sigma))
 
 
@@ -67,6 +67,11 @@ def fit_transition(etas: Sequence[float], ds: Sequence[float]) -> Fit:
         return Fit(None, None, None, n, False, "every usable point has the same eta")
     span = float(np.ptp(x))
     mu_low, mu_high = float(x.min()) - 10 * span, float(x.max()) + 10 * span
+    # scipy (0.5 s of imports) loads at the first fit, not with the plugins: sweeps are off by
+    # default, and the embedded host's start competes with the training job for the CPU.
+    from scipy.optimize import least_squares
+    from scipy.special import ndtri
+
     slope, intercept = np.polyfit(x, ndtri(y), 1)
     if slope > 0:
         mu0, sigma0 = -intercept / slope, 1.0 / slope

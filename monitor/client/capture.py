@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from monitor.schema import SiteKind, SiteMode
 
 ROOT_NAME = "model"
+MAX_FILTER_ANSWERS = 4096  # site names whose filter answer is kept
 
 # Piecewise-linear activations: the pattern is preactivation > 0 (the unit's linear piece).
 PIECEWISE_LINEAR: dict[Callable[..., Any], str] = {
@@ -126,12 +127,19 @@ class SiteFilter:
 
     include: Sequence[str] = ("*",)
     exclude: Sequence[str] = ()
+    # Each name's answer, asked at every site of every captured step (a model has few names).
+    _answers: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, name: str) -> bool:
         """Whether the site is captured."""
-        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-            return False
-        return any(fnmatch.fnmatchcase(name, p) for p in self.include)
+        answer = self._answers.get(name)
+        if answer is None:
+            answer = not any(fnmatch.fnmatchcase(name, p) for p in self.exclude) and any(
+                fnmatch.fnmatchcase(name, p) for p in self.include
+            )
+            if len(self._answers) < MAX_FILTER_ANSWERS:
+                self._answers[name] = answer
+        return answer
 
 
 SiteCallback = Callable[[str, SiteMode, torch.Tensor], None]

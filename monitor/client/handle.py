@@ -307,8 +307,8 @@ class Monitor:
             if self.capture_rows is not None and x.dim() > 1 and x.shape[0] > self.capture_rows:
                 x = x[: self.capture_rows]
                 labels = None if labels is None else labels[: self.capture_rows]
-            with torch.no_grad():
-                stats = measure(x, kind, labels) if self._full else measure_scale(x, kind)
+            # x is detached: nothing below records autograd history, no no_grad() needed
+            stats = measure(x, kind, labels) if self._full else measure_scale(x, kind)
             if name not in self.sites:
                 info = SiteInfo(name=name, kind=kind, mode=mode, units=stats.units)
                 self.sites[name] = info

@@ -141,3 +141,24 @@ def test_a_summary_without_input_scalars_is_judged_on_the_rest() -> None:
     steps = [step(i).model_copy(update={"scalars": None}) for i in range(60)]
     steps[45] = steps[45].model_copy(update={"loss": 9.0})
     assert [(a.step, a.evidence["signal"]) for a in alerts_of(steps)] == [(45, "loss")]
+
+
+def test_medians_mads_equal_the_one_window_rule() -> None:
+    """The batched bands are exactly ``median_mad`` of each window, whatever their lengths."""
+    import random
+
+    from plugins._robust import median_mad, medians_mads
+
+    rng = random.Random(3)
+    windows = {
+        f"k{i}": [rng.gauss(0, 1) for _ in range(n)] for i, n in enumerate([30, 30, 7, 1, 30, 8])
+    }
+    windows["empty"] = []
+    bands = medians_mads(windows)
+    assert set(bands) == set(windows) - {"empty"}
+    for key, window in windows.items():
+        if window:
+            assert bands[key] == median_mad(window)
+            centre = statistics.median(window)
+            mad = 1.4826 * statistics.median([abs(v - centre) for v in window])
+            assert bands[key] == pytest.approx((centre, mad), rel=1e-12, abs=1e-15)
