@@ -274,7 +274,27 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
             results[str(threads)] = summarise(runs, args, threads)
+        results["host_fixed_cpu_s"] = host_fixed_cost(folder, args.rounds)
     return results
+
+
+def host_fixed_cost(folder: Path, rounds: int) -> float:
+    """CPU seconds the host process of an empty run uses: what every run pays once.
+
+    ``watch()`` and ``close()`` with no step between: the host's interpreter, imports, store,
+    MLflow connection and finish. On 2 cores with torch on both, training loses about that much
+    time at the start of a run; the per-step figures above include it, spread over the run.
+    """
+    spent = [
+        spawn(["mlp_small", "defaults", "0", "0", str(folder)])["host_cpu_s"]
+        for _ in range(max(rounds, 1))
+    ]
+    fixed = statistics.median(spent)
+    print(
+        f"\nHost fixed cost per run (an empty run: start-up, imports, store, MLflow, finish): "
+        f"{fixed:.2f} CPU-s, median of {len(spent)}"
+    )
+    return fixed
 
 
 def summarise(

@@ -40,13 +40,17 @@ def apt(step: int, changed: list[int], rows: int = 64) -> ProbeRecord:
 class Pipeline:
     """The transition fit feeding the divergence detector, as the host wires them."""
 
-    def __init__(self) -> None:
+    def __init__(self, strikes: bool = False) -> None:
         self.fit, self.detector = TransitionFitPlugin(), DivergenceDetector()
+        self.strikes = StrikeDetector() if strikes else None
         self.fit_state: dict = {}
+        self.strikes_state: dict = {}
         self.state: dict = {}
 
     def __call__(self, event: ProbeRecord | StepSummary):
         upstream = {"transition_fit": self.fit.process(event, CTX, self.fit_state, {})}
+        if self.strikes is not None:
+            upstream["strikes"] = self.strikes.process(event, CTX, self.strikes_state, {})
         return self.detector.process(event, CTX, self.state, upstream).alerts
 
 
@@ -165,6 +169,26 @@ def test_isolated_bad_batches_and_small_loss_rises_do_not_climb() -> None:
     low = [0.03] * 41 + [0.3] * 30
     assert climb_alerts(low) == []
     assert climb_alerts(losses_then([None] * 10)) == []  # type: ignore[list-item]
+
+
+def test_a_struck_batchs_aftermath_does_not_climb_but_a_lasting_climb_still_does() -> None:
+    # A corrupted batch at step 61 (loss 50) knocks the net: the loss stays at 0.9 for 12 steps
+    # while it recovers. Without strikes' word the climb rule calls it a divergence.
+    knocked = [0.2] * 20 + [50.0] + [0.9] * 12 + [0.2] * 30
+    assert [a.step for a in climb_alerts(losses_then(knocked))] == [67]
+
+    def alerts(losses: list[float]) -> list[tuple[int, str, str]]:
+        run = Pipeline(strikes=True)
+        return [  # the divergence detector's alerts, with strikes wired in as the host does
+            (a.step, a.kind, str(a.evidence.get("signal")))
+            for s, loss in enumerate(losses)
+            for a in run(train_summary(s, loss))
+        ]
+
+    assert alerts(losses_then(knocked)) == []  # strikes judged step 61 a bad batch
+    # A rise that begins right after a struck batch and lasts 20 steps (63..82) is a climb.
+    lasting = [0.2] * 20 + [50.0] + [0.9] * 40
+    assert alerts(losses_then(lasting)) == [(82, "divergence", "loss_climb")]
 
 
 # -- divergence at watch()'s defaults: the "heat" rule (APT temperature while the rate rose) ------

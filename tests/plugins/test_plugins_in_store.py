@@ -41,7 +41,7 @@ def test_every_plugin_is_registered_with_name_version_and_doc() -> None:
         assert plugin.version and "entry point" in described[name]["origin"]
         doc = type(plugin).__doc__ or ""
         assert "Source" in doc or "source" in doc, name
-    assert registry.get("divergence").requires == ("transition_fit",)
+    assert registry.get("divergence").requires == ("transition_fit", "strikes")
 
 
 def _feed(store: SqlStore, finish: bool) -> str:
