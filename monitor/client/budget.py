@@ -23,21 +23,25 @@ _SMOOTHING = 0.2  # weight of a new step in the running means
 
 
 class CaptureBudget:
-    """Decides which captured steps count patterns: ``full(step)`` is ``step % stride == 0``.
+    """Decides which captured steps count patterns: the first, then ``step % stride == 0``.
 
     ``note(full, own, wall)`` reports a finished step: whether it counted patterns, the seconds
-    of the monitor's own work on the training thread in it, and its wall time. Every
-    ``ADJUST_EVERY`` steps the stride becomes the smallest power of two k (at most
-    ``MAX_STRIDE``) with (c_full + (k - 1) c_scale) / k <= fraction x plain, where c_full and
-    c_scale are the running mean costs of the two kinds of step and plain = wall - own.
-    ``fraction`` None: every captured step counts patterns.
+    of the monitor's own work on the training thread in it, and its wall time. The stride
+    becomes the smallest power of two k (at most ``MAX_STRIDE``) with
+    (c_full + (k - 1) c_scale) / k <= fraction x plain, where c_full and c_scale are the running
+    mean costs of the two kinds of step and plain = wall - own: first as soon as one step of
+    each kind was measured, then every ``ADJUST_EVERY`` steps. It starts at ``MAX_STRIDE``
+    (the first measured step counts patterns, the next the scale only), so that a large model
+    does not pay for patterns on every one of its first steps before the budget knows their
+    cost (ResNet-20's first 16 steps took seconds that way). ``fraction`` None: every captured
+    step counts patterns.
     """
 
     def __init__(self, fraction: float | None = DEFAULT_CAPTURE_BUDGET) -> None:
         if fraction is not None and not 0 < fraction <= 1:
             raise ValueError(f"capture_budget must be in (0, 1] or None, got {fraction}")
         self.fraction = fraction
-        self.stride = 1
+        self.stride = 1 if fraction is None else MAX_STRIDE
         self.full_steps = 0
         self.scale_steps = 0
         self._cost_full: float | None = None
@@ -46,8 +50,12 @@ class CaptureBudget:
         self._since_adjust = 0
 
     def full(self, step: int) -> bool:
-        """Whether this captured step counts patterns."""
-        return step % self.stride == 0
+        """Whether this captured step counts patterns.
+
+        Until one such step was measured every one does (whatever its number: a resumed run;
+        the monitor cannot time its first step), so that the first estimate has its cost.
+        """
+        return self.full_steps == 0 or step % self.stride == 0
 
     def note(self, full: bool, own: float, wall: float) -> None:
         """A finished captured step's figures (seconds)."""
@@ -61,7 +69,8 @@ class CaptureBudget:
             self._cost_scale = _running(self._cost_scale, own)
         self._plain = _running(self._plain, max(wall - own, 0.0))
         self._since_adjust += 1
-        if self._since_adjust >= ADJUST_EVERY:
+        first = self.full_steps == 1 and self.scale_steps == 1
+        if first or self._since_adjust >= ADJUST_EVERY:
             self._since_adjust = 0
             self._adjust()
 

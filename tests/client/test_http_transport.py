@@ -166,7 +166,10 @@ def test_alerts_from_ingest_responses_reach_on_alert_through_watch(tmp_path: Pat
     with TestClient(app, base_url=settings.server_url or "") as http:
         http.headers["Authorization"] = f"Bearer {token}"
         transport = HttpTransport(settings, client=http)
-        with watch(model, optimizer, transport=transport, on_alert=seen.append) as monitor:
+        # capture_budget=None: every step's site summaries are stored (checked below)
+        with watch(
+            model, optimizer, transport=transport, on_alert=seen.append, capture_budget=None
+        ) as monitor:
             steps = 0
             while not seen and steps < 100:  # train until the alert reaches the loop
                 loss = model(torch.randn(16, 4)).pow(2).mean()
@@ -193,7 +196,8 @@ def test_watch_with_a_server_url_ships_to_the_service(tmp_path: Path) -> None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        with watch(model, optimizer, settings=settings) as monitor:
+        # capture_budget=None: patterns (and their distinct counts) on every step
+        with watch(model, optimizer, settings=settings, capture_budget=None) as monitor:
             for _ in range(5):
                 loss = model(torch.randn(16, 4)).pow(2).mean()
                 optimizer.zero_grad()
