@@ -265,13 +265,12 @@ class RunHost:
         step so that a thinned or slowed run says so.
         """
         costs = {**(costs or {}), "thinned_steps": float(self.budget.thinned)}
-        if costs:
-            outcome = PluginOutcome("train")
-            outcome.measures = [
-                ("monitor", "1", MeasureValue(name=f"monitor/{name}", value=value))
-                for name, value in sorted(costs.items())
-            ]
-            self._pending.events.append((StepSummary(step=final_step, sites=[]), outcome))
+        outcome = PluginOutcome("train")
+        outcome.measures = [
+            ("monitor", "1", MeasureValue(name=f"monitor/{name}", value=value))
+            for name, value in sorted(costs.items())
+        ]
+        self._pending.events.append((StepSummary(step=final_step, sites=[]), outcome))
         self.persist()
         alerts: list[AlertValue] = []
         try:

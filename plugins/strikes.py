@@ -76,11 +76,12 @@ def on_rates_of(site: SiteSummary) -> np.ndarray | None:
 
 
 def site_values(
-    site: SiteSummary, previous_on: list[float] | None, rates: np.ndarray | None = None
+    site: SiteSummary, previous_on: list[float] | None, rates: np.ndarray | None
 ) -> dict[str, float]:
     """A site's judged statistics at one step: ln RMS, ln max |x|, on-rate shift (see above).
 
-    ``rates``: the site's ``on_rates_of``, when the caller has them already.
+    ``rates``: the site's ``on_rates_of`` (computed once per step: they also become the next
+    step's ``previous_on``).
     """
     values: dict[str, float] = {}
     units = len(site.unit_on)
@@ -90,8 +91,7 @@ def site_values(
         values["rms"] = 0.5 * math.log(site.sumsq / (site.rows * units))
     if site.max_abs is not None and site.max_abs > 0:
         values["max_abs"] = math.log(site.max_abs)
-    if previous_on is not None and len(previous_on) == units:
-        rates = on_rates_of(site) if rates is None else rates
+    if rates is not None and previous_on is not None and len(previous_on) == units:
         values["shift"] = float(np.abs(rates - np.asarray(previous_on)).sum()) / units
     return values
 
@@ -99,11 +99,12 @@ def site_values(
 def step_values(
     event: StepSummary,
     on_rates: Mapping[str, list[float]],
-    rates: Mapping[str, np.ndarray | None] | None = None,
+    rates: Mapping[str, np.ndarray | None],
 ) -> dict[str, float]:
     """Every judged statistic of a training step, keyed ``kind`` or ``kind:site``.
 
-    ``rates``: each site's ``on_rates_of``, when the caller has them already.
+    ``on_rates``: each site's on-rates at the last step that was not a strike; ``rates``: each
+    site's ``on_rates_of`` at this step.
     """
     values: dict[str, float] = {}
     if event.loss is not None and event.loss > 0:
@@ -114,8 +115,7 @@ def step_values(
         if x is not None and x > 0:
             values[kind] = math.log(x)
     for site in event.sites:
-        known = None if rates is None else rates.get(site.site)
-        for name, x in site_values(site, on_rates.get(site.site), known).items():
+        for name, x in site_values(site, on_rates.get(site.site), rates.get(site.site)).items():
             values[f"{name}:{site.site}"] = x
     return values
 
