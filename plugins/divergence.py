@@ -51,7 +51,12 @@ class DivergenceSettings:
     step that ``strikes`` judged a bad batch must last ``climb_after_strike`` steps instead: a
     corrupted batch's update can knock the network and lift its loss for a few steps while it
     recovers (seen on the tuning half: climb alerts 6-8 steps after struck batches), and the
-    bad-batch alert has said so already; a rise that outlasts that is still a climb.
+    bad-batch alert has said so already; a rise that outlasts that is still a climb. Since 3.2
+    the rise alerts, once, at the first step past those counts whose smoothed loss is at the
+    highest it has been since the rise began (a level loss counts): a loss that has come down
+    from its peak is a network recovering from a knock, not one diverging, however long it
+    stays above the band (decided on the rule's meaning, not fitted; it changed nothing on the
+    tuning half, where climb carried no first in-time alert).
     """
 
     window: int = 12
@@ -121,7 +126,7 @@ class DivergenceDetector:
     """
 
     name = "divergence"
-    version = "3.1"
+    version = "3.2"
     requires: tuple[str, ...] = ("transition_fit", "strikes")
 
     def __init__(self, settings: DivergenceSettings | None = None) -> None:
@@ -242,10 +247,19 @@ class DivergenceDetector:
         if run == 1:  # a rise begins: right after a struck batch it must last longer
             after_strike = step - state.get("struck", -math.inf) <= s.climb_for
             state["climb_needs"] = s.climb_after_strike if after_strike else s.climb_for
+            state["climb_peak"] = smooth
+            state["climb_fired"] = False
         if step >= s.climb_from:
             state["lowest"] = min(lowest, smooth)
-        if run != state.get("climb_needs", s.climb_for):
+        if not run:
             return PluginResult()
+        # A loss that is coming down again is a network recovering from a knock, not diverging:
+        # the rise alerts only at a new high of its own smoothed loss (a level one counts).
+        at_high = smooth >= state.get("climb_peak", smooth)
+        state["climb_peak"] = max(state.get("climb_peak", smooth), smooth)
+        if run < state.get("climb_needs", s.climb_for) or not at_high or state["climb_fired"]:
+            return PluginResult()
+        state["climb_fired"] = True
         return self._warning(
             step,
             f"the loss (median of {len(recent)}) {smooth:.3g} stayed above {s.climb} x its "

@@ -191,6 +191,23 @@ def test_a_struck_batchs_aftermath_does_not_climb_but_a_lasting_climb_still_does
     assert alerts(losses_then(lasting)) == [(82, "divergence", "loss_climb")]
 
 
+def test_a_loss_coming_down_from_a_knock_does_not_climb_however_long_it_stays_up() -> None:
+    # No strikes: a batch at step 61 knocks the net; its loss peaks at 1.5 and falls back to
+    # 0.2 over 30 steps, above 2.5 x 0.2 for about 20 of them, never at a new high after its peak.
+    knocked = [0.2] * 20 + [1.5 - 1.3 * k / 30 for k in range(31)] + [0.2] * 20
+    assert climb_alerts(losses_then(knocked)) == []
+    # A rise going on up is a climb: medians of five pass the band from step 63 (0.9, 1.0,
+    # 1.1 from step 61), five steps in a row by 67, each at a new high.
+    rising = [0.2] * 20 + [0.9 + 0.1 * k for k in range(30)]
+    alerts = climb_alerts(losses_then(rising))
+    assert [(a.step, a.evidence["signal"]) for a in alerts] == [(67, "loss_climb")]
+    # A rise that dips (median 1.2 from step 63, 0.8 from 66) alerts only once it is back
+    # above its earlier high: 1.3 from step 72, the median is 1.3 at step 74.
+    dipped = [0.2] * 20 + [1.2] * 3 + [0.8] * 8 + [1.3] * 10
+    alerts = climb_alerts(losses_then(dipped))
+    assert [a.step for a in alerts] == [74]
+
+
 # -- divergence at watch()'s defaults: the "heat" rule (APT temperature while the rate rose) ------
 
 
