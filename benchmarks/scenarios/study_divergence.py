@@ -43,6 +43,9 @@ def thinned(result: Result, every: int, rise: float) -> list[tuple[int, Any]]:
     schedule = RateTriggered(every=every, rise=rise)
     chosen: set[int] = set()
     for step in range(len(result.losses)):
+        schedule(step)  # the client asks at the end of the step before, on the old rate
+        if step in rates:  # and again as the step's forward starts, with the step's own rate
+            schedule.reconsider(step, rates[step])
         if schedule(step):
             chosen.add(step)
             if step in rates:

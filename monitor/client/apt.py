@@ -47,8 +47,8 @@ DEFAULT_PROBE_RISE = 0.1
 class RateTriggered:
     """A cost-budgeted APT schedule: probe when the learning rate rose, else at a slow cadence.
 
-    Step s is probed when the learning rate of the last step seen (``observe``) is more than
-    ``1 + rise`` times that of the last probe, or ``every`` steps have passed since the last
+    Step s is probed when its learning rate (``reconsider``, as its forward starts; else that of
+    the last step seen, ``observe``) is more than ``1 + rise`` times that of the last probe, or ``every`` steps have passed since the last
     probe (the first probe: step ``start``). A rising rate is where the transition position
     z = (ln eta - mu) / sigma moves (thesis Sec. 3.2.4), so probes come densely while the rate
     climbs (every 2-3 steps of a 4-8% per step ramp) and rarely while it holds or falls. Each
@@ -81,20 +81,34 @@ class RateTriggered:
         if self._decided is not None and self._decided[0] == step:
             return self._decided[1]
         due = step >= self.start and (
-            self._probed_step is None
-            or step - self._probed_step >= self.every
-            or (
-                self._lr is not None
-                and self._probed_lr is not None
-                and self._lr > (1 + self.rise) * self._probed_lr
-            )
+            self._probed_step is None or step - self._probed_step >= self.every or self._rose()
         )
         self._decided = (step, due)
         return due
 
+    def _rose(self) -> bool:
+        return (
+            self._lr is not None
+            and self._probed_lr is not None
+            and self._lr > (1 + self.rise) * self._probed_lr
+        )
+
     def observe(self, step: int, lr: float) -> None:
         """The learning rate that step ``step`` used (read before its optimizer step)."""
         self._lr = lr
+
+    def reconsider(self, step: int, lr: float) -> None:
+        """Step ``step``'s own rate, read as its training forward starts.
+
+        The step may have been asked about at the end of the step before, when its rate was
+        not set yet (a scheduler steps, or a loop sets the rate, after that): a "no" turns into
+        a "yes" when this rate rose past the trigger, so the very step whose rate jumped is
+        probed. Before its forward nothing has acted on the "no" but the arming of the
+        forward, which the step's summary arms anyway at ``watch()``'s defaults.
+        """
+        self._lr = lr
+        if self._decided is not None and self._decided[0] == step and not self._decided[1]:
+            self._decided = (step, step >= self.start and self._rose())
 
     def probed(self, step: int, lr: float) -> None:
         """A probe ran at ``step`` with rate ``lr``: the reference for the next rise."""
@@ -377,6 +391,7 @@ class AptProber:
         sweep: Schedule,
         etas: Sequence[float] = DEFAULT_SWEEP_ETAS,
         probe_rows: int | None = None,
+        rate: Callable[[], float] | None = None,
     ) -> None:
         if probe_rows is not None and probe_rows < 1:
             raise ValueError(f"probe_rows must be >= 1, got {probe_rows}")
@@ -389,6 +404,10 @@ class AptProber:
         self.sweep = sweep
         self.etas = tuple(float(eta) for eta in etas)
         self.probe_rows = probe_rows
+        # The optimizer's current rate, asked when a training forward starts: a schedule that
+        # follows the rate then probes the very step whose rate rose (a scheduler's step, or
+        # a rate set at the top of the loop, comes before the forward), not the step after it.
+        self.rate = rate
         self.probing = False
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._batch: StepBatch | None = None
@@ -409,6 +428,13 @@ class AptProber:
         """Whether step ``step`` is probed or swept."""
         return self.apt(step) or self.sweep(step)
 
+    def _observe(self, step: int, lr: float) -> None:
+        """Tell the schedules that follow the rate (``RateTriggered``) the rate of ``step``."""
+        for schedule in (self.apt, self.sweep):
+            observe = getattr(schedule, "observe", None)
+            if observe is not None:
+                observe(step, lr)
+
     def capture(
         self,
         step: int,
@@ -426,7 +452,15 @@ class AptProber:
         last micro-batch either way. ``module``/``path``: the outermost module that ran, when it
         is a submodule of the watched model.
         """
-        if self.probing or not torch.is_grad_enabled() or not self.scheduled(step):
+        if self.probing or not torch.is_grad_enabled():
+            return
+        if self.rate is not None:
+            lr = self.rate()
+            for schedule in (self.apt, self.sweep):
+                reconsider = getattr(schedule, "reconsider", None)
+                if reconsider is not None:
+                    reconsider(step, lr)
+        if not self.scheduled(step):
             return
         self.collecting = None
         saved = (self._batch, self._training, self._before, self._in_step_seen)
@@ -468,11 +502,8 @@ class AptProber:
         self._in_step_seen = False
         batch, training = self._batch, self._training
         self._training = None
-        self._lr = _reference_lr(optimizer)
-        for schedule in (self.apt, self.sweep):
-            observe = getattr(schedule, "observe", None)
-            if observe is not None:  # a schedule that follows the rate (``RateTriggered``)
-                observe(step, self._lr)
+        self._lr = reference_lr(optimizer)
+        self._observe(step, self._lr)
         if not self.scheduled(step) or self._lr <= 0:
             self._batch = None
             return
@@ -564,7 +595,7 @@ class AptProber:
             self.probing = False
 
 
-def _reference_lr(optimizer: torch.optim.Optimizer) -> float:
+def reference_lr(optimizer: torch.optim.Optimizer) -> float:
     """The learning rate of the first parameter group with a positive one (0 if none)."""
     for group in optimizer.param_groups:
         lr = float(group.get("lr", 0.0))

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber, RateTriggered
+from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber, RateTriggered, reference_lr
 from monitor.client.budget import DEFAULT_CAPTURE_BUDGET, CaptureBudget
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
@@ -216,6 +216,7 @@ class Monitor:
                 sweep=as_schedule(sweep_every),
                 etas=sweep_etas,
                 probe_rows=probe_rows,
+                rate=lambda: reference_lr(optimizer),
             )
         # -- end of APT probes and sweeps ----------------------------------------------------
         user, source_name = run_origin()

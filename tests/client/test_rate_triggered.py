@@ -64,6 +64,38 @@ def test_cadence_and_ramp_in_numbers() -> None:
         RateTriggered(rise=0.0)
 
 
+def own_rate_reference(rates: list[float], every: int, rise: float) -> list[int]:
+    """Brute force with each step's own rate known as its forward starts: step s is probed when
+    s - last probe >= every or the rate of step s exceeds (1 + rise) x that of the last probe."""
+    probed: list[int] = []
+    for s, rate in enumerate(rates):
+        if not probed or s - probed[-1] >= every or rate > (1 + rise) * rates[probed[-1]]:
+            probed.append(s)
+    return probed
+
+
+def test_a_step_asked_before_its_rate_was_set_is_probed_when_its_forward_sees_the_rise() -> None:
+    rates = [0.1] * 40 + [1.0] * 10 + [0.1 * 1.05**s for s in range(60)]
+    schedule = RateTriggered(every=25, rise=0.2)
+    chosen = []
+    for step, rate in enumerate(rates):
+        schedule(step)  # asked at the end of the step before, on the old rate
+        schedule.reconsider(step, rate)  # the forward starts with the step's own rate
+        due = schedule(step)
+        schedule.observe(step, rate)
+        assert schedule(step) == due  # fixed from the forward on
+        if due:
+            chosen.append(step)
+            schedule.probed(step, rate)
+    assert chosen == own_rate_reference(rates, 25, 0.2)
+    assert chosen[:3] == [0, 25, 40]  # the jump's own step, not the one after it
+    # A "yes" stays a "yes": a rate that fell back does not cancel a probe already decided.
+    cadence = RateTriggered(every=25, rise=0.2)
+    assert cadence(0)
+    cadence.reconsider(0, 0.01)
+    assert cadence(0)
+
+
 def test_watch_probes_by_default_when_the_rate_rises() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -79,9 +111,22 @@ def test_watch_probes_by_default_when_the_rate_rises() -> None:
             model(torch.randn(16, 4)).square().mean().backward()
             optimizer.step()
     probes = transport.probes_of("apt")
-    assert [p.step for p in probes] == reference(rates, 25, 0.1) == [0, 25, 41, 66]
+    # the rate is set at the top of the loop: the jump's own step is probed
+    assert [p.step for p in probes] == own_rate_reference(rates, 25, 0.1) == [0, 25, 40, 65]
     assert [p.lr for p in probes] == [rates[p.step] for p in probes]
     assert not transport.probes_of("sweep")
+    # A step without a summary (every=10) is not armed before its forward: its rise is seen
+    # one step late, as the schedule alone decides (step 41's rate, probed at 42).
+    sparse = ListTransport()
+    late = [0.01] * 41 + [0.1] * 29
+    with Monitor(model, optimizer, sparse, every=10) as monitor:
+        for rate in late:
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            optimizer.zero_grad()
+            model(torch.randn(16, 4)).square().mean().backward()
+            optimizer.step()
+    assert [p.step for p in sparse.probes_of("apt")] == reference(late, 25, 0.1) == [0, 25, 42, 67]
     off = ListTransport()
     with Monitor(model, optimizer, off, apt_every=None) as monitor:
         assert monitor.prober is None

@@ -237,7 +237,7 @@ def brute_heat(rates: list[float], probes: dict[int, float]) -> int | None:
     """The rule by hand: at a probe after step 20, the rate over the median of the rates of the
     last 100 steps from step 20 (summaries seen so far: steps before the probe's), the median
     z = Phi^-1(D) of the last two probes against that of the earlier probes after step 20 at no
-    more than 1.5x that median (at least three)."""
+    more than 1.5x that median (at least two)."""
     normal = statistics.NormalDist()
     seen: list[tuple[int, float, float]] = []
     for step in sorted(probes):
@@ -248,7 +248,7 @@ def brute_heat(rates: list[float], probes: dict[int, float]) -> int | None:
         history = [rates[s] for s in range(20, step)][-100:] or [lr for _, lr, _ in seen]
         median = statistics.median(history)
         calm = [z for _, lr, z in seen[:-2] if lr <= 1.5 * median]
-        if len(calm) < 3 or len(seen) < 2:
+        if len(calm) < 2 or len(seen) < 2:
             continue
         now = statistics.median(z for _, _, z in seen[-2:])
         if rates[step] >= 3 * median and now - statistics.median(calm) >= 0.5:
@@ -267,6 +267,17 @@ def test_heat_alerts_when_the_rate_ramps_and_the_patterns_follow() -> None:
     (alert,) = alerts
     assert alert.severity == "warning" and alert.evidence["lr_ratio"] >= 3
     assert alert.evidence["z"] - alert.evidence["reference_z"] >= 0.5
+
+
+def test_heat_alerts_on_a_jumps_own_probe_with_two_calm_probes_before_it() -> None:
+    # The default schedule's probes of a calm run (steps 0, 25, 50, 75), then the probe of the
+    # step whose rate jumped tenfold (80): two calm probes after step 20 (25, 50) are enough.
+    rates = [0.03] * 80 + [0.3] * 10
+    d = {0: 0.15, 25: 0.40, 50: 0.46, 75: 0.50, 80: 0.98}
+    assert [a.step for a in heat_alerts(rates, d)] == [80] == [brute_heat(rates, d)]
+    # With only one calm probe (the jump at step 55) the rule has no reference yet.
+    early = [0.03] * 55 + [0.3] * 10
+    assert heat_alerts(early, {0: 0.15, 25: 0.40, 50: 0.46, 55: 0.98}) == []
 
 
 def rates_steps(rates: list[float]) -> list[int]:
