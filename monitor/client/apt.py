@@ -48,12 +48,14 @@ class RateTriggered:
     """A cost-budgeted APT schedule: probe when the learning rate rose, else at a slow cadence.
 
     Step s is probed when its learning rate (``reconsider``, as its forward starts; else that of
-    the last step seen, ``observe``) is more than ``1 + rise`` times that of the last probe, or ``every`` steps have passed since the last
-    probe (the first probe: step ``start``). A rising rate is where the transition position
-    z = (ln eta - mu) / sigma moves (thesis Sec. 3.2.4), so probes come densely while the rate
-    climbs (every 2-3 steps of a 4-8% per step ramp) and rarely while it holds or falls. Each
-    step's answer is fixed the first time it is asked, so that every part of the client agrees
-    on it; it is a plain ``step -> bool`` callable otherwise (STYLE.md 5), fed by the prober.
+    the last step seen, ``observe``) is more than ``1 + rise`` times that of the last probe, or
+    ``every`` steps have passed since the last probe (the first probe: step ``start``). A rising
+    rate is where the transition position z = (ln eta - mu) / sigma moves (thesis Sec. 3.2.4),
+    so probes come densely while the rate climbs (every 2-3 steps of a 4-8% per step ramp) and
+    rarely while it holds or falls. Each step's answer is fixed the first time it is asked
+    (a "no" may still turn into a "yes" at ``reconsider``), so that every part of the client
+    agrees on it; it is a plain ``step -> bool`` callable otherwise (STYLE.md 5), fed by the
+    prober.
     Measured (``python benchmarks/scenarios/probe_cost.py --rounds 5``, one thread): the default
     probes add 0.1% (2.5% from the fastest rounds) to a plain step of an MLP 3072-512x3 at batch
     128 and 3.8% (4.1%) to a small digits CNN's at a steady rate; 10.5% and 15.1% while the rate
