@@ -10,11 +10,19 @@ interval. Modes:
 - ``defaults``: ``watch(model, opt)`` as a user writes it (detectors on at their defaults);
 - ``every10``: ``watch(model, opt, every=10)``;
 - ``capture``: ``watch(model, opt)`` with a transport that drops every record: the capture path
-  alone, the breakdown of ``defaults``.
+  alone, the breakdown of ``defaults``;
+- ``nomlflow``: ``defaults`` with MLflow off (``mlflow_tracking_uri=""``): what the MLflow
+  mirror (importing mlflow, its store, the metrics) adds, another breakdown.
+
+Torch's OpenMP threads spin for a while after each parallel region (libgomp's default), and
+on a machine whose cores are all training's the host process competes with them; with
+``--omp-wait-policy passive`` every process of the run (plain ones too) gets
+``OMP_WAIT_POLICY=PASSIVE``, which a user sets in the environment before starting Python.
 
     python benchmarks/e2e.py                       # the table, torch at its default threads
     python benchmarks/e2e.py --threads 1 --threads 0 --rounds 3
     python benchmarks/e2e.py --soak 10000           # RSS and queue of 10,000 small-MLP steps
+    python benchmarks/e2e.py --omp-wait-policy passive --models mlp3072 digits_cnn
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from models import ResNet20, mlp
 from overhead import median_interval
 
 MODELS = ("resnet20", "mlp3072", "digits_cnn", "mlp_small")
-MODES = ("plain", "defaults", "every10", "capture")
+MODES = ("plain", "defaults", "every10", "capture", "nomlflow")
 TARGETS = {"resnet20": 1.10, "mlp3072": 1.15, "digits_cnn": 1.5}
 
 
@@ -131,7 +139,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
 
     settings = Settings(
         database_url=f"sqlite:///{folder / 'apmon.db'}",
-        mlflow_tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+        mlflow_tracking_uri="" if mode == "nomlflow" else f"sqlite:///{folder / 'mlflow.db'}",
     )
     options: dict[str, Any] = {"every": 10} if mode == "every10" else {}
     transport = DropTransport() if mode == "capture" else None
@@ -303,6 +311,8 @@ def summarise(
     """Ratios per model and mode, printed as the README's table and a breakdown."""
     how = "set" if threads else "default"
     label = f"torch threads: {threads or torch.get_num_threads()} ({how})"
+    if os.environ.get("OMP_WAIT_POLICY"):
+        label += f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} in every process"
     out: dict[str, Any] = {}
     rows, details = [], []
     for name in args.models:
@@ -457,7 +467,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--soak", type=int, metavar="STEPS", help="RSS/queue run of the small MLP")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=("active", "passive"),
+        help="OMP_WAIT_POLICY for every measured process (default: libgomp's own)",
+    )
     args = parser.parse_args(argv)
+    if args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # the workers inherit it
     if args.worker:
         name, mode, threads, steps, folder = args.worker
         print(json.dumps(worker(name, mode, int(threads), int(steps), Path(folder))))
