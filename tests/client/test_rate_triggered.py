@@ -96,20 +96,27 @@ def test_a_step_asked_before_its_rate_was_set_is_probed_when_its_forward_sees_th
     assert cadence(0)
 
 
-def test_watch_probes_by_default_when_the_rate_rises() -> None:
+def train_at(rates: list[float], **options: object) -> ListTransport:
+    """A small model trained under ``Monitor`` with each step's rate set at the loop's top."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     transport = ListTransport()
-    rates = [0.01] * 40 + [0.1] * 30
-    with Monitor(model, optimizer, transport) as monitor:
-        assert isinstance(monitor.prober.apt if monitor.prober else None, RateTriggered)
+    with Monitor(model, optimizer, transport, **options) as monitor:  # type: ignore[arg-type]
+        if not options:
+            assert isinstance(monitor.prober.apt if monitor.prober else None, RateTriggered)
         for rate in rates:
             for group in optimizer.param_groups:
                 group["lr"] = rate
             optimizer.zero_grad()
             model(torch.randn(16, 4)).square().mean().backward()
             optimizer.step()
+    return transport
+
+
+def test_watch_probes_by_default_when_the_rate_rises() -> None:
+    rates = [0.01] * 40 + [0.1] * 30
+    transport = train_at(rates)
     probes = transport.probes_of("apt")
     # the rate is set at the top of the loop: the jump's own step is probed
     assert [p.step for p in probes] == own_rate_reference(rates, 25, 0.1) == [0, 25, 40, 65]
@@ -117,19 +124,10 @@ def test_watch_probes_by_default_when_the_rate_rises() -> None:
     assert not transport.probes_of("sweep")
     # A step without a summary (every=10) is not armed before its forward: its rise is seen
     # one step late, as the schedule alone decides (step 41's rate, probed at 42).
-    sparse = ListTransport()
     late = [0.01] * 41 + [0.1] * 29
-    with Monitor(model, optimizer, sparse, every=10) as monitor:
-        for rate in late:
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            optimizer.zero_grad()
-            model(torch.randn(16, 4)).square().mean().backward()
-            optimizer.step()
+    sparse = train_at(late, every=10)
     assert [p.step for p in sparse.probes_of("apt")] == reference(late, 25, 0.1) == [0, 25, 42, 67]
-    off = ListTransport()
-    with Monitor(model, optimizer, off, apt_every=None) as monitor:
-        assert monitor.prober is None
+    assert not train_at([0.01] * 5, apt_every=None).probes
 
 
 def test_default_probe_of_a_model_without_buffers_matches_brute_force() -> None:
