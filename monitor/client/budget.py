@@ -6,7 +6,7 @@ non-finite rows: ``summary.measure_scale``), which cost little. Counting the pat
 tenth of a millisecond or more per site, which is a large share of a small model's step. So
 the monitor measures its own time on the training thread per step, and ``CaptureBudget`` gives
 full statistics to every ``stride``-th step only, the stride being the smallest power of two
-that keeps the patterns' average cost within ``fraction`` of the plain step.
+that keeps the monitor's average cost within ``fraction`` of the plain step.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-# The monitor's share of a plain step that ``watch()`` spends on capture by default: 2%, since
-# the whole monitored run (host, store, MLflow, probes) is to stay within 10% of plain training.
-DEFAULT_CAPTURE_BUDGET = 0.02
+# The monitor's share of a plain step that ``watch()`` spends on capture by default.
+DEFAULT_CAPTURE_BUDGET = 0.05
 MAX_STRIDE = 64
 ADJUST_EVERY = 16  # steps between re-estimates
 _SMOOTHING = 0.2  # weight of a new step in the running means
@@ -29,11 +28,8 @@ class CaptureBudget:
     ``note(full, own, wall)`` reports a finished step: whether it counted patterns, the seconds
     of the monitor's own work on the training thread in it, and its wall time. The stride
     becomes the smallest power of two k (at most ``MAX_STRIDE``) with
-    (c_full - c_scale) / k <= fraction x plain, where c_full and c_scale are the running mean
-    costs of the two kinds of step and plain = wall - own: the patterns' share of a step is
-    budgeted, the detectors' statistics every step carries are not (until this round the
-    scale's cost was budgeted too, so a model whose statistics alone took 2% of a step never
-    counted patterns more than once in 64 steps): first as soon as one step of
+    (c_full + (k - 1) c_scale) / k <= fraction x plain, where c_full and c_scale are the running
+    mean costs of the two kinds of step and plain = wall - own: first as soon as one step of
     each kind was measured, then every ``ADJUST_EVERY`` steps. It starts at ``MAX_STRIDE``
     (the first measured step counts patterns, the next the scale only), so that a large model
     does not pay for patterns on every one of its first steps before the budget knows their
@@ -84,9 +80,8 @@ class CaptureBudget:
         full = self._cost_full
         scale = self._cost_scale if self._cost_scale is not None else 0.3 * full
         allowed = self.fraction * self._plain
-        extra = full - scale  # what counting the patterns adds to a step's detector statistics
         stride = 1
-        while stride < MAX_STRIDE and extra / stride > allowed:
+        while stride < MAX_STRIDE and (full + (stride - 1) * scale) / stride > allowed:
             stride *= 2
         if stride != self.stride:
             logger.debug(
