@@ -128,7 +128,6 @@ class RunHost:
             logger.exception("MLflow is unavailable; results go to SQL only")
             return
         self.mlflow = sink  # one assignment: the main thread sees all of it or nothing
-        gc.freeze()  # what importing MLflow made, as ``_start`` does for the rest
 
     def _mirror(
         self, event: StepSummary | ProbeRecord | None, step: int, outcome: PluginOutcome
@@ -361,7 +360,11 @@ def serve(in_fd: int, out_fd: int) -> int:
     host: RunHost | None = None
     last_step = 0
     last_write = time.monotonic()
+    mlflow_frozen = False
     while True:
+        if not mlflow_frozen and host is not None and host.mlflow is not None:
+            gc.freeze()  # what importing MLflow made, as ``_start`` does for the rest
+            mlflow_frozen = True
         waiting = host is not None and host.buffered > 0
         left = max(last_write + FLUSH_SECONDS - time.monotonic(), 0.0)
         readable, _, _ = select.select([in_fd], [], [], left if waiting else None)
