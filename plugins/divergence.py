@@ -256,9 +256,10 @@ class DivergenceDetector:
             return PluginResult()
         # A loss that is coming down again is a network recovering from a knock, not diverging:
         # the rise alerts only at a new high of its own smoothed loss (a level one counts).
-        at_high = smooth >= state.get("climb_peak", smooth)
-        state["climb_peak"] = max(state.get("climb_peak", smooth), smooth)
-        if run < state.get("climb_needs", s.climb_for) or not at_high or state["climb_fired"]:
+        peak = state.get("climb_peak", smooth)
+        state["climb_peak"] = max(peak, smooth)
+        fired = state.get("climb_fired", False)  # a state from 3.1 mid-rise has no such key
+        if run < state.get("climb_needs", s.climb_for) or smooth < peak or fired:
             return PluginResult()
         state["climb_fired"] = True
         return self._warning(

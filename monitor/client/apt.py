@@ -430,12 +430,15 @@ class AptProber:
         """Whether step ``step`` is probed or swept."""
         return self.apt(step) or self.sweep(step)
 
-    def _observe(self, step: int, lr: float) -> None:
-        """Tell the schedules that follow the rate (``RateTriggered``) the rate of ``step``."""
+    def _tell_schedules(self, method: str, step: int, lr: float) -> None:
+        """Give the rate of ``step`` to the schedules that follow it (``RateTriggered``).
+
+        ``method``: "observe" (before the optimizer step) or "reconsider" (forward start).
+        """
         for schedule in (self.apt, self.sweep):
-            observe = getattr(schedule, "observe", None)
-            if observe is not None:
-                observe(step, lr)
+            told = getattr(schedule, method, None)
+            if told is not None:
+                told(step, lr)
 
     def capture(
         self,
@@ -457,11 +460,7 @@ class AptProber:
         if self.probing or not torch.is_grad_enabled():
             return
         if self.rate is not None:
-            lr = self.rate()
-            for schedule in (self.apt, self.sweep):
-                reconsider = getattr(schedule, "reconsider", None)
-                if reconsider is not None:
-                    reconsider(step, lr)
+            self._tell_schedules("reconsider", step, self.rate())
         if not self.scheduled(step):
             return
         self.collecting = None
@@ -505,7 +504,7 @@ class AptProber:
         batch, training = self._batch, self._training
         self._training = None
         self._lr = reference_lr(optimizer)
-        self._observe(step, self._lr)
+        self._tell_schedules("observe", step, self._lr)
         if not self.scheduled(step) or self._lr <= 0:
             self._batch = None
             return
