@@ -126,11 +126,14 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     for _ in range(3):  # allocator and thread-pool warm-up, as a user's first steps
         step()
     figures: dict[str, Any] = {"model": name, "mode": mode, "threads": threads, "steps": steps}
+    stamps: list[float] = []  # after each step: the second half of the loop is the steady state
     if mode == "plain":
         begin, cpu = time.perf_counter(), _own_cpu_s()
         for _ in range(steps):
             step()
+            stamps.append(time.perf_counter())
         figures["total_s"] = time.perf_counter() - begin
+        figures["steady_s_per_step"] = _steady_s_per_step(stamps)
         figures["cpu_s"] = _own_cpu_s() - cpu
         figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return figures
@@ -158,6 +161,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     lag = 0
     for _ in range(steps):
         monitored()
+        stamps.append(time.perf_counter())
         marks = getattr(mon.transport, "_marks_sent", 0) - getattr(mon.transport, "_marks_seen", 0)
         lag = max(lag, marks)
     loop_end = time.perf_counter()
@@ -169,6 +173,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     _wait_for_host(mon.transport)  # untimed: the next run starts on a quiet machine
     figures.update(
         total_s=end - begin,
+        steady_s_per_step=_steady_s_per_step(stamps),
         cpu_s=cpu,
         host_cpu_s=host_cpu,
         setup_s=setup,
@@ -186,6 +191,18 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
         host_rss_mb=host_rss,
     )
     return figures
+
+
+def _steady_s_per_step(stamps: list[float]) -> float | None:
+    """Seconds per step over the second half of a loop (None for a loop of under 10 steps).
+
+    The first half carries what a run pays once (the host's start-up, the kernels' loading); the
+    second half is what each further step of a longer run costs.
+    """
+    if len(stamps) < 10:
+        return None
+    half = len(stamps) // 2
+    return (stamps[-1] - stamps[half - 1]) / (len(stamps) - half)
 
 
 def _own_cpu_s() -> float:
@@ -314,11 +331,12 @@ def summarise(
     if os.environ.get("OMP_WAIT_POLICY"):
         label += f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} in every process"
     out: dict[str, Any] = {}
-    rows, details = [], []
+    rows, details, steady_rows = [], [], []
     for name in args.models:
         plain = runs[(name, "plain")]
         per_step_ms = statistics.median(r["total_s"] / r["steps"] for r in plain) * 1e3
         row = [name, f"{per_step_ms:.2f}"]
+        steady_row = [name, _ms(statistics.median(_steady(p) for p in plain))]
         out[name] = {"plain_ms": per_step_ms}
         for mode in args.modes:
             if mode == "plain":
@@ -341,6 +359,16 @@ def summarise(
             host_cpu = [m["host_cpu_s"] / max(m["captured"], 1) * 1e3 for m in measured]
             out[name][mode] = {"ratio": ratio, "interval": [low, high], "runs": measured}
             row.append(f"{ratio:.3f}x ({low:.3f}..{high:.3f})")
+            steady = [_steady(m) / _steady(p) for m, p in zip(measured, plain, strict=True)]
+            # What the run paid beyond its steady pace, less the same for the plain run.
+            once = [
+                (m["total_s"] - m["steps"] * _steady(m)) - (p["total_s"] - p["steps"] * _steady(p))
+                for m, p in zip(measured, plain, strict=True)
+            ]
+            out[name][mode].update(steady_ratio=statistics.median(steady), once_s=once)
+            steady_row.append(
+                f"{statistics.median(steady):.3f}x, {statistics.median(once):+.2f} s once"
+            )
             details.append(
                 [
                     name,
@@ -362,9 +390,16 @@ def summarise(
         target = TARGETS.get(name)
         row.append(f"<= {target}x" if target else "-")
         rows.append(row)
+        steady_rows.append(steady_row)
     print(f"\n## Whole run (loop + close) against plain training; {label}\n")
     header = ["model", "plain ms/step", *[m for m in args.modes if m != "plain"], "target"]
     print(table(rows, header))
+    print(
+        "\nSteady state: the second half of each loop against plain's (what every further step "
+        "of a longer run costs), and the seconds the whole run paid beyond that pace (start-up, "
+        "kernel loading, close), less plain's:\n"
+    )
+    print(table(steady_rows, ["model", "plain ms/step", *header[2:-1]]))
     print("\nBreakdown (medians over rounds; waits, lags and RSS the worst round):\n")
     print(
         table(
@@ -386,6 +421,15 @@ def summarise(
         )
     )
     return out
+
+
+def _steady(figures: dict[str, Any]) -> float:
+    """A run's steady seconds per step (its mean pace where the loop was too short to split)."""
+    return float(figures.get("steady_s_per_step") or figures["total_s"] / max(figures["steps"], 1))
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
 
 
 def _worst_delay(measured: list[dict[str, Any]]) -> str:
