@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from driver import Received, Result, signal_of, train
-from families import RunSpec, quick_suite, suite
+from families import HALVES, RunSpec, quick_suite, suite
 from score import score_all
 
 DETECTORS = ["apt", "transition_fit", "divergence", "strikes"]
@@ -143,7 +143,12 @@ def tables(figures: dict[str, dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run, score and print; ``--json`` also writes the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--half", choices=["tune", "held", "both"], default="both")
+    parser.add_argument(
+        "--half",
+        choices=[*HALVES, "both"],
+        default="both",
+        help="which runs: a half, or both (tune and held; 'fresh' only when asked for)",
+    )
     parser.add_argument("--quick", action="store_true", help="the CI subset")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--record", type=Path)
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     by_half: dict[str, list[Result]] = {}
     for result in results:
         by_half.setdefault(result.spec.half, []).append(result)
-    figures = {half: score_all(by_half[half]) for half in ("tune", "held") if half in by_half}
+    figures = {half: score_all(by_half[half]) for half in HALVES if half in by_half}
     print(tables(figures))
     for half, figure in figures.items():
         print(half, json.dumps(figure))

@@ -191,6 +191,21 @@ def test_a_struck_batchs_aftermath_does_not_climb_but_a_lasting_climb_still_does
     assert alerts(losses_then(lasting)) == [(82, "divergence", "loss_climb")]
 
 
+def test_the_climb_rule_judges_only_runs_without_apt_probes() -> None:
+    # The same lasting climb as above (alert at step 47 without probes), on a run whose APT
+    # probes come at steps 0, 25, 50 and 75, calm: the probe rules judge it, the loss rule
+    # stands down.
+    run = Pipeline()
+    calm = [6, 6, 6]
+    alerts = []
+    for step, loss in enumerate(losses_then([0.9] * 40)):
+        alerts += run(train_summary(step, loss))
+        if step % 25 == 0:
+            alerts += run(apt(step, calm))
+    assert alerts == []
+    assert [a.step for a in climb_alerts(losses_then([0.9] * 40))] == [47]
+
+
 def test_a_loss_coming_down_from_a_knock_does_not_climb_however_long_it_stays_up() -> None:
     # No strikes: a batch at step 61 knocks the net; its loss peaks at 1.5 and falls back to
     # 0.2 over 30 steps, above 2.5 x 0.2 for about 20 of them, never at a new high after its peak.
