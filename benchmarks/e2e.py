@@ -85,6 +85,21 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return make(), torch.randn(*shape), torch.randint(0, 10, (shape[0],))
 
 
+def training(name: str) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], torch.Tensor]]:
+    """The model, its optimizer (SGD, momentum 0.9) and one plain training step on its batch."""
+    model, x, y = build(name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return model, opt, step
+
+
 class DropTransport:
     """Takes every record and keeps nothing: what the capture path costs on its own."""
 
@@ -113,16 +128,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     """One measurement in this process; the figures as a dict."""
     if threads:
         torch.set_num_threads(threads)
-    model, x, y = build(name)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
+    model, opt, step = training(name)
     for _ in range(3):  # allocator and thread-pool warm-up, as a user's first steps
         step()
     figures: dict[str, Any] = {"model": name, "mode": mode, "threads": threads, "steps": steps}
@@ -444,8 +450,7 @@ def soak(steps: int) -> dict[str, Any]:
     import monitor
     from monitor.settings import Settings
 
-    model, x, y = build("mlp_small")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model, opt, plain_step = training("mlp_small")
     with tempfile.TemporaryDirectory(prefix="apmon-soak-") as tmp:
         folder = Path(tmp)
         settings = Settings(
@@ -453,15 +458,7 @@ def soak(steps: int) -> dict[str, Any]:
             mlflow_tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
         )
         mon = monitor.watch(model, opt, settings=settings)
-
-        @mon
-        def step() -> torch.Tensor:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
+        step = mon(plain_step)
         rss: list[float] = []
         lag = 0
         for i in range(steps):

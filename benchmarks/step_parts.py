@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import MODELS, build
+from e2e import MODELS, training
 
 TRANSPORT_CALLS = ("send_summary", "send_probe", "mark", "wait_for_mark", "poll_alerts")
 
@@ -86,15 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spent: collections.Counter[str] = collections.Counter()
     time_transport_calls(spent)
-    model, x, y = build(args.model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+    model, opt, step = training(args.model)
 
     with tempfile.TemporaryDirectory(prefix="apmon-step-parts-") as tmp:
         settings = Settings(
