@@ -58,8 +58,8 @@ class DivergenceSettings:
     stays above the band (decided on the rule's meaning, not fitted; it changed nothing on the
     tuning half, where climb carried no first in-time alert). Since 4.0 **climb judges only runs
     without APT probes** (``apt_every=None``; at the defaults the first probe comes at step 0):
-    where probes run, "heat" carried every first in-time alert on all three scenario halves
-    and climb none, while climb raised the only false alarm of the held-out half and of the
+    where probes run, the probe rules carried every first in-time alert on all three scenario
+    halves and climb none, while climb raised the only false alarm of the held-out half and of the
     fresh half (a loss that stayed up for 6-10 steps after a corrupted batch). The decision was
     the one planned before the fresh half was first scored (its figures under 3.3).
     """
@@ -121,14 +121,15 @@ class DivergenceDetector:
     benchmarks/scenarios, alerts as ``on_alert`` got them, thresholds tuned on the tuning half
     only (``python benchmarks/scenarios/run.py --half both|fresh --jobs 2 --verbose``,
     2026-12-01, 4.0): held-out half 9 of 13 diverging runs alerted in time, median lead 26
-    steps, no false alarm on 23 healthy and bad-batch runs; fresh half (a third set, scored,
-    never tuned on) 11 of 11, median lead 46, none on 24; tuning half 11 of 11, lead 30, none
-    on 23. Every first in-time alert of the three halves came from the probes ("heat"; "hot"
-    for 3 of the tuning half's 11), none from "climb". 3.3 needed two calm
-    probes after step 20 as the heat reference, not three: with the default cadence a rate
-    that jumps at step 80 met only two. The issue's target (90% in time, median lead >= 20, no
-    false alarm) is met on the fresh half, not on the held-out half, whose four misses are the
-    unnormalised residual net under SGD (alerts during or just after the divergence step); see
+    steps, no false alarm on 23 healthy and bad-batch runs; fresh half (a third set, not tuned
+    on; only the climb decision was taken on its first scoring) 11 of 11, median lead 46, none
+    on 24; tuning half 11 of 11, lead 30, none on 23. Every first in-time alert of the three
+    halves came from the probes ("heat"; "hot" for 3 of the tuning half's 11), none from
+    "climb". 3.3 needed two calm probes after step 20 as the heat reference, not three: with
+    the default cadence a rate that jumps at step 80 met only two. The issue's target (90% in
+    time, median lead >= 20, no false alarm) is met on the fresh half, not on the held-out
+    half, whose four misses are the unnormalised residual net under SGD (alerts during or just
+    after the divergence step); see
     the README there, which also says how much of "heat" is the rate and how much the patterns.
     """
 
