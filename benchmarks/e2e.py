@@ -237,12 +237,16 @@ def _host_proc(transport: Any, name: str) -> str | None:
 
 def _host_cpu_s(transport: Any) -> float:
     """CPU seconds the embedded host process has used so far (0 without one)."""
-    stat = _host_proc(transport, "stat")
     try:
-        fields = (stat or "").rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return stat_cpu_s(_host_proc(transport, "stat") or "")
     except (IndexError, ValueError):
         return 0.0
+
+
+def stat_cpu_s(stat: str) -> float:
+    """User + system CPU seconds in the text of a /proc/<pid>[/task/<tid>]/stat file."""
+    fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _host_peak_rss_mb(transport: Any) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import MODELS, training
+from e2e import MODELS, stat_cpu_s, training
 
 TRANSPORT_CALLS = ("send_summary", "send_probe", "mark", "wait_for_mark", "poll_alerts")
 
@@ -65,8 +65,7 @@ def host_cpu_by_thread(pid: int) -> dict[str, float]:
         except OSError:
             continue  # the thread ended
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds[f"{tid} {name}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        seconds[f"{tid} {name}"] = stat_cpu_s(stat)
     return seconds
 
 

@@ -129,8 +129,8 @@ class DivergenceDetector:
     the default cadence a rate that jumps at step 80 met only two. The issue's target (90% in
     time, median lead >= 20, no false alarm) is met on the fresh half, not on the held-out
     half, whose four misses are the unnormalised residual net under SGD (alerts during or just
-    after the divergence step); see
-    the README there, which also says how much of "heat" is the rate and how much the patterns.
+    after the divergence step); see the README there, which also says how much of "heat" is
+    the rate and how much the patterns.
     """
 
     name = "divergence"
