@@ -17,6 +17,15 @@ mode GELU, SiLU, ELU, Mish and sigmoid sites are added,
 marked ``mode="sign"``. The call is seen before it runs, so in-place forms report the
 preactivation. A call made inside another captured call (``F.relu6`` inside a captured op) is
 not seen twice: the mode is inactive while it handles a call.
+
+The mode and a hook on every module cost a Python call for each torch function and module call
+of the forward. When the first ``VERIFY_FORWARDS`` captured forwards show that a few module hooks
+see every site (``fast_sites``: an ``nn.ReLU``'s input, or a submodule's output passed straight
+to ``F.relu``), the tracker hooks those modules alone and drops the mode; the names and tensors
+are the same. One captured forward in ``RECHECK_EVERY`` runs in full again and checks. A check
+that finds other sites, an activation module running outside a watched forward, or a training
+forward entered through a submodule end the fast hooks for the rest of the run. A functional
+activation that runs only on some steps is seen by the checks, not in between.
 """
 
 from __future__ import annotations
@@ -32,10 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from monitor.client.fast_sites import HookedSite, SiteCheck
 from monitor.schema import SiteKind, SiteMode
 
 ROOT_NAME = "model"
 MAX_FILTER_ANSWERS = 4096  # site names whose filter answer is kept
+VERIFY_FORWARDS = 2  # full forwards that must agree before the fast hooks are used
+RECHECK_EVERY = 64  # one captured forward in this many runs in full and checks the fast hooks
 
 # Piecewise-linear activations: the pattern is preactivation > 0 (the unit's linear piece).
 PIECEWISE_LINEAR: dict[Callable[..., Any], str] = {
@@ -229,6 +241,17 @@ class ModuleTracker:
             model.register_forward_hook(self._leave, always_call=True),
         ]
         self._module_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks_kind = ""  # "full", "fast" or "" (none on the submodules)
+        self._in_mode = False
+        self._probing = False
+        self._captured = 0  # captured forwards so far
+        self._recheck = False  # check the next forward in full
+        # The fast hooks, by module path (None until checked); the check of the running forward.
+        self.fast_sites: dict[str, HookedSite] | None = None
+        self._fast_off = False  # a check failed: full tracking for the rest of the run
+        self._candidate: dict[str, HookedSite] | None = None
+        self._verified = 0
+        self._check: SiteCheck | None = None
 
     @property
     def armed(self) -> bool:
@@ -237,51 +260,105 @@ class ModuleTracker:
 
     @armed.setter
     def armed(self, value: bool) -> None:
-        if value and not self._module_handles:
+        if value and not self._hooks_kind:
+            self._use_hooks("fast" if self.fast_sites is not None else "full")
+        elif not value and self._hooks_kind and not self._active:
+            self._remove_module_hooks()
+        self._armed = value
+
+    def _use_hooks(self, kind: str) -> None:
+        """Hook every submodule ("full") or only the verified activation modules ("fast")."""
+        if kind == self._hooks_kind:
+            return
+        self._remove_module_hooks()
+        add = self._module_handles.append
+        if kind == "fast":
+            for path, site in (self.fast_sites or {}).items():
+                if site.when == "input":
+                    add(site.module.register_forward_pre_hook(self._fast_site(path, site)))
+                else:
+                    add(site.module.register_forward_hook(self._fast_site(path, site)))
+        else:
             for path, module in self._model.named_modules():
                 if module is self._model:
                     continue
-                self._module_handles.append(
-                    module.register_forward_pre_hook(self._enter(path), with_kwargs=True)
-                )
-                self._module_handles.append(
-                    module.register_forward_hook(self._leave, always_call=True)
-                )
+                add(module.register_forward_pre_hook(self._enter(path), with_kwargs=True))
+                add(module.register_forward_hook(self._leave, always_call=True))
                 if isinstance(module, CHANNELS_FIRST_1D):
-                    self._module_handles.append(module.register_forward_hook(self._note_1d))
-        elif not value and self._module_handles and not self._active:
-            self._remove_module_hooks()
-        self._armed = value
+                    add(module.register_forward_hook(self._note_1d))
+        self._hooks_kind = kind
 
     def _remove_module_hooks(self) -> None:
         for handle in self._module_handles:
             handle.remove()
         self._module_handles.clear()
+        self._hooks_kind = ""
 
     def _enter(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if self._active:
                 self._stack.append(name)
+                if self._check is not None:
+                    self._check.enter(name, module, args)
                 return
             if not self._armed or (self.require_grad and not torch.is_grad_enabled()):
                 return
             if self.on_forward is not None:
                 self.on_forward(name, module, args, kwargs)
-            self._active = True
-            self._entry = module
-            self._calls.clear()
-            self._channels_first.clear()
-            self._stack.clear()
-            self._stack.append(name)
-            self._mode.__enter__()
+            self._begin(name, module)
 
         return hook
+
+    def _begin(self, name: str, module: nn.Module) -> None:
+        """Start capturing the forward of ``module``: with the fast hooks, or in full."""
+        self._active = True
+        self._entry = module
+        self._calls.clear()
+        self._channels_first.clear()
+        self._stack.clear()
+        self._stack.append(name)
+        from_root = module is self._model and not self._probing
+        due_check = self._recheck or self._captured % RECHECK_EVERY == 0
+        self._recheck = False
+        self._captured += 1
+        if from_root and self.fast_sites is not None and not due_check:
+            self._use_hooks("fast")
+            return
+        self._use_hooks("full")  # a forward entered through a submodule found them there
+        if from_root and not self._fast_off:
+            self._check = SiteCheck()
+        elif not self._probing:
+            self._end_fast_hooks()  # a training forward entered through a submodule
+        self._mode.__enter__()
+        self._in_mode = True
+
+    def _fast_site(self, path: str, site: HookedSite) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], *output: Any) -> None:
+            if not self._active:
+                if self._armed and (not self.require_grad or torch.is_grad_enabled()):
+                    self._end_fast_hooks()  # a training forward the root's hook did not see
+                return
+            j = self._calls.get(path, 0)
+            self._calls[path] = j + 1
+            value = output[0] if output else (args[0] if args else None)
+            if j < len(site.names) and isinstance(value, torch.Tensor):
+                self.on_site(site.names[j], site.mode, value)
+            else:
+                self._recheck = True  # more calls than checked: check the next forward
+
+        return hook
+
+    def _end_fast_hooks(self) -> None:
+        self._fast_off = True
+        self.fast_sites = self._candidate = None
 
     def _leave(self, module: nn.Module, _args: Any, _output: Any) -> None:
         if not self._active:
             return
         if len(self._stack) > 1:
             self._stack.pop()
+            if self._check is not None:
+                self._check.leave(_output)
             return
         if module is not self._entry:
             return
@@ -289,11 +366,27 @@ class ModuleTracker:
         self._active = False
         self._entry = None
         self._channels_first.clear()
-        self._mode.__exit__(None, None, None)
+        if self._in_mode:
+            self._in_mode = False
+            self._mode.__exit__(None, None, None)
+        if self._check is not None:
+            self._settle(self._check.result())
+            self._check = None
         if not self._armed:
             self._remove_module_hooks()
         if self.on_forward_end is not None:
             self.on_forward_end(sum(self._calls.values()))
+
+    def _settle(self, found: dict[str, HookedSite] | None) -> None:
+        """Fast hooks after ``VERIFY_FORWARDS`` agreeing checks; off for good on a mismatch."""
+        expected = self.fast_sites if self.fast_sites is not None else self._candidate
+        if found is None or (expected is not None and found != expected):
+            self._end_fast_hooks()
+            return
+        self._candidate = found
+        self._verified += 1
+        if self._verified >= VERIFY_FORWARDS:
+            self.fast_sites = found
 
     def _note_1d(self, _module: nn.Module, _args: Any, output: Any) -> None:
         if self._active and isinstance(output, torch.Tensor) and output.dim() == 3:
@@ -308,9 +401,14 @@ class ModuleTracker:
         owner = self._stack[-1] if self._stack else ROOT_NAME
         k = self._calls.get(owner, 0)
         self._calls[owner] = k + 1
+        name = f"{owner}#{k}"
         if self._channels_first.get(id(preactivation)) is preactivation:
             preactivation = preactivation.movedim(1, -1)
-        self.on_site(f"{owner}#{k}", mode, preactivation)
+            if self._check is not None:
+                self._check.spoil()  # the fast hooks do not know channels-first outputs
+        elif self._check is not None:
+            self._check.site(name, mode, preactivation)
+        self.on_site(name, mode, preactivation)
 
     # -- probe forwards (APT probes and sweeps, monitor/client/apt.py) ------------------------
     @contextmanager
@@ -322,9 +420,13 @@ class ModuleTracker:
         saved = (self.on_site, self.armed, self.require_grad, self.on_forward, self.on_forward_end)
         self.on_site, self.armed, self.require_grad = on_site, True, False
         self.on_forward = self.on_forward_end = None
+        # A probe may forward a submodule: in full, whose hooks see any entry.
+        self._probing = True
+        self._use_hooks("full")
         try:
             yield
         finally:
+            self._probing = False
             (
                 self.on_site,
                 self.armed,
@@ -345,4 +447,6 @@ class ModuleTracker:
         if self._active:
             self._active = False
             self._entry = None
-            self._mode.__exit__(None, None, None)
+            if self._in_mode:
+                self._in_mode = False
+                self._mode.__exit__(None, None, None)
