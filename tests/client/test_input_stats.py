@@ -50,6 +50,21 @@ def test_the_statistics_match_plain_python(shapes: list[tuple[int, ...]], rows: 
     assert stats.take() == (0, 0.0, 0.0)  # taken: the next step starts empty
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(6, 5, generator=g).t(),  # not contiguous
+        lambda g: torch.randn(5, 6, generator=g, dtype=torch.float64),
+        lambda g: torch.randn(5, 6, generator=g).to(torch.bfloat16),  # summed in float32
+    ],
+)
+def test_every_path_matches_plain_python(make) -> None:
+    x = make(torch.Generator().manual_seed(3)) * 2 - 0.5
+    stats = InputStats()
+    stats.add((x,), {}, 3)
+    assert as_scalars(stats.take()) == pytest.approx(naive([x.double()], 3), rel=1e-6)
+
+
 def test_the_first_floating_argument_is_measured_and_integers_are_skipped() -> None:
     tokens = torch.arange(6).reshape(2, 3)
     x = torch.tensor([[3.0, -4.0]])
