@@ -82,9 +82,10 @@ class RunHost:
         self.store: SqlStore = open_store(settings.database_url, auto_upgrade=fresh_sqlite)
         self.plugins = load_plugins(only=settings.plugins).ordered()
         self.store.create_run(settings.project, start, run_id=run_id)
-        # MLflow (seconds to import and to open its store) connects on a thread of its own, so
-        # that the plugins answer from the first step; what they produce meanwhile waits in
-        # ``_mlflow_backlog`` and reaches MLflow once it is there.
+        # MLflow (seconds to import and to open its store) runs in a process of its own
+        # (``mlflow_process``), started and waited for by a thread, so that the plugins answer
+        # from the first step and never wait for the GIL behind MLflow; what they produce
+        # meanwhile waits in ``_mlflow_backlog`` and reaches MLflow once it is there.
         self.mlflow: Any = None
         self._mlflow_backlog: list[tuple[StepSummary | ProbeRecord | None, int, PluginOutcome]] = []
         self._mlflow_thread: threading.Thread | None = None
@@ -106,28 +107,29 @@ class RunHost:
         self.writer = StoreWriter(self._write, limit=WRITER_BATCHES, on_start=lower_priority)
 
     def _connect_mlflow(self, start: RunStart) -> None:
-        lower_priority()
+        lower_priority()  # and the MLflow process this thread starts
         try:
-            from monitor.sinks.mlflow_sink import MlflowSink
+            from monitor.sinks.mlflow_process import MlflowMirror
             from monitor.sinks.tracking import standard_tags
 
-            sink = MlflowSink(
-                self.settings.mlflow_tracking_uri,
-                self.settings.mlflow_experiment,
-                start.name,
-                start.mlflow_run_id,
-                flush_every=sys.maxsize,  # flushed by ``persist``, off the alert path
+            mirror = MlflowMirror(
+                {
+                    "tracking_uri": self.settings.mlflow_tracking_uri,
+                    "experiment": self.settings.mlflow_experiment,
+                    "run_name": start.name,
+                    "mlflow_run_id": start.mlflow_run_id,
+                    "tags": {**standard_tags(start), "apmon.run_id": self.run_id},
+                },
+                {f"apmon.{k}": v for k, v in start.config.items()},
+                self.run_id,
                 keys=self.settings.mlflow_keys,
                 min_interval_seconds=self.settings.mlflow_min_interval_seconds,
-                tags={**standard_tags(start), "apmon.run_id": self.run_id},
             )
-            sink.log_params({f"apmon.{k}": v for k, v in start.config.items()})
-            sink.client.set_tag(sink.run_id, "apmon.run_id", self.run_id)  # the user's run too
-            self.store.claim_mlflow_run_id(self.run_id, sink.run_id)
+            self.store.claim_mlflow_run_id(self.run_id, mirror.run_id)
         except Exception:
             logger.exception("MLflow is unavailable; results go to SQL only")
             return
-        self.mlflow = sink  # one assignment: the main thread sees all of it or nothing
+        self.mlflow = mirror  # one assignment: the main thread sees all of it or nothing
 
     def _mirror(
         self, event: StepSummary | ProbeRecord | None, step: int, outcome: PluginOutcome
@@ -222,7 +224,7 @@ class RunHost:
         """Store everything buffered, states included, and flush MLflow; returns when done."""
         self.hand_off(states=True)
         self.writer.drain()
-        self._flush_mlflow()
+        self._flush_mlflow(wait=True)
 
     def _write(self, batch: tuple[list[SiteInfo], list[Any], dict[str, dict[str, Any]]]) -> None:
         """On the writer thread: store a batch in slices, mirror it to MLflow, time it all."""
@@ -248,13 +250,13 @@ class RunHost:
         full = sum(1 for e, _ in events if isinstance(e, StepSummary) and e.sites)
         self.budget.note_written(full, time.perf_counter() - began)
 
-    def _flush_mlflow(self) -> None:
+    def _flush_mlflow(self, wait: bool = False) -> None:
         self._flushed_at = time.monotonic()
         if self.mlflow is None:
             return
         self._drain_mlflow_backlog()
         try:
-            self.mlflow.flush()
+            self.mlflow.flush(wait=wait)
         except Exception:
             self.failures += 1
             logger.exception("could not send metrics to MLflow")
@@ -288,7 +290,8 @@ class RunHost:
             if self._mlflow_thread is not None:
                 self._mlflow_thread.join()  # a short run ends before MLflow is there
             self._mirror(None, final_step, outcome)
-            self._flush_mlflow()  # every metric is in MLflow when the job's close() returns
+            self._flush_mlflow(wait=True)  # every metric is in MLflow when close() returns
+            self.failures += self.mlflow.failures if self.mlflow is not None else 0
         except Exception:
             self.failures += 1
             logger.exception("apmon end-of-run processing failed")
@@ -319,13 +322,12 @@ class RunHost:
         import tempfile
         from pathlib import Path
 
-        from monitor.report import log_report_to_mlflow, render_report
+        from monitor.report import render_report
 
         began = time.monotonic()
         try:
             with tempfile.TemporaryDirectory(prefix="apmon-report-") as out:
-                files = render_report(self.store, self.run_id, Path(out))
-                log_report_to_mlflow(self.settings.mlflow_tracking_uri, self.mlflow.run_id, files)
+                self.mlflow.attach(render_report(self.store, self.run_id, Path(out)))
         except Exception:
             self.failures += 1
             logger.exception("could not attach the report of run %s to MLflow", self.run_id)
@@ -360,11 +362,7 @@ def serve(in_fd: int, out_fd: int) -> int:
     host: RunHost | None = None
     last_step = 0
     last_write = time.monotonic()
-    mlflow_frozen = False
     while True:
-        if not mlflow_frozen and host is not None and host.mlflow is not None:
-            gc.freeze()  # what importing MLflow made, as ``_start`` does for the rest
-            mlflow_frozen = True
         waiting = host is not None and host.buffered > 0
         left = max(last_write + FLUSH_SECONDS - time.monotonic(), 0.0)
         readable, _, _ = select.select([in_fd], [], [], left if waiting else None)
@@ -467,8 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and the start-up objects frozen (``gc.freeze``, see ``_start``) leave the cyclic garbage
     # it still makes (little) to rarer passes.
     gc.set_threshold(GC_THRESHOLD, 20, 20)
-    # The MLflow thread imports and writes in Python for seconds: a short switch interval keeps
-    # the plugins' answers to the training job from waiting the default 5 ms for the GIL.
+    # The writer thread stores in Python for milliseconds at a time: a short switch interval
+    # keeps the plugins' answers to the training job from waiting the default 5 ms for the GIL.
     sys.setswitchinterval(0.0005)
     return serve(in_fd, out_fd)
 

@@ -13,12 +13,14 @@ import time
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
+from monitor.schema import AlertValue
 from monitor.sinks.alerts import AlertTally
-from monitor.sinks.keys import MAX_BATCH, metric_key, param, plugin_metric_key
+from monitor.sinks.keys import MAX_BATCH, metric_key, param
+from monitor.sinks.points import Point, PointFilter
 from monitor.sinks.tracking import experiment_id
 from monitor.store.store import PluginOutcome
 
-__all__ = ["MAX_BATCH", "MlflowSink", "metric_key", "param"]
+__all__ = ["MAX_BATCH", "MlflowSink", "Point", "PointFilter", "metric_key", "param"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class MlflowSink:
         min_interval_seconds: float = 0.0,
         tags: dict[str, str] | None = None,
     ) -> None:
+        self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         if mlflow_run_id is None:
             run = self.client.create_run(
@@ -49,14 +52,7 @@ class MlflowSink:
         self.run_id: str = mlflow_run_id
         self._buffer: list[Metric] = []
         self._flush_every = flush_every
-        # "summary": run-level measures only (site means, fits of the mean, step scalars), a
-        # number of keys that does not grow with the model; "all": every site's too.
-        self._all_sites = keys == "all"
-        # A key gets a new point only this long after its last one (0: every step). MLflow's
-        # charts sample long series anyway; the apmon database keeps every step.
-        self._min_interval = min_interval_seconds
-        self._last_logged: dict[str, float] = {}
-        self._held: dict[str, Metric] = {}  # each key's newest point not logged yet
+        self.points = PointFilter(keys, min_interval_seconds)
         self.alerts = AlertTally()
 
     def log_params(self, params: dict[str, object]) -> None:
@@ -67,41 +63,29 @@ class MlflowSink:
 
     def __call__(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
         """Result listener: buffer the outcome's measures, tag its alerts."""
-        now = int(time.time() * 1000)
-        clock = time.monotonic()
-        for plugin, _, measure in outcome.measures:
-            if self._all_sites or measure.site is None:
-                key = plugin_metric_key(plugin, measure)
-                self._add(Metric(key, measure.value, now, step), clock)
-        for _, _, at_step, measure in outcome.backfill:
-            if self._all_sites or measure.site is None:
-                self._buffer.append(Metric(metric_key(measure), measure.value, now, at_step))
+        self.add_points(self.points.outcome_points(step, outcome))
         if outcome.alerts:
-            kinds = self.alerts.add(alert for _, alert in outcome.alerts)
-            # Tags go out at once (alerts are rare, and a run page should show them live).
-            self.client.log_batch(
-                self.run_id, tags=[RunTag(*self.alerts.tag(kind)) for kind in sorted(kinds)]
-            )
-            for kind in kinds:
-                count = float(self.alerts.counts[kind])
-                self._buffer.append(Metric(self.alerts.metric_key(kind), count, now, step))
-        if len(self._buffer) >= self._flush_every:
-            self.flush()
+            self.log_alerts(step, [alert for _, alert in outcome.alerts])
+
+    def log_alerts(self, step: int, alerts: list[AlertValue]) -> None:
+        """Tag the alerts' kinds at once (alerts are rare; a run page should show them live)."""
+        kinds = self.alerts.add(alerts)
+        self.client.log_batch(
+            self.run_id, tags=[RunTag(*self.alerts.tag(kind)) for kind in sorted(kinds)]
+        )
+        now = int(time.time() * 1000)
+        counts = self.alerts.counts
+        self.add_points([(self.alerts.metric_key(k), float(counts[k]), now, step) for k in kinds])
 
     def log_metric(self, key: str, value: float, step: int) -> None:
         """Buffer one metric that is not a plugin measure (e.g. the training loss)."""
-        self._add(Metric(key, value, int(time.time() * 1000), step), time.monotonic())
+        self.add_points(self.points.point(key, value, step))
 
-    def _add(self, metric: Metric, clock: float) -> None:
-        """Buffer a point when its key is due; else hold it as the key's newest (see close)."""
-        if self._min_interval > 0:
-            last = self._last_logged.get(metric.key)
-            if last is not None and clock - last < self._min_interval:
-                self._held[metric.key] = metric
-                return
-            self._last_logged[metric.key] = clock
-            self._held.pop(metric.key, None)
-        self._buffer.append(metric)
+    def add_points(self, points: list[Point]) -> None:
+        """Buffer points (already filtered); flushed in batches of ``flush_every``."""
+        self._buffer += [Metric(*point) for point in points]
+        if len(self._buffer) >= self._flush_every:
+            self.flush()
 
     def flush(self) -> None:
         """Send buffered metrics in batches of at most 1000."""
@@ -111,8 +95,7 @@ class MlflowSink:
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush (each key's last point included), and end the MLflow run if this sink made it."""
-        self._buffer += self._held.values()
-        self._held.clear()
+        self.add_points(self.points.held())
         self.flush()
         if self._owns_run:
             self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,223 @@
+"""The embedded host's MLflow mirror in a process of its own.
+
+Importing MLflow and opening its store take seconds of pure Python (2.7 and 1.1 CPU-s on a
+loaded 2-core machine, more on a new store while MLflow migrates it). On a thread of the host
+process they held the GIL that the host's plugins need to answer the training job within a step,
+and the job waited (``py-spy`` showed the plugin thread waiting for the GIL on 13-20% of its
+samples while MLflow connected). Here the host keeps only ``MlflowMirror``, which filters the
+points (``PointFilter``, no MLflow import) and writes them to this process over a pipe;
+``python -m monitor.sinks.mlflow_process IN_FD OUT_FD`` runs an ``MlflowSink`` on them.
+
+Messages (``frames``), host to mirror: ``("open", sink arguments, params, apmon run id)``,
+``("points", points)``, ``("alerts", step, alerts)``, ``("flush",)``, ``("report", paths)``,
+``("close",)``. The mirror answers ``("opened", mlflow run id)`` or ``("failed", why)`` to the
+first, and ``("done", failures)`` to flush, report and close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import monitor
+from monitor.frames import FrameReader, write_frame
+from monitor.sinks.points import Point, PointFilter
+from monitor.store.store import PluginOutcome
+
+logger = logging.getLogger(__name__)
+
+PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe to the mirror (Linux; best effort)
+
+
+class MirrorFailed(RuntimeError):
+    """The MLflow process could not open the run, or stopped answering."""
+
+
+class MlflowMirror:
+    """The host's side: ``MlflowSink``'s calls, filtered here and carried out in the mirror.
+
+    ``__call__`` and ``log_metric`` only collect points; ``flush`` sends them without waiting
+    (``wait=True``: until MLflow has them); ``attach`` and ``close`` wait for the mirror.
+    """
+
+    def __init__(
+        self,
+        sink_arguments: dict[str, Any],
+        params: dict[str, object],
+        apmon_run_id: str,
+        keys: str = "all",
+        min_interval_seconds: float = 0.0,
+    ) -> None:
+        """Start the mirror and open the MLflow run (blocks until it is open)."""
+        self.failures = 0
+        self.points = PointFilter(keys, min_interval_seconds)
+        self._waiting: list[Point] = []
+        self._reader = FrameReader()
+        to_r, to_w = os.pipe()
+        from_r, from_w = os.pipe()
+        env = dict(os.environ)
+        package_root = str(Path(monitor.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "monitor.sinks.mlflow_process", str(to_r), str(from_w)],
+                pass_fds=(to_r, from_w),
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(to_r)
+            os.close(from_w)
+        self._to, self._from = to_w, from_r
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._to, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+        self._send(("open", sink_arguments, params, apmon_run_id))
+        answer = self._answer()
+        if answer[0] != "opened":
+            self._end()
+            raise MirrorFailed(str(answer[1]))
+        self.run_id: str = answer[1]
+
+    def __call__(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
+        """Collect an outcome's points; its alerts go at once (tags show them live)."""
+        self._waiting += self.points.outcome_points(step, outcome)
+        if outcome.alerts:
+            self._send(("points", self._take()))
+            self._send(("alerts", step, [alert for _, alert in outcome.alerts]))
+
+    def log_metric(self, key: str, value: float, step: int) -> None:
+        """Collect one metric that is not a plugin measure (e.g. the training loss)."""
+        self._waiting += self.points.point(key, value, step)
+
+    def flush(self, wait: bool = False) -> None:
+        """Send the collected points; with ``wait``, return once MLflow has them."""
+        if self._waiting:
+            self._send(("points", self._take()))
+        if wait:
+            self._send(("flush",))
+            self._done()
+
+    def attach(self, paths: Sequence[Path]) -> None:
+        """Attach files to the run under ``apmon-report/`` (they must outlive the call only)."""
+        self._send(("report", [str(p) for p in paths]))
+        self._done()
+
+    def close(self) -> None:
+        """Send each key's last point, end the MLflow run and the mirror."""
+        try:
+            self._waiting += self.points.held()
+            self.flush()
+            self._send(("close",))
+            self._done()
+        finally:
+            self._end()
+
+    def _take(self) -> list[Point]:
+        points, self._waiting = self._waiting, []
+        return points
+
+    def _send(self, message: Any) -> None:
+        try:
+            write_frame(self._to, message)
+        except OSError as error:
+            raise MirrorFailed(f"the MLflow process is gone ({error})") from error
+
+    def _answer(self) -> tuple[Any, ...]:
+        """The mirror's next answer (this thread waits without the GIL)."""
+        while True:
+            data = os.read(self._from, 1 << 16)
+            if not data:
+                raise MirrorFailed(f"the MLflow process ended ({self._process.wait()})")
+            messages = self._reader.feed(data)
+            if messages:
+                return tuple(messages[0])
+
+    def _done(self) -> None:
+        answer = self._answer()
+        self.failures += int(answer[1]) if answer[0] == "done" else 1
+
+    def _end(self) -> None:
+        for fd in (self._to, self._from):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+
+
+def serve(in_fd: int, out_fd: int) -> int:
+    """The mirror's loop: open the run, then log what arrives until ``close`` or the pipe ends."""
+    from monitor.report import log_report_to_mlflow
+    from monitor.sinks.mlflow_sink import MlflowSink
+
+    reader = FrameReader()
+    sink: MlflowSink | None = None
+    failures = 0
+    while True:
+        data = os.read(in_fd, 1 << 20)
+        if not data:  # the host is gone without closing: end the run as failed
+            if sink is not None:
+                with contextlib.suppress(Exception):
+                    sink.close(status="FAILED")
+            return 0
+        for message in reader.feed(data):
+            kind = message[0]
+            if kind == "open":
+                try:
+                    sink = _open(*message[1:])
+                except Exception as error:
+                    logger.exception("MLflow is unavailable")
+                    write_frame(out_fd, ("failed", f"{type(error).__name__}: {error}"))
+                    return 1
+                write_frame(out_fd, ("opened", sink.run_id))
+                continue
+            if sink is None:
+                continue
+            try:
+                if kind == "points":  # the host sends them every half second or so
+                    sink.add_points(message[1])
+                    sink.flush()
+                elif kind == "alerts":
+                    sink.log_alerts(message[1], message[2])
+                elif kind == "flush":
+                    sink.flush()
+                elif kind == "report":
+                    log_report_to_mlflow(sink.tracking_uri, sink.run_id, message[1])
+                elif kind == "close":
+                    sink.close()
+            except Exception:
+                failures += 1
+                logger.exception("MLflow could not take a %r message", kind)
+            if kind in ("flush", "report", "close"):
+                write_frame(out_fd, ("done", failures))
+                failures = 0
+            if kind == "close":
+                return 0
+
+
+def _open(arguments: dict[str, Any], params: dict[str, object], apmon_run_id: str) -> Any:
+    from monitor.sinks.mlflow_sink import MlflowSink
+
+    sink = MlflowSink(**arguments)
+    sink.log_params(params)
+    sink.client.set_tag(sink.run_id, "apmon.run_id", apmon_run_id)  # the user's own run too
+    return sink
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``python -m monitor.sinks.mlflow_process IN_FD OUT_FD``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="apmon mlflow: %(levelname)s %(message)s")
+    return serve(int(args[0]), int(args[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The embedded host's MLflow process: points, alerts and reports reach a real MLflow store, and
+the host itself never imports MLflow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from monitor.schema import AlertValue, MeasureValue
+from monitor.sinks.mlflow_process import MirrorFailed, MlflowMirror
+from monitor.store.store import PluginOutcome
+
+
+def outcome(step: int, alert: bool = False) -> PluginOutcome:
+    result = PluginOutcome("train")
+    result.measures = [
+        ("entropy", "1", MeasureValue(name="entropy_mean", value=step / 10)),
+        ("entropy", "1", MeasureValue(name="entropy", value=1.0, site="fc#0")),
+    ]
+    if alert:
+        result.alerts = [("strikes", AlertValue(kind="bad_batch", step=step, message="odd batch"))]
+    return result
+
+
+def test_points_alerts_and_files_reach_mlflow_through_the_mirror(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mirror = MlflowMirror(
+        {"tracking_uri": uri, "experiment": "mirror", "run_name": "r"},
+        {"apmon.every": 1},
+        "apmon-run-1",
+        keys="summary",
+    )
+    for step in range(5):
+        mirror("apmon-run-1", step, outcome(step, alert=step == 3))
+        mirror.log_metric("train/loss", 1.0 / (step + 1), step)
+    mirror.flush(wait=True)
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(mirror.run_id, "ap/entropy_mean")
+    assert [(m.step, m.value) for m in history] == [(s, s / 10) for s in range(5)]
+    run = client.get_run(mirror.run_id)
+    assert "ap/entropy/fc:0" not in run.data.metrics  # "summary" keys: no per-site keys
+    assert run.data.tags["apmon.alert.bad_batch"] == "1 (latest step 3: odd batch)"
+    assert run.data.tags["apmon.run_id"] == "apmon-run-1"
+    assert run.data.params["apmon.every"] == "1"
+    report = tmp_path / "report.html"
+    report.write_text("<p>report</p>")
+    mirror.attach([report])
+    mirror.close()
+    assert mirror.failures == 0
+    assert mirror._process.returncode == 0
+    run = client.get_run(mirror.run_id)
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(mirror.run_id, "apmon-report")] == [
+        "apmon-report/report.html"
+    ]
+
+
+def test_a_store_mlflow_cannot_open_fails_the_mirror_and_ends_its_process() -> None:
+    sink_arguments = {"tracking_uri": "bogus://nowhere", "experiment": "x", "run_name": ""}
+    with pytest.raises(MirrorFailed, match="bogus"):
+        MlflowMirror(sink_arguments, {}, "")
+
+
+def test_the_host_process_never_imports_mlflow() -> None:
+    code = (
+        "import sys, monitor.host_process, monitor.sinks.mlflow_process;"
+        "print('mlflow' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
