@@ -1,4 +1,4 @@
-"""The embedded host process: plugins, SQL store and MLflow of one run, beside the training job.
+"""The embedded host process: plugins and SQL store of one run, beside the training job.
 
 ``python -m monitor.host_process IN_FD OUT_FD`` is started by the embedded transport. It reads
 framed messages from the training process on IN_FD and answers on OUT_FD (see ``frames``). It
@@ -11,12 +11,14 @@ Order of work, so that alerts are never held up by storage:
 2. Every ``FLUSH_SECONDS``, or at ``SLICE_EVENTS`` events, the buffered events go to the
    writer thread (``host_writer``) in one batch (a batch per step, as when the host handed
    off whenever it was idle for 2 ms, cost a transaction and an MLflow call per step),
-   which stores them in transactions of at most ``SLICE_EVENTS`` events and mirrors them to
-   MLflow; the main thread goes on answering. ``StoreBudget`` thins what is stored when storing
-   every step would take more than ``settings.host_store_fraction`` of wall time (the detectors
-   still see every step). A writer that falls ``WRITER_BATCHES`` batches behind makes the main
-   thread wait, which bounds the host's memory; the training side's wait for marks then slows
-   training to the pace of the store (back-pressure, counted as wait time by the client).
+   which stores them in transactions of at most ``SLICE_EVENTS`` events and hands their
+   MLflow points to the MLflow process (``sinks.mlflow_process``, started by this process so
+   that MLflow's seconds of Python never hold this one's GIL); the main thread goes on
+   answering. ``StoreBudget`` thins what is stored when storing every step would take more
+   than ``settings.host_store_fraction`` of wall time (the detectors still see every step).
+   A writer that falls ``WRITER_BATCHES`` batches behind makes the main thread wait, which
+   bounds the host's memory; the training side's wait for marks then slows training to the
+   pace of the store (back-pressure, counted as wait time by the client).
 """
 
 from __future__ import annotations
