@@ -10,19 +10,16 @@ reaches the training job within one step.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import select
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import monitor
+from monitor.child import start_child
 from monitor.frames import FrameReader, encode
 from monitor.schema import AlertValue, ProbeRecord, RunStart, SiteInfo, StepSummary
 from monitor.settings import Settings
@@ -76,35 +73,16 @@ class EmbeddedTransport:
     def start_run(self, start: RunStart) -> str:
         """Start the host process and hand it the run; returns at once with the run's id."""
         self.run_id = str(uuid.uuid4())
-        to_host_r, to_host_w = os.pipe()
-        from_host_r, from_host_w = os.pipe()
-        env = dict(os.environ)
-        package_root = str(Path(monitor.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, env.get("PYTHONPATH", "")) if p
-        )
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "monitor.host_process", str(to_host_r), str(from_host_w)],
-                pass_fds=(to_host_r, from_host_w),
-                env=env,
-                stdin=subprocess.DEVNULL,
+            self._process, self._to_host, self._from_host = start_child(
+                "monitor.host_process", PIPE_BYTES
             )
         except OSError as error:
             logger.error("apmon could not start its host process (%s); nothing is stored", error)
             self._dead = True
-            for fd in (to_host_w, from_host_r):
-                os.close(fd)
             return self.run_id
-        finally:
-            os.close(to_host_r)
-            os.close(from_host_w)
-        self._to_host, self._from_host = to_host_w, from_host_r
         os.set_blocking(self._to_host, False)
         os.set_blocking(self._from_host, False)
-        # A smaller pipe only means that more records wait in this process.
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(self._to_host, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
         settings = self.settings.model_dump()
         self._send(("start", settings, self.run_id, start))
         return self.run_id

@@ -17,7 +17,6 @@ first, and ``("done", failures)`` to flush, report and close.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import subprocess
@@ -26,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import monitor
+from monitor.child import start_child
 from monitor.frames import FrameReader, write_frame
 from monitor.sinks.points import Point, PointFilter
 from monitor.store.store import PluginOutcome
@@ -60,24 +59,9 @@ class MlflowMirror:
         self.points = PointFilter(keys, min_interval_seconds)
         self._waiting: list[Point] = []
         self._reader = FrameReader()
-        to_r, to_w = os.pipe()
-        from_r, from_w = os.pipe()
-        env = dict(os.environ)
-        package_root = str(Path(monitor.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "monitor.sinks.mlflow_process", str(to_r), str(from_w)],
-                pass_fds=(to_r, from_w),
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            os.close(to_r)
-            os.close(from_w)
-        self._to, self._from = to_w, from_r
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(self._to, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+        self._process, self._to, self._from = start_child(
+            "monitor.sinks.mlflow_process", PIPE_BYTES
+        )
         self._send(("open", sink_arguments, params, apmon_run_id))
         answer = self._answer()
         if answer[0] != "opened":
