@@ -28,6 +28,7 @@ on a machine whose cores are all training's the host process competes with them;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -236,11 +237,29 @@ def _host_proc(transport: Any, name: str) -> str | None:
 
 
 def _host_cpu_s(transport: Any) -> float:
-    """CPU seconds the embedded host process has used so far (0 without one)."""
-    try:
-        return stat_cpu_s(_host_proc(transport, "stat") or "")
-    except (IndexError, ValueError):
+    """CPU seconds the embedded host process and its MLflow process have used so far.
+
+    0 without a host. The MLflow process is the host's child (``monitor.sinks.mlflow_process``),
+    read while it lives (until the host has attached the report, after ``close()``).
+    """
+    process = getattr(transport, "_process", None)
+    if process is None:
         return 0.0
+    pids = [str(process.pid)]
+    task = f"/proc/{process.pid}/task"
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(task):
+            pids += _read(f"{task}/{tid}/children").split()
+    return sum(stat_cpu_s(stat) for stat in map(_read, (f"/proc/{p}/stat" for p in pids)) if stat)
+
+
+def _read(path: str) -> str:
+    """A /proc file's text ("" once it is gone)."""
+    try:
+        with open(path) as file:
+            return file.read()
+    except OSError:
+        return ""
 
 
 def stat_cpu_s(stat: str) -> float:
@@ -418,7 +437,7 @@ def summarise(
                 "model",
                 "mode",
                 "added ms / captured step",
-                "CPU ms / captured step (job added / host)",
+                "CPU ms / captured step (job added / host and its MLflow process)",
                 "watch() s",
                 "close() s",
                 "waited for host s",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from monitor.store.entities import AlertRecord
+if TYPE_CHECKING:
+    from monitor.store.entities import AlertRecord
 
 TAG_MESSAGE_CHARS = 160  # MLflow's run page shows a tag value on one line
 

@@ -23,16 +23,18 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monitor.child import start_child
 from monitor.frames import FrameReader, write_frame
 from monitor.sinks.points import Point, PointFilter
-from monitor.store.store import PluginOutcome
 
 logger = logging.getLogger(__name__)
 
 PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe to the mirror (Linux; best effort)
+
+if TYPE_CHECKING:
+    from monitor.store.store import PluginOutcome
 
 
 class MirrorFailed(RuntimeError):
@@ -139,7 +141,6 @@ class MlflowMirror:
 
 def serve(in_fd: int, out_fd: int) -> int:
     """The mirror's loop: open the run, then log what arrives until ``close`` or the pipe ends."""
-    from monitor.report import log_report_to_mlflow
     from monitor.sinks.mlflow_sink import MlflowSink
 
     reader = FrameReader()
@@ -173,7 +174,9 @@ def serve(in_fd: int, out_fd: int) -> int:
                     sink.log_alerts(message[1], message[2])
                 elif kind == "flush":
                     sink.flush()
-                elif kind == "report":
+                elif kind == "report":  # at the run's end: the report's imports wait until then
+                    from monitor.report import log_report_to_mlflow
+
                     log_report_to_mlflow(sink.tracking_uri, sink.run_id, message[1])
                 elif kind == "close":
                     sink.close()

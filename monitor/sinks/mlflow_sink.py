@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
@@ -18,11 +19,13 @@ from monitor.sinks.alerts import AlertTally
 from monitor.sinks.keys import MAX_BATCH, metric_key, param
 from monitor.sinks.points import Point, PointFilter
 from monitor.sinks.tracking import experiment_id
-from monitor.store.store import PluginOutcome
 
 __all__ = ["MAX_BATCH", "MlflowSink", "Point", "PointFilter", "metric_key", "param"]
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from monitor.store.store import PluginOutcome
 
 
 class MlflowSink:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from monitor.sinks.keys import metric_key, plugin_metric_key
-from monitor.store.store import PluginOutcome
 
 Point = tuple[str, float, int, int]  # an MLflow metric point: key, value, time (ms), step
+
+if TYPE_CHECKING:
+    from monitor.store.store import PluginOutcome
 
 
 class PointFilter:
