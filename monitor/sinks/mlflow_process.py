@@ -64,11 +64,14 @@ class MlflowMirror:
         self._process, self._to, self._from = start_child(
             "monitor.sinks.mlflow_process", PIPE_BYTES
         )
-        self._send(("open", sink_arguments, params, apmon_run_id))
-        answer = self._answer()
-        if answer[0] != "opened":
+        try:
+            self._send(("open", sink_arguments, params, apmon_run_id))
+            answer = self._answer()
+            if answer[0] != "opened":
+                raise MirrorFailed(str(answer[1]))
+        except MirrorFailed:
             self._end()
-            raise MirrorFailed(str(answer[1]))
+            raise
         self.run_id: str = answer[1]
 
     def __call__(self, run_id: str, step: int, outcome: PluginOutcome) -> None:
