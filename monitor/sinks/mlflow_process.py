@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 PIPE_BYTES = 1 << 20  # asked of the kernel for the pipe to the mirror (Linux; best effort)
 
 if TYPE_CHECKING:
+    from monitor.sinks.mlflow_sink import MlflowSink
     from monitor.store.store import PluginOutcome
 
 
@@ -144,8 +145,6 @@ class MlflowMirror:
 
 def serve(in_fd: int, out_fd: int) -> int:
     """The mirror's loop: open the run, then log what arrives until ``close`` or the pipe ends."""
-    from monitor.sinks.mlflow_sink import MlflowSink
-
     reader = FrameReader()
     sink: MlflowSink | None = None
     failures = 0
@@ -193,8 +192,8 @@ def serve(in_fd: int, out_fd: int) -> int:
                 return 0
 
 
-def _open(arguments: dict[str, Any], params: dict[str, object], apmon_run_id: str) -> Any:
-    from monitor.sinks.mlflow_sink import MlflowSink
+def _open(arguments: dict[str, Any], params: dict[str, object], apmon_run_id: str) -> MlflowSink:
+    from monitor.sinks.mlflow_sink import MlflowSink  # here: the host imports this module too
 
     sink = MlflowSink(**arguments)
     sink.log_params(params)

@@ -20,7 +20,7 @@ from monitor.sinks.keys import MAX_BATCH, metric_key, param
 from monitor.sinks.points import Point, PointFilter
 from monitor.sinks.tracking import experiment_id
 
-__all__ = ["MAX_BATCH", "MlflowSink", "Point", "PointFilter", "metric_key", "param"]
+__all__ = ["MAX_BATCH", "MlflowSink", "metric_key", "param"]
 
 logger = logging.getLogger(__name__)
 
