@@ -14,6 +14,11 @@ interval. Modes:
 - ``nomlflow``: ``defaults`` with MLflow off (``mlflow_tracking_uri=""``): what the MLflow
   mirror (importing mlflow, its store, the metrics) adds, another breakdown.
 
+``close()`` returns once the apmon database has the run; the host then brings MLflow up to date
+and attaches the report at idle priority. The breakdown says how long after ``close()`` that
+took and the CPU seconds the host and its MLflow process used in all (the ratios do not include
+that work: training is over when it runs, on CPU that nothing else wanted).
+
 Torch's OpenMP threads spin for a while after each parallel region (libgomp's default), and
 on a machine whose cores are all training's the host process competes with them; with
 ``--omp-wait-policy passive`` every process of the run (plain ones too) gets
@@ -176,13 +181,19 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     mon.close()
     end = time.perf_counter()
     cpu = _own_cpu_s() - cpu
-    host_cpu = _host_cpu_s(mon.transport)  # loop and close, not the report rendered after
-    _wait_for_host(mon.transport)  # untimed: the next run starts on a quiet machine
+    host_cpu = _host_cpu_s(mon.transport)  # loop and close, not what the host does after
+    # Untimed, so that the next run starts on a quiet machine: the host finishing MLflow and
+    # the report after close(), at idle priority.
+    _wait_for_host(mon.transport)
+    after_close = time.perf_counter() - end
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     figures.update(
         total_s=end - begin,
         steady_s_per_step=_steady_s_per_step(stamps),
         cpu_s=cpu,
         host_cpu_s=host_cpu,
+        host_total_cpu_s=children.ru_utime + children.ru_stime,
+        mlflow_after_close_s=after_close,
         setup_s=setup,
         loop_s=loop_end - begin - setup,
         close_s=end - loop_end,
@@ -218,7 +229,7 @@ def _own_cpu_s() -> float:
 
 
 def _wait_for_host(transport: Any) -> None:
-    """After close(): wait (up to 300 s) until the host process has attached the report."""
+    """After close(): wait (up to 300 s) until the host process has finished MLflow and exited."""
     wait = getattr(transport, "wait_for_host", None)
     if wait is not None:
         wait(300)
@@ -406,6 +417,8 @@ def summarise(
                     f"{statistics.median(job_cpu):.3f} / {statistics.median(host_cpu):.3f}",
                     f"{statistics.median(m['setup_s'] for m in measured):.3f}",
                     f"{statistics.median(m['close_s'] for m in measured):.3f}",
+                    f"{statistics.median(m.get('mlflow_after_close_s', 0.0) for m in measured):.1f}"
+                    f" / {statistics.median(m.get('host_total_cpu_s', 0.0) for m in measured):.1f}",
                     f"{max(m['waited_s'] for m in measured):.3f}",
                     str(max(m["max_lag_steps"] for m in measured)),
                     str(max(m["late_marks"] for m in measured)),
@@ -440,6 +453,7 @@ def summarise(
                 "CPU ms / captured step (job added / host and its MLflow process)",
                 "watch() s",
                 "close() s",
+                "host done s after close / its CPU-s in all",
                 "waited for host s",
                 "host lag (steps)",
                 "late marks",

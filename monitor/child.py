@@ -44,3 +44,17 @@ def start_child(module: str, pipe_bytes: int) -> tuple[subprocess.Popen[bytes], 
     with contextlib.suppress(OSError):
         fcntl.fcntl(to_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), pipe_bytes)
     return process, to_w, from_r
+
+
+def idle_priority() -> None:
+    """Run the calling thread (and the threads it starts) only on CPU nothing else wants.
+
+    Linux's ``SCHED_IDLE``: a process at the lowest nice level still takes a few percent of a
+    core from a training job whose threads keep every core busy, and each time it runs, one of
+    torch's threads waits and its parallel region with it. Elsewhere the lowest nice level.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19)

@@ -104,8 +104,7 @@ def run_demo(
             index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
             loss_value = float(train_step(images[index], labels[index]))
             bar.set_postfix(loss=f"{loss_value:.3f}")
-    transport = mon.transport
-    mlflow_run_id = getattr(transport, "mlflow_run_id", None)
+    mlflow_run_id = mon.wait_for_mlflow()  # its figures go to MLflow next
     return DemoResult(
         run_id=mon.run_id,
         mlflow_run_id=mlflow_run_id,

@@ -19,6 +19,11 @@ Order of work, so that alerts are never held up by storage:
    A writer that falls ``WRITER_BATCHES`` batches behind makes the main thread wait, which
    bounds the host's memory; the training side's wait for marks then slows training to the
    pace of the store (back-pressure, counted as wait time by the client).
+3. At ``finish`` the run is stored and the end-of-run plugins run; the job's ``close`` gets its
+   answer (``done``). Then, at idle priority, the process brings MLflow up to date, attaches the
+   report and ends the MLflow run (``settings.mlflow_close_waits``: MLflow before ``done``),
+   tells the job ``("mlflow", run id, failures)`` (``EmbeddedTransport.wait_for_host`` reads it)
+   and exits; it outlives a job that exits first.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from monitor.child import idle_priority
 from monitor.frames import FrameReader, write_frame
 from monitor.host import alert_key, run_plugins
 from monitor.host_writer import StoreBudget, StoreWriter
@@ -50,6 +56,7 @@ from monitor.schema import (
     StepSummary,
 )
 from monitor.settings import Settings
+from monitor.sinks.mlflow_process import MlflowMirror
 from monitor.store import PluginOutcome, SqlStore, open_store
 
 logger = logging.getLogger("monitor.host_process")
@@ -85,13 +92,13 @@ class RunHost:
         self.plugins = load_plugins(only=settings.plugins).ordered()
         self.store.create_run(settings.project, start, run_id=run_id)
         # MLflow (seconds to import and to open its store) runs in a process of its own
-        # (``mlflow_process``), started and waited for by a thread, so that the plugins answer
-        # from the first step and never wait for the GIL behind MLflow; what they produce
-        # meanwhile waits in ``_mlflow_backlog`` and reaches MLflow once it is there.
-        self.mlflow: Any = None
-        self._mlflow_backlog: list[tuple[StepSummary | ProbeRecord | None, int, PluginOutcome]] = []
+        # (``mlflow_process``, at idle priority), opened by a thread, so that the plugins answer
+        # from the first step and never wait for the GIL behind MLflow; the mirror collects
+        # points meanwhile and sends them once MLflow is there.
+        self.mlflow: MlflowMirror | None = None
         self._mlflow_thread: threading.Thread | None = None
         if settings.mlflow_tracking_uri:
+            self.mlflow = MlflowMirror(settings.mlflow_keys, settings.mlflow_min_interval_seconds)
             self._mlflow_thread = threading.Thread(
                 target=self._connect_mlflow, args=(start,), name="apmon-mlflow", daemon=True
             )
@@ -109,12 +116,11 @@ class RunHost:
         self.writer = StoreWriter(self._write, limit=WRITER_BATCHES, on_start=lower_priority)
 
     def _connect_mlflow(self, start: RunStart) -> None:
-        lower_priority()  # and the MLflow process this thread starts
+        assert self.mlflow is not None
         try:
-            from monitor.sinks.mlflow_process import MlflowMirror
             from monitor.sinks.tracking import standard_tags
 
-            mirror = MlflowMirror(
+            run_id = self.mlflow.open(
                 {
                     "tracking_uri": self.settings.mlflow_tracking_uri,
                     "experiment": self.settings.mlflow_experiment,
@@ -124,34 +130,17 @@ class RunHost:
                 },
                 {f"apmon.{k}": v for k, v in start.config.items()},
                 self.run_id,
-                keys=self.settings.mlflow_keys,
-                min_interval_seconds=self.settings.mlflow_min_interval_seconds,
             )
-            self.store.claim_mlflow_run_id(self.run_id, mirror.run_id)
+            self.store.claim_mlflow_run_id(self.run_id, run_id)
         except Exception:
             logger.exception("MLflow is unavailable; results go to SQL only")
-            return
-        self.mlflow = mirror  # one assignment: the main thread sees all of it or nothing
 
     def _mirror(
         self, event: StepSummary | ProbeRecord | None, step: int, outcome: PluginOutcome
     ) -> None:
-        """Hand one outcome (and a summary's loss) to MLflow, or keep it until MLflow is there."""
+        """Hand one outcome (and a summary's loss) to the MLflow mirror."""
         if self.mlflow is None:
-            if self._mlflow_thread is not None and self._mlflow_thread.is_alive():
-                self._mlflow_backlog.append((event, step, outcome))
             return
-        self._drain_mlflow_backlog()
-        self._to_mlflow(event, step, outcome)
-
-    def _drain_mlflow_backlog(self) -> None:
-        backlog, self._mlflow_backlog = self._mlflow_backlog, []
-        for event, step, outcome in backlog:
-            self._to_mlflow(event, step, outcome)
-
-    def _to_mlflow(
-        self, event: StepSummary | ProbeRecord | None, step: int, outcome: PluginOutcome
-    ) -> None:
         try:
             self.mlflow(self.run_id, step, outcome)
             if isinstance(event, StepSummary) and event.loss is not None:
@@ -256,7 +245,6 @@ class RunHost:
         self._flushed_at = time.monotonic()
         if self.mlflow is None:
             return
-        self._drain_mlflow_backlog()
         try:
             self.mlflow.flush(wait=wait)
         except Exception:
@@ -289,11 +277,9 @@ class RunHost:
             self.store.save_outcome(self.run_id, final_step, outcome)
             self.store.finish_run(self.run_id)
             alerts = [alert for _, alert in outcome.alerts]
-            if self._mlflow_thread is not None:
-                self._mlflow_thread.join()  # a short run ends before MLflow is there
             self._mirror(None, final_step, outcome)
-            self._flush_mlflow(wait=True)  # every metric is in MLflow when close() returns
-            self.failures += self.mlflow.failures if self.mlflow is not None else 0
+            if self.settings.mlflow_close_waits:  # every metric is in MLflow when close() returns
+                self._finish_mlflow()
         except Exception:
             self.failures += 1
             logger.exception("apmon end-of-run processing failed")
@@ -301,22 +287,37 @@ class RunHost:
         self.failures += self.writer.failures
         return alerts
 
-    def close_mlflow(self) -> None:
-        """Attach the report (``settings.mlflow_report``) and end the MLflow run.
+    def _finish_mlflow(self) -> None:
+        """Wait until MLflow is open (a short run ends before it is), then send it everything."""
+        if self._mlflow_thread is not None:
+            self._mlflow_thread.join()
+        self._flush_mlflow(wait=True)
 
-        The host process does this after it has told the training job that the run is done, so
-        the job's ``close`` does not wait for the seconds of rendering.
+    def close_mlflow(self) -> None:
+        """Bring MLflow up to date, attach the report (``settings.mlflow_report``), end the run.
+
+        The host process does this after it has told the training job that the run is done, at
+        idle priority, so that the job's ``close`` waits neither for MLflow nor for rendering.
         """
         if self.mlflow is None:
             return
-        if self.settings.mlflow_report:
-            self._attach_report()
+        self._finish_mlflow()
+        if self.settings.mlflow_report and self.mlflow.is_open:
+            self._attach_report(self.mlflow)
         try:
             self.mlflow.close()
         except Exception:
+            self.failures += 1
             logger.exception("could not close the MLflow run")
+        self.failures += self.mlflow.failures
+        if self.mlflow.thinned_points:
+            logger.warning(
+                "MLflow was away long enough that %d points were thinned out of it (the apmon "
+                "database has every step)",
+                self.mlflow.thinned_points,
+            )
 
-    def _attach_report(self) -> None:
+    def _attach_report(self, mirror: MlflowMirror) -> None:
         """Render the run's report and attach it to the MLflow run (before it is ended).
 
         Rendering (figures, the HTML page) and uploading take seconds, logged at INFO.
@@ -329,7 +330,7 @@ class RunHost:
         began = time.monotonic()
         try:
             with tempfile.TemporaryDirectory(prefix="apmon-report-") as out:
-                self.mlflow.attach(render_report(self.store, self.run_id, Path(out)))
+                mirror.attach(render_report(self.store, self.run_id, Path(out)))
         except Exception:
             self.failures += 1
             logger.exception("could not attach the report of run %s to MLflow", self.run_id)
@@ -338,7 +339,7 @@ class RunHost:
     @property
     def mlflow_run_id(self) -> str | None:
         """The MLflow run this run is mirrored into, if any."""
-        return None if self.mlflow is None else str(self.mlflow.run_id)
+        return None if self.mlflow is None else self.mlflow.run_id
 
 
 class _Replies:
@@ -407,7 +408,10 @@ def serve(in_fd: int, out_fd: int) -> int:
                         {"failures": host.failures, "mlflow_run_id": host.mlflow_run_id},
                     ),
                 )
-                host.close_mlflow()  # the job's close() has its answer already
+                # The job's close() has its answer; the rest only uses CPU nothing else wants.
+                idle_priority()
+                host.close_mlflow()
+                reply(("mlflow", host.mlflow_run_id, host.failures))  # for ``wait_for_host``
                 return 0
             if host.buffered >= SLICE_EVENTS:
                 host.hand_off()

@@ -47,7 +47,13 @@ class Settings(BaseSettings):
     mlflow_report: bool = Field(
         default=True,
         description="Embedded: render the run's report when it finishes and attach it to its "
-        "MLflow run (the training job's close waits for the rendering).",
+        "MLflow run (the host process does it after the training job's close() returned).",
+    )
+    mlflow_close_waits: bool = Field(
+        default=False,
+        description="Embedded: close() waits until MLflow has the whole run. Off: close() returns "
+        "once the apmon database has it and the host process finishes MLflow (metrics, report, "
+        "run end) in the background at idle priority; Monitor.wait_for_mlflow() waits for it.",
     )
     project: str = Field(default="default", description="Project of embedded runs.")
     server_url: str | None = Field(

@@ -195,20 +195,38 @@ class EmbeddedTransport:
                 FINISH_SECONDS,
                 self.run_id,
             )
-        self._close_pipes()
+        self._close_to_host()  # the answers stay open: ``wait_for_host`` reads the host's last
         if self.dropped:
             logger.warning("apmon dropped %d records the host never took", self.dropped)
 
     def wait_for_host(self, timeout: float | None = None) -> bool:
-        """After ``finish``: wait until the host has attached the report and ended MLflow.
+        """After ``finish``: wait until the host has finished MLflow and exited.
 
-        The host does that after the run is stored, so ``close`` does not wait for it. True
-        when the host has exited within ``timeout`` seconds.
+        The host brings MLflow up to date, attaches the report and ends the MLflow run after
+        the run is stored, so ``close`` does not wait for that; ``mlflow_run_id`` is known once
+        this returns True (True: the host exited within ``timeout`` seconds).
         """
         if self._process is None:
             return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._from_host >= 0:  # its last word: ("mlflow", run id, failures), then EOF
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            readable, _, _ = select.select([self._from_host], [], [], left)
+            if not readable:
+                return False
+            try:
+                data = os.read(self._from_host, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                self._close_pipes()
+                break
+            for message in self._reader.feed(data):
+                if message[0] == "mlflow":
+                    self._mlflow_done(message)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
-            self._process.wait(timeout=timeout)
+            self._process.wait(timeout=left)
         except subprocess.TimeoutExpired:
             return False
         return True
@@ -279,6 +297,8 @@ class EmbeddedTransport:
                 elif kind == "failed":
                     logger.error("apmon could not start the run's host: %s", message[1])
                     self._host_gone(None)
+                elif kind == "mlflow":
+                    self._mlflow_done(message)
                 elif kind == "done":
                     self._alerts.extend(message[1])
                     self.failures += int(message[2].get("failures", 0))
@@ -288,6 +308,11 @@ class EmbeddedTransport:
                 break
         return done
 
+    def _mlflow_done(self, message: Any) -> None:
+        """The host's last word: MLflow has the run (its id), with the failures of the way."""
+        self.mlflow_run_id = message[1] or self.mlflow_run_id
+        self.failures += int(message[2])
+
     def _host_gone(self, why: str | None) -> None:
         if not self._dead and why is not None and not self._done:
             logger.error("apmon's host process stopped (%s); results after this are lost", why)
@@ -296,8 +321,18 @@ class EmbeddedTransport:
         self._unsent.clear()
         self._unsent_bytes = 0
 
-    def _close_pipes(self) -> None:
-        for fd in (self._to_host, self._from_host):
+    def _close_to_host(self) -> None:
+        if self._to_host >= 0:
             with contextlib.suppress(OSError):
-                os.close(fd)
-        self._to_host = self._from_host = -1
+                os.close(self._to_host)
+        self._to_host = -1
+
+    def _close_pipes(self) -> None:
+        self._close_to_host()
+        if self._from_host >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._from_host)
+        self._from_host = -1
+
+    def __del__(self) -> None:
+        self._close_pipes()

@@ -715,6 +715,20 @@ class Monitor:
                 except Exception:
                     logger.exception("on_alert raised for an alert delivered at close")
 
+    def wait_for_mlflow(self, timeout: float | None = None) -> str | None:
+        """After ``close``: wait until MLflow has the whole run; the MLflow run's id.
+
+        Embedded, ``close`` returns once the apmon database has the run; the host process then
+        brings MLflow up to date, attaches the report and ends the MLflow run in the background
+        (unless ``Settings.mlflow_close_waits``). None: no MLflow run, or ``timeout`` seconds
+        passed first.
+        """
+        wait = getattr(self.transport, "wait_for_host", None)
+        if wait is not None and not wait(timeout):
+            return None
+        run_id: str | None = getattr(self.transport, "mlflow_run_id", None)
+        return run_id
+
 
 def _register_atexit(monitor: Monitor) -> Callable[[], None]:
     """Close the run at interpreter exit if the user never did, without keeping it alive."""

@@ -268,6 +268,7 @@ def test_divergence_is_a_stored_alert_and_an_mlflow_tag(tmp_path: Path) -> None:
         with pytest.raises(ActCoolDivergence):
             train(model, opt, batches(1), sched)
     sched.close()
+    assert mon.wait_for_mlflow(timeout=300) is not None  # close() left MLflow to the host
     store = open_store(settings.database_url)
     alerts = store.alerts(mon.run_id)
     assert [(a.kind, a.step, a.severity) for a in alerts] == [("actcool_divergence", 3, "critical")]

@@ -234,6 +234,7 @@ def test_embedded_run_logs_into_the_trainers_mlflow_run(
         trainer.train()
     monitor = callback.monitor
     assert monitor is not None and monitor.alerts == []
+    monitor.wait_for_mlflow(timeout=300)  # the host finishes MLflow after close()
     store = open_store(settings.database_url)
     run = store.run(monitor.run_id)
     assert run.status == "finished" and store.alerts(monitor.run_id) == []

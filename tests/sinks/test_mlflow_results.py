@@ -178,7 +178,7 @@ with watch(model, opt, settings=settings) as mon:
         opt.zero_grad()
         model(torch.randn(4, 6)).sum().backward()
         opt.step()
-print(mon.transport.mlflow_run_id, "mlflow" in sys.modules)
+print(mon.wait_for_mlflow(timeout=300), "mlflow" in sys.modules)
 """
     )
     db, uri = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'm.db'}"

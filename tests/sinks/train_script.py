@@ -31,8 +31,7 @@ def train(model: nn.Module, shape: tuple[int, ...], steps: int = 6, **options: o
             loss.backward()
             optimizer.step()
             mon.record_loss(loss)
-    mon.transport.wait_for_host(timeout=300)  # type: ignore[attr-defined]
-    return str(mon.transport.mlflow_run_id)  # type: ignore[attr-defined]
+    return str(mon.wait_for_mlflow(timeout=300))
 
 
 def mlp() -> nn.Module:
