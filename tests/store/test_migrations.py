@@ -8,13 +8,29 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
 from monitor.store import SchemaOutOfDate, make_engine, open_store, require_current_schema
-from monitor.store.migrate import current_revision, head_revision
+from monitor.store.migrate import HEAD_REVISION, current_revision, head_revision
 from monitor.store.models import Base
 
 
-def test_one_head() -> None:
+def test_one_head_and_the_code_names_it() -> None:
     head = head_revision()
     assert len(head) == 4 and head.isdigit() and head >= "0002"
+    assert head == HEAD_REVISION  # a new migration: name it in monitor/store/migrate.py
+
+
+def test_the_revision_read_without_alembic_is_alembics(sqlite_url: str) -> None:
+    from monitor.store import upgrade
+
+    engine = make_engine(sqlite_url)
+    revisions = []
+    for target in (None, "0001", "head"):
+        if target is not None:
+            upgrade(engine, target)
+        with engine.connect() as connection:
+            alembic_says = MigrationContext.configure(connection).get_current_revision()
+        assert current_revision(engine) == alembic_says
+        revisions.append(alembic_says)
+    assert revisions == [None, "0001", HEAD_REVISION]
 
 
 def test_0002_keeps_received_batches_and_adds_digest_and_error(sqlite_url: str) -> None:
