@@ -65,6 +65,7 @@ class StrikeSettings:
 
 
 UPWARD = frozenset({"loss", "shift"})
+RECENT = "recent:"  # prefix of a shift's recent values among the windows given medians_mads
 
 
 def on_rates_of(site: SiteSummary) -> np.ndarray | None:
@@ -158,6 +159,12 @@ class StrikeDetector:
 
     def __init__(self, settings: StrikeSettings | None = None) -> None:
         self.settings = settings or StrikeSettings()
+        s = self.settings
+        # kind -> (floor of its band, limit of its excess, judged upward only)
+        self._rules = {
+            kind: (getattr(s, f"{kind}_floor"), getattr(s, kind), kind in UPWARD)
+            for kind in ("loss", "shift", "rms", "max_abs", *INPUT_SCALARS)
+        }
 
     def process(
         self,
@@ -193,41 +200,44 @@ class StrikeDetector:
     def _exceeded(
         self, step: int, values: Mapping[str, float], baselines: Mapping[str, list[float]]
     ) -> dict[str, dict[str, float]]:
-        """The statistics past their limits at ``step``, each with its band (see the settings)."""
+        """The statistics past their limits at ``step``, each with its band (see the settings).
+
+        Runs on every training step in the host: one ``medians_mads`` call for the windows and
+        the shifts' recent values together, and a dict only for a statistic past its limit.
+        """
         s = self.settings
-        judged: dict[str, dict[str, float]] = {}
         if step < s.start:
-            return judged
-        windows = {k: baselines[k] for k in values if len(baselines.get(k, [])) >= s.warmup}
+            return {}
+        windows = {k: baselines[k] for k in values if len(baselines.get(k, ())) >= s.warmup}
         recent = {
-            k: w[-s.shift_recent :]
+            RECENT + k: w[-s.shift_recent :]
             for k, w in windows.items()
             if k.startswith("shift:") and s.shift_recent < len(w)
         }
-        bands = medians_mads(windows)
-        recent_bands = medians_mads(recent)
-        for key, x in values.items():
-            if key not in windows:
-                continue
-            kind = key.split(":")[0]
+        bands = medians_mads({**windows, **recent})
+        exceeded: dict[str, dict[str, float]] = {}
+        shifts: list[float] = []
+        for key in windows:
+            x = values[key]
+            kind = key.partition(":")[0]
+            floor, limit, upward = self._rules[kind]
             centre, mad = bands[key]
-            if key in recent_bands:
-                centre = recent_bands[key][0]
-            band = max(mad, getattr(s, f"{kind}_floor"))
-            excess = (x - centre) / band if kind in UPWARD else abs(x - centre) / band
-            limit: float = getattr(s, kind)
-            judged[key] = {
-                "value": x,
-                "median": centre,
-                "band": band,
-                "excess": excess,
-                "limit": limit,
-            }
-        exceeded = {k: v for k, v in judged.items() if v["excess"] > v["limit"]}
-        shifts = sorted(
-            (v["excess"] for k, v in judged.items() if k.startswith("shift:")), reverse=True
-        )
+            if RECENT + key in bands:
+                centre = bands[RECENT + key][0]
+            band = max(mad, floor)
+            excess = (x - centre) / band if upward else abs(x - centre) / band
+            if kind == "shift":
+                shifts.append(excess)
+            if excess > limit:
+                exceeded[key] = {
+                    "value": x,
+                    "median": centre,
+                    "band": band,
+                    "excess": excess,
+                    "limit": limit,
+                }
         if shifts and s.shift_quorum > 0:
+            shifts.sort(reverse=True)
             needed = max(1, math.ceil(s.shift_quorum * len(shifts)))
             if shifts[needed - 1] <= s.shift:
                 exceeded = {k: v for k, v in exceeded.items() if not k.startswith("shift:")}
