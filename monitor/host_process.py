@@ -378,6 +378,7 @@ def serve(in_fd: int, out_fd: int) -> int:
         if not data:  # the training process is gone without saying finish: end the run
             if host is not None:
                 host.finish(last_step)
+                idle_priority()
                 host.close_mlflow()
             return 0
         for message in reader.feed(data):
@@ -410,8 +411,10 @@ def serve(in_fd: int, out_fd: int) -> int:
                 )
                 # The job's close() has its answer; the rest only uses CPU nothing else wants.
                 idle_priority()
+                reported = host.failures
                 host.close_mlflow()
-                reply(("mlflow", host.mlflow_run_id, host.failures))  # for ``wait_for_host``
+                # For ``wait_for_host``: the MLflow run, and the failures "done" did not count.
+                reply(("mlflow", host.mlflow_run_id, host.failures - reported))
                 return 0
             if host.buffered >= SLICE_EVENTS:
                 host.hand_off()

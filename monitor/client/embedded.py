@@ -309,7 +309,7 @@ class EmbeddedTransport:
         return done
 
     def _mlflow_done(self, message: Any) -> None:
-        """The host's last word: MLflow has the run (its id), with the failures of the way."""
+        """The host's last word: the MLflow run's id, and the failures since ``done``."""
         self.mlflow_run_id = message[1] or self.mlflow_run_id
         self.failures += int(message[2])
 
@@ -335,4 +335,5 @@ class EmbeddedTransport:
         self._from_host = -1
 
     def __del__(self) -> None:
-        self._close_pipes()
+        with contextlib.suppress(Exception):  # at interpreter exit, modules may be gone
+            self._close_pipes()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,7 @@ def test_the_training_process_never_imports_mlflow(tmp_path: Path) -> None:
     script.write_text(
         """
 import sys
+import time
 import torch
 from torch import nn
 from monitor.client import watch
@@ -189,3 +191,64 @@ print(mon.wait_for_mlflow(timeout=300), "mlflow" in sys.modules)
     mlflow_run_id, imported = done.stdout.split()
     assert imported == "False"  # the host process logged to MLflow; this one never loaded it
     assert MlflowClient(tracking_uri=uri).get_run(mlflow_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("close_waits", [False, True])
+def test_mlflow_gets_the_whole_run_after_close_or_before_it(
+    tmp_path: Path, close_waits: bool
+) -> None:
+    """Default: close() returns before MLflow is complete and the host, outliving the job that
+    exits at once, finishes it. ``mlflow_close_waits``: MLflow is complete when close() returns."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        """
+import sys
+import time
+import torch
+from torch import nn
+from monitor.client import watch
+from monitor.settings import Settings
+
+model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+settings = Settings(
+    database_url=sys.argv[1], mlflow_tracking_uri=sys.argv[2], mlflow_min_interval_seconds=0,
+    mlflow_close_waits=sys.argv[3] == "1",
+)
+with watch(model, opt, settings=settings) as mon:
+    for _ in range(5):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 6)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        mon.record_loss(loss)
+print(mon.run_id, mon.transport.mlflow_run_id)
+"""
+    )
+    db, uri = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'm.db'}"
+    done = subprocess.run(
+        [sys.executable, str(script), db, uri, "1" if close_waits else "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id, known_at_close = done.stdout.split()
+    client = MlflowClient(tracking_uri=uri)
+    if close_waits:  # known at close, every point there before the job exited
+        assert known_at_close != "None"
+        history = client.get_metric_history(known_at_close, "train/loss")
+        assert [m.step for m in history] == [1, 2, 3, 4]  # record_loss holds from its first call
+    store = open_store(db)
+    deadline = time.monotonic() + 300  # the job has exited; its host finishes MLflow
+    while time.monotonic() < deadline:
+        mlflow_run_id = store.run(run_id).mlflow_run_id
+        if mlflow_run_id and client.get_run(mlflow_run_id).info.status == "FINISHED":
+            break
+        time.sleep(0.2)
+    assert mlflow_run_id is not None
+    assert client.get_run(mlflow_run_id).info.status == "FINISHED"
+    history = client.get_metric_history(mlflow_run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    if close_waits:
+        assert mlflow_run_id == known_at_close
