@@ -209,21 +209,13 @@ class EmbeddedTransport:
         if self._process is None:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._from_host >= 0:  # its last word: ("mlflow", run id, failures), then EOF
+        while not self._dead:  # its last word: ("mlflow", run id, failures), then EOF
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             readable, _, _ = select.select([self._from_host], [], [], left)
             if not readable:
                 return False
-            try:
-                data = os.read(self._from_host, 1 << 16)
-            except OSError:
-                data = b""
-            if not data:
-                self._close_pipes()
-                break
-            for message in self._reader.feed(data):
-                if message[0] == "mlflow":
-                    self._mlflow_done(message)
+            self._receive()  # EOF marks the host gone (silently, the run being done)
+        self._close_pipes()
         left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         try:
             self._process.wait(timeout=left)
@@ -297,8 +289,9 @@ class EmbeddedTransport:
                 elif kind == "failed":
                     logger.error("apmon could not start the run's host: %s", message[1])
                     self._host_gone(None)
-                elif kind == "mlflow":
-                    self._mlflow_done(message)
+                elif kind == "mlflow":  # the host's last word, after "done"
+                    self.mlflow_run_id = message[1] or self.mlflow_run_id
+                    self.failures += int(message[2])  # those "done" did not count
                 elif kind == "done":
                     self._alerts.extend(message[1])
                     self.failures += int(message[2].get("failures", 0))
@@ -307,11 +300,6 @@ class EmbeddedTransport:
             if done and final:
                 break
         return done
-
-    def _mlflow_done(self, message: Any) -> None:
-        """The host's last word: the MLflow run's id, and the failures since ``done``."""
-        self.mlflow_run_id = message[1] or self.mlflow_run_id
-        self.failures += int(message[2])
 
     def _host_gone(self, why: str | None) -> None:
         if not self._dead and why is not None and not self._done:
