@@ -292,6 +292,17 @@ class RunHost:
         if self._mlflow_thread is not None:
             self._mlflow_thread.join()
         self._flush_mlflow(wait=True)
+        self._take_mlflow_failures()
+
+    def _take_mlflow_failures(self) -> None:
+        """Count the mirror's failures so far as the host's, once each.
+
+        With ``mlflow_close_waits`` the answer to ``close`` says them; the rest go with the
+        host's last word.
+        """
+        if self.mlflow is not None:
+            self.failures += self.mlflow.failures
+            self.mlflow.failures = 0
 
     def close_mlflow(self) -> None:
         """Bring MLflow up to date, attach the report (``settings.mlflow_report``), end the run.
@@ -309,7 +320,7 @@ class RunHost:
         except Exception:
             self.failures += 1
             logger.exception("could not close the MLflow run")
-        self.failures += self.mlflow.failures
+        self._take_mlflow_failures()
         if self.mlflow.thinned_points:
             logger.warning(
                 "MLflow was away long enough that %d points were thinned out of it (the apmon "
