@@ -159,6 +159,8 @@ class Monitor:
         self._in_step_function = False
         self._ends_own_steps = False  # ``hold_step_ends``
         self._marks: list[int] = []
+        # The mark that follows this step's APT probe and sweep, waited for at this step's end.
+        self._probe_mark: int | None = None
         self._losses: list[float] = []  # values returned by decorated calls of this step
         # -- step semantics: forwards seen in this step, inside optimizer.step() (closures) ----
         self._recording = False  # the training forward's summary is scheduled in this step
@@ -364,6 +366,8 @@ class Monitor:
                 self._new_sites = []
             for record in records:
                 self.transport.send_probe(record)
+            if records and self._mark is not None:
+                self._probe_mark = self._mark()
         except Exception:
             logger.exception("apmon probe failed after step %d; training continues", self.step)
 
@@ -559,15 +563,24 @@ class Monitor:
     def _deliver_alerts(self) -> None:
         """At the end of a step: wait for the previous step's mark, then hand alerts over.
 
+        A step with an APT probe or sweep also waits for the mark that followed them: the
+        divergence detectors judge probes, and a probe's alert that came a step later would
+        often come during the step in which the loss blows up (the scenario suite's residual
+        nets). The host got the probe before the step's loss, so this wait is usually short.
         The user's callback runs on the training thread and may raise to stop training.
         """
-        if self._wait_for_mark is not None and len(self._marks) == 2:
-            previous = self._marks[0]
-            self._marks = self._marks[1:]
-            try:
-                self._wait_for_mark(previous)
-            except Exception:
-                logger.exception("apmon could not wait for its host")
+        if self._wait_for_mark is not None:
+            wanted = self._marks[:-1]
+            if self._probe_mark is not None:
+                wanted = [*wanted, self._probe_mark]
+            self._probe_mark = None
+            if len(self._marks) == 2:
+                self._marks = self._marks[1:]
+            if wanted:
+                try:
+                    self._wait_for_mark(max(wanted))
+                except Exception:
+                    logger.exception("apmon could not wait for its host")
         alerts = sorted(self.transport.poll_alerts(), key=lambda alert: alert.step)
         self.alerts.extend(alerts)
         if self.on_alert is not None:

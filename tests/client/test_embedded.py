@@ -91,6 +91,44 @@ def test_an_alert_reaches_on_alert_by_the_end_of_the_next_step(tmp_path: Path) -
     assert sorted((a.kind, a.step) for a in stored) == sorted((a.kind, a.step) for a in mon.alerts)
 
 
+def test_a_probes_alert_reaches_on_alert_within_the_probes_own_step(tmp_path: Path) -> None:
+    """An APT probe's alert is waited for at the end of its step, not of the next one."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    received: list[tuple[AlertValue, int]] = []  # (alert, steps the job had finished then)
+    finished = 0
+    mon = watch(
+        model,
+        opt,
+        settings=_settings(tmp_path),
+        apt_every=1,
+        on_alert=lambda alert: received.append((alert, finished)),
+    )
+    _wait_until_started(mon)
+
+    @mon
+    def step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    bad_step = 7
+    for i in range(12):
+        x = torch.randn(8, 6)
+        if i == bad_step:
+            x[0, 0] = float("nan")  # the probe of step 7 sees non-finite activations
+        step(x)
+        finished += 1
+    mon.close()
+    first = [(alert, done) for alert, done in received if alert.step == bad_step]
+    assert first, received
+    alert, done_when_received = first[0]
+    assert alert.kind == "divergence" and "probe" in alert.message, alert
+    assert done_when_received == bad_step  # received before step 7's function returned
+
+
 def test_every_step_is_stored_once_with_its_loss(tmp_path: Path) -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
