@@ -88,17 +88,3 @@ def store(db_engine: Engine) -> Iterator[SqlStore]:
     finally:
         transaction.rollback()
         connection.close()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def capture_kernels_loaded() -> None:
-    """Load the numba kernels once, before any test trains.
-
-    ``watch()`` loads them on a thread and counts no patterns until they are there; tests that
-    look at the patterns of a run's first steps would otherwise depend on which test ran first.
-    ``tests/client/test_kernel_loading.py`` tests the loading itself, in fresh interpreters.
-    """
-    from monitor.client import kernel_loading
-
-    kernel_loading.load_in_background()
-    assert kernel_loading.wait(600), "the capture kernels did not load"

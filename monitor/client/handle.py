@@ -27,7 +27,6 @@ from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
 from monitor.client.input_stats import InputStats, as_scalars, gather_ranks
-from monitor.client.kernel_loading import load_in_background, ready, wait
 from monitor.client.mlflow_link import learning_rates, link_mlflow_run, run_origin
 from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
@@ -140,7 +139,6 @@ class Monitor:
         # statistics. Merged ranks always count them (the merge needs the patterns).
         self.capture_budget = CaptureBudget(None if merge_ranks else capture_budget)
         self._full = True  # the step being captured counts patterns
-        self._kernels = False  # the numba kernels are loaded (``kernel_loading``)
         self._own = 0.0  # seconds of the monitor's own work in this step, on this thread
         self._step_ended_at: float | None = None
         self.on_alert = self._alert_policy(on_alert)
@@ -232,7 +230,6 @@ class Monitor:
             source_name=source_name,
         )
         self.run_id = transport.start_run(start)
-        load_in_background()
         self._arm()
         self._atexit = _register_atexit(self)
 
@@ -259,10 +256,7 @@ class Monitor:
     def _arm(self) -> None:
         """Arm the tracker for the step about to run: for its summary or its APT probe."""
         self._recording = self.schedule(self.step)
-        # No patterns until the numba kernels are loaded (``kernel_loading``): no step waits.
-        # Merged ranks wait instead: every rank must count patterns on the same steps.
-        self._kernels = ready() or (self.merge_ranks and wait())
-        self._full = self._recording and self._kernels and self.capture_budget.full(self.step)
+        self._full = self._recording and self.capture_budget.full(self.step)
         probed = self.prober is not None and self.prober.scheduled(self.step)
         self.tracker.armed = self._recording or probed
         self._forwards = 0
@@ -317,10 +311,7 @@ class Monitor:
                 x = x[: self.capture_rows]
                 labels = None if labels is None else labels[: self.capture_rows]
             # x is detached: nothing below records autograd history, no no_grad() needed
-            if self._full:
-                stats = measure(x, kind, labels)
-            else:
-                stats = measure_scale(x, kind, kernels=self._kernels)
+            stats = measure(x, kind, labels) if self._full else measure_scale(x, kind)
             if name not in self.sites:
                 info = SiteInfo(name=name, kind=kind, mode=mode, units=stats.units)
                 self.sites[name] = info

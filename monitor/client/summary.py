@@ -220,7 +220,7 @@ def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None)
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def measure_scale(x: torch.Tensor, kind: SiteKind, kernels: bool = True) -> SiteStats:
+def measure_scale(x: torch.Tensor, kind: SiteKind) -> SiteStats:
     """What the detectors read every step, without the patterns.
 
     Rows, per-unit on-counts, non-finite rows and the preactivation scale (sum of squares and
@@ -229,15 +229,13 @@ def measure_scale(x: torch.Tensor, kind: SiteKind, kernels: bool = True) -> Site
     pass of ``count_on_rows``; conv and sequence sites reuse ``pack_and_count_on``, whose
     packed bits are written and thrown away (a kernel without them measured about 20% faster
     on a 32x16x32x32 site: left for when this path is the bottleneck). Labels are not used.
-    ``kernels`` False takes torch's operations on the CPU too (the kernels are still loading,
-    see ``kernel_loading``).
     """
     if x.dim() == 1:
         x = x.reshape(1, -1)
     unit_dim = unit_dim_of(kind)
     x3 = unit_layout(x, unit_dim)
     outer, units, inner = x3.shape
-    if kernels and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
         # One compiled pass (the kernels of ``measure``; the packed bits are not used).
         values = x3.contiguous().numpy()
         on = np.zeros((1, units), dtype=np.int64)

@@ -31,21 +31,19 @@ def as_rows(x: torch.Tensor, kind: str) -> list[list[float]]:
     return x.reshape(-1, x.shape[-1]).tolist()
 
 
-@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize(
     ("shape", "kind"), [((9, 13), "dense"), ((3, 4, 5), "seq"), ((2, 3, 4, 5), "conv")]
 )
 def test_scale_statistics_match_brute_force_and_the_full_measure(
-    shape: tuple[int, ...], kind: str, dtype: torch.dtype, kernels: bool
+    shape: tuple[int, ...], kind: str, dtype: torch.dtype
 ) -> None:
-    """float32/float64 go through the compiled kernels, float16 (and all while the kernels
-    are loading, ``kernels=False``) through torch operations."""
+    """float32/float64 go through the compiled kernels, float16 through torch operations."""
     g = torch.Generator().manual_seed(len(shape))
     x = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
     x.reshape(-1)[5] = float("nan")
     x.reshape(-1)[17] = float("inf")
-    stats = measure_scale(x, kind, kernels=kernels)  # type: ignore[arg-type]
+    stats = measure_scale(x, kind)  # type: ignore[arg-type]
     rows, on, nonfinite, sumsq, max_abs = naive_scale(as_rows(x, kind))
     assert (stats.rows, stats.unit_on.tolist(), stats.nonfinite_rows) == (rows, on, nonfinite)
     assert stats.sumsq == pytest.approx(sumsq, rel=1e-6)  # float32 squares summed in float32
