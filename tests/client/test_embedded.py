@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from monitor.client import watch
+from monitor.client import Monitor, watch
 from monitor.schema import AlertValue
 from monitor.settings import Settings
 from monitor.store import open_store
@@ -49,16 +49,20 @@ def _wait_until_started(mon: object) -> None:
     raise AssertionError("the host process did not start within 60 s")
 
 
-def test_an_alert_reaches_on_alert_by_the_end_of_the_next_step(tmp_path: Path) -> None:
+def _train_with_nan_at(
+    tmp_path: Path, bad_step: int, **options: object
+) -> tuple[Monitor, list[tuple[AlertValue, int]]]:
+    """12 decorated steps, a NaN input at ``bad_step`` (non-finite activations: a hard
+    divergence sign); every alert ``on_alert`` got, with the steps the job had finished then."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    received: list[tuple[int, int]] = []  # (alert step, steps the job had finished then)
+    received: list[tuple[AlertValue, int]] = []
     finished = 0
 
     def on_alert(alert: AlertValue) -> None:
-        received.append((alert.step, finished))
+        received.append((alert, finished))
 
-    mon = watch(model, opt, settings=_settings(tmp_path), on_alert=on_alert)
+    mon = watch(model, opt, settings=_settings(tmp_path), on_alert=on_alert, **options)  # type: ignore[arg-type]
     _wait_until_started(mon)
 
     @mon
@@ -69,19 +73,23 @@ def test_an_alert_reaches_on_alert_by_the_end_of_the_next_step(tmp_path: Path) -
         opt.step()
         return loss
 
-    bad_step = 7
     for i in range(12):
         x = torch.randn(8, 6)
         if i == bad_step:
-            x[0, 0] = float("nan")  # non-finite activations: a hard divergence sign at step 7
+            x[0, 0] = float("nan")
         step(x)
         finished += 1
     mon.close()
-    divergence = [(s, done) for s, done in received if s == bad_step]
+    return mon, received
+
+
+def test_an_alert_reaches_on_alert_by_the_end_of_the_next_step(tmp_path: Path) -> None:
+    bad_step = 7
+    mon, received = _train_with_nan_at(tmp_path, bad_step)
+    divergence = [done for alert, done in received if alert.step == bad_step]
     assert divergence, received
-    _alert_step, done_when_received = divergence[0]
     # Received inside the step function of step 8 at the latest: the job had finished <= 8 steps.
-    assert done_when_received <= bad_step + 1
+    assert divergence[0] <= bad_step + 1
     # Once each, in step order, and mon.alerts holds the same alerts.
     assert [a.step for a in mon.alerts] == sorted(a.step for a in mon.alerts)
     assert len(mon.alerts) == len(received)
@@ -93,35 +101,8 @@ def test_an_alert_reaches_on_alert_by_the_end_of_the_next_step(tmp_path: Path) -
 
 def test_a_probes_alert_reaches_on_alert_within_the_probes_own_step(tmp_path: Path) -> None:
     """An APT probe's alert is waited for at the end of its step, not of the next one."""
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    received: list[tuple[AlertValue, int]] = []  # (alert, steps the job had finished then)
-    finished = 0
-    mon = watch(
-        model,
-        opt,
-        settings=_settings(tmp_path),
-        apt_every=1,
-        on_alert=lambda alert: received.append((alert, finished)),
-    )
-    _wait_until_started(mon)
-
-    @mon
-    def step(x: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad()
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        return loss
-
-    bad_step = 7
-    for i in range(12):
-        x = torch.randn(8, 6)
-        if i == bad_step:
-            x[0, 0] = float("nan")  # the probe of step 7 sees non-finite activations
-        step(x)
-        finished += 1
-    mon.close()
+    bad_step = 7  # the probe of step 7 sees non-finite activations
+    _mon, received = _train_with_nan_at(tmp_path, bad_step, apt_every=1)
     first = [(alert, done) for alert, done in received if alert.step == bad_step]
     assert first, received
     alert, done_when_received = first[0]
@@ -296,7 +277,7 @@ def test_a_killed_training_job_still_gets_its_run_stored_and_finished(tmp_path: 
 import os, signal, sys, time
 import torch
 from torch import nn
-from monitor.client import watch
+from monitor.client import Monitor, watch
 from monitor.settings import Settings
 
 torch.manual_seed(0)
