@@ -570,15 +570,13 @@ class Monitor:
         The user's callback runs on the training thread and may raise to stop training.
         """
         if self._wait_for_mark is not None:
-            wanted = self._marks[:-1]
-            if self._probe_mark is not None:
-                wanted = [*wanted, self._probe_mark]
+            previous = self._marks.pop(0) if len(self._marks) == 2 else None
+            # The probe's mark was sent after the previous step's: waiting for it waits for both.
+            target = previous if self._probe_mark is None else self._probe_mark
             self._probe_mark = None
-            if len(self._marks) == 2:
-                self._marks = self._marks[1:]
-            if wanted:
+            if target is not None:
                 try:
-                    self._wait_for_mark(max(wanted))
+                    self._wait_for_mark(target)
                 except Exception:
                     logger.exception("apmon could not wait for its host")
         alerts = sorted(self.transport.poll_alerts(), key=lambda alert: alert.step)

@@ -277,7 +277,7 @@ def test_a_killed_training_job_still_gets_its_run_stored_and_finished(tmp_path: 
 import os, signal, sys, time
 import torch
 from torch import nn
-from monitor.client import Monitor, watch
+from monitor.client import watch
 from monitor.settings import Settings
 
 torch.manual_seed(0)
