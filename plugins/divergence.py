@@ -41,6 +41,13 @@ class DivergenceSettings:
     z over the last ``heat_probes`` probes is at least ``heat_rise`` above the median z of the
     earlier probes taken at no more than 1.5x that median rate (at least ``heat_reference`` of
     them): the rate climbed and the patterns followed it into the transition. Once per run.
+    **loss heat** (since 4.1; on every training summary, probes or not): the step's rate at
+    least ``heat_rate`` times that median rate *and* ln of the step's loss at least
+    ``loss_heat`` scaled MADs (floor ``loss_floor``) above the median of the ln losses of the
+    last ``loss_window`` steps before it (at least ``loss_warmup`` of them): the rate climbed
+    and the loss left its band. It is heat's rule with the loss in the place of the patterns,
+    for nets whose patterns stay still until the blow-up (an unnormalised residual net whose
+    loss sits near 0.001 has almost no gradient to move them, whatever the rate). Once per run.
     **hot** (APT probes), the APT change fraction D
     averaged over sites at least ``hot_d`` (temperature T = -ln(1 - D) >= 1.6) on ``hot_for``
     consecutive probes; **climb**, the median
@@ -86,6 +93,10 @@ class DivergenceSettings:
     heat_probes: int = 2
     heat_window: int = 100
     heat_reference: int = 2
+    loss_heat: float = 2.0
+    loss_window: int = 30
+    loss_warmup: int = 10
+    loss_floor: float = 0.05
 
 
 class DivergenceDetector:
@@ -134,7 +145,7 @@ class DivergenceDetector:
     """
 
     name = "divergence"
-    version = "4.0"
+    version = "4.1"
     requires: tuple[str, ...] = ("transition_fit", "strikes")
 
     def __init__(self, settings: DivergenceSettings | None = None) -> None:
@@ -161,9 +172,12 @@ class DivergenceDetector:
             if struck is not None and any(a.kind == "bad_batch" for a in struck.alerts):
                 # strikes' own judgement of this step (before the host's alert cool-down)
                 state["struck"] = event.step
-            if event.loss is not None:
-                return self._climb(event.step, event.loss, state)
-            return PluginResult()
+            if event.loss is None:
+                return PluginResult()
+            heat = self._loss_heat(event.step, event.loss, rate, state)
+            return PluginResult(
+                alerts=heat.alerts + self._climb(event.step, event.loss, state).alerts
+            )
         if not isinstance(event, ProbeRecord):
             return PluginResult()
         if event.nonfinite:
@@ -240,6 +254,38 @@ class DivergenceDetector:
                 "D": d,
                 "lr_ratio": ratio,
                 "threshold": s.heat_rise,
+            },
+        )
+
+    def _loss_heat(
+        self, step: int, loss: float, rate: float | None, state: dict[str, Any]
+    ) -> PluginResult:
+        """The "loss heat" rule on one step's loss and rate (see ``DivergenceSettings``)."""
+        if not math.isfinite(loss) or loss <= 0:
+            return PluginResult()  # a non-finite loss: the hard signs speak for it
+        s = self.settings
+        history: list[float] = state.get("ln_losses", [])
+        state["ln_losses"] = push(history, math.log(loss), s.loss_window)
+        rates = state.get("rates")
+        if step < s.start or len(history) < s.loss_warmup or not rates or rate is None:
+            return PluginResult()
+        ratio = rate / statistics.median(rates)
+        centre, mad = median_mad(history)
+        excess = (math.log(loss) - centre) / max(mad, s.loss_floor)
+        if ratio < s.heat_rate or excess < s.loss_heat or state.get("loss_heated"):
+            return PluginResult()
+        state["loss_heated"] = True
+        return self._warning(
+            step,
+            f"the learning rate rose to {ratio:.3g}x its recent median and the loss {loss:.3g} "
+            f"left its band ({excess:.3g} MADs above the median of its last {len(history)} steps)",
+            {
+                "signal": "loss_heat",
+                "loss": loss,
+                "median_loss": math.exp(centre),
+                "excess": excess,
+                "lr_ratio": ratio,
+                "threshold": s.loss_heat,
             },
         )
 

@@ -325,6 +325,68 @@ def test_heat_randomised_against_brute_force() -> None:
         assert got == ([] if expected is None else [expected])
 
 
+# -- divergence: the "loss heat" rule (the loss out of its band while the rate rose) -------------
+
+
+def loss_heat_alerts(rates: list[float], losses: list[float]) -> list[int]:
+    """Steps of the ``loss_heat`` alerts on summaries carrying each step's rate and loss."""
+    detector, state = DivergenceDetector(), {}
+    steps = []
+    for step, (lr, loss) in enumerate(zip(rates, losses, strict=True)):
+        summary = StepSummary(
+            step=step, source="train", sites=[], loss=loss, scalars={"lr/group0": lr}
+        )
+        for alert in detector.process(summary, CTX, state, {}).alerts:
+            assert alert.evidence is not None
+            if alert.evidence.get("signal") == "loss_heat":
+                steps.append(alert.step)
+    return steps
+
+
+def brute_loss_heat(rates: list[float], losses: list[float]) -> int | None:
+    """The rule by hand: from step 20, the step's rate at least 3x the median of the rates of
+    steps 20..t (the last 100), and ln(loss) at least 2 scaled MADs (floor 0.05) above the median
+    of the ln losses of the (at most 30) steps before it, once there are 10 of them."""
+    for t in range(20, len(losses)):
+        history = [math.log(x) for x in losses[max(0, t - 30) : t]]
+        if len(history) < 10:
+            continue
+        centre = statistics.median(history)
+        mad = 1.4826 * statistics.median(abs(h - centre) for h in history)
+        excess = (math.log(losses[t]) - centre) / max(mad, 0.05)
+        if rates[t] >= 3 * statistics.median(rates[20 : t + 1][-100:]) and excess >= 2:
+            return t
+    return None
+
+
+def test_loss_heat_alerts_when_the_loss_leaves_its_band_after_the_rate_rose() -> None:
+    # A tenfold jump at step 80 on a net whose loss sits near 0.001 (an unnormalised residual
+    # net under SGD before it blew up): the loss stays calm for 20 steps, then rises at step 101.
+    rates = [0.02] * 80 + [0.2] * 30
+    losses = [0.001 * wobble(s) for s in range(101)] + [0.04, 5.9, 31.0] + [40.0] * 6
+    assert loss_heat_alerts(rates, losses) == [101] == [brute_loss_heat(rates, losses)]
+
+
+def test_loss_heat_needs_both_the_rate_and_the_loss() -> None:
+    steady = [0.02] * 110
+    spiky = [0.2 * wobble(s) for s in range(110)]
+    spiky[60] = spiky[61] = 50.0  # a bad batch at a steady rate: strikes' business
+    assert loss_heat_alerts(steady, spiky) == [] and brute_loss_heat(steady, spiky) is None
+    jumped = [0.02] * 80 + [0.2] * 30
+    calm = [0.2 * wobble(s) for s in range(110)]  # the rate jumped, the loss did not move
+    assert loss_heat_alerts(jumped, calm) == [] and brute_loss_heat(jumped, calm) is None
+
+
+def test_loss_heat_randomised_against_brute_force() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        start, growth = int(rng.integers(30, 90)), float(rng.uniform(1.0, 1.1))
+        rates = [0.05 * growth ** max(0, s - start) for s in range(150)]
+        losses = [float(x) for x in np.exp(rng.normal(-1.0, rng.uniform(0.05, 1.0), 150))]
+        expected = brute_loss_heat(rates, losses)
+        assert loss_heat_alerts(rates, losses) == ([] if expected is None else [expected])
+
+
 # -- bad batches: loss, pattern shift and preactivation scale against their bands ----------------
 
 UNITS = 8
