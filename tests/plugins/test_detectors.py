@@ -313,11 +313,16 @@ def test_heat_needs_both_the_rate_and_the_temperature() -> None:
     assert heat_alerts(cycle, warm) == [] and brute_heat(cycle, warm) is None
 
 
+def random_ramp(rng: np.random.Generator, steps: int = 150) -> list[float]:
+    """A rate of 0.05 that starts growing by up to 10% a step somewhere in steps 30..89."""
+    start, growth = int(rng.integers(30, 90)), float(rng.uniform(1.0, 1.1))
+    return [0.05 * growth ** max(0, s - start) for s in range(steps)]
+
+
 def test_heat_randomised_against_brute_force() -> None:
     rng = np.random.default_rng(3)
     for _ in range(30):
-        start, growth = int(rng.integers(30, 90)), float(rng.uniform(1.0, 1.1))
-        rates = [0.05 * growth ** max(0, s - start) for s in range(150)]
+        rates = random_ramp(rng)
         steps = sorted({int(s) for s in rng.choice(150, size=40, replace=False)})
         d = {s: float(rng.uniform(0.0, 1.0)) for s in steps}
         got = [a.step for a in heat_alerts(rates, d)]
@@ -380,8 +385,7 @@ def test_loss_heat_needs_both_the_rate_and_the_loss() -> None:
 def test_loss_heat_randomised_against_brute_force() -> None:
     rng = np.random.default_rng(5)
     for _ in range(40):
-        start, growth = int(rng.integers(30, 90)), float(rng.uniform(1.0, 1.1))
-        rates = [0.05 * growth ** max(0, s - start) for s in range(150)]
+        rates = random_ramp(rng)
         losses = [float(x) for x in np.exp(rng.normal(-1.0, rng.uniform(0.05, 1.0), 150))]
         expected = brute_loss_heat(rates, losses)
         assert loss_heat_alerts(rates, losses) == ([] if expected is None else [expected])
