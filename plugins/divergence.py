@@ -268,10 +268,14 @@ class DivergenceDetector:
         rates = state.get("rates")
         if step < s.start or len(history) < s.loss_warmup or not rates or rate is None:
             return PluginResult()
+        if state.get("loss_heated"):
+            return PluginResult()
         ratio = rate / statistics.median(rates)
+        if ratio < s.heat_rate:  # most steps of most runs: the loss's band is not needed
+            return PluginResult()
         centre, mad = median_mad(history)
         excess = (math.log(loss) - centre) / max(mad, s.loss_floor)
-        if ratio < s.heat_rate or excess < s.loss_heat or state.get("loss_heated"):
+        if excess < s.loss_heat:
             return PluginResult()
         state["loss_heated"] = True
         return self._warning(
