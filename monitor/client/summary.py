@@ -225,45 +225,79 @@ def measure_scale(x: torch.Tensor, kind: SiteKind) -> SiteStats:
 
     Rows, per-unit on-counts, non-finite rows and the preactivation scale (sum of squares and
     max |x| of the finite values): the same values as ``measure`` for those fields (the tests
-    compare them), at a fraction of its cost: no patterns are counted. Dense sites take one
-    pass of ``count_on_rows``; conv and sequence sites reuse ``pack_and_count_on``, whose
-    packed bits are written and thrown away (a kernel without them measured about 20% faster
-    on a 32x16x32x32 site: left for when this path is the bottleneck). Labels are not used.
+    compare them), at a fraction of its cost: no patterns are counted. On the CPU one compiled
+    pass reads the values (``_scale_with_kernels``). Labels are not used.
     """
     if x.dim() == 1:
         x = x.reshape(1, -1)
     unit_dim = unit_dim_of(kind)
+    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+        return _scale_with_kernels(x, unit_dim)
     x3 = unit_layout(x, unit_dim)
     outer, units, inner = x3.shape
-    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
-        # One compiled pass (the kernels of ``measure``; the packed bits are not used).
-        values = x3.contiguous().numpy()
+    nonfinite = _nonfinite_rows(x, unit_dim)
+    sumsq, max_abs = _scale_with_torch(x, nonfinite > 0)
+    unit_on = (x3 > 0).sum(dim=(0, 2))
+    return _scale_stats(units, unit_on, outer * inner, nonfinite, sumsq, max_abs)
+
+
+def _scale_with_kernels(x: torch.Tensor, unit_dim: int) -> SiteStats:
+    """``measure_scale`` of a float32/float64 CPU tensor (at least 2 dims).
+
+    Rows of contiguous units (dense sites, and any layout whose inner size is 1) take one pass
+    of ``count_on_rows``; conv and sequence layouts one of ``count_on_positions``. A site this
+    path sees on every captured step costs a few microseconds of Python around the kernel, so
+    a dense (rows, units) tensor is read as it is, without the (outer, units, 1) view.
+    """
+    scale = np.zeros(2, dtype=np.float64)
+    if x.dim() == 2:  # (rows, units) whatever the kind: the units are the last axis
+        values = x.contiguous().numpy()
+        rows, units = values.shape
         on = np.zeros((1, units), dtype=np.int64)
-        scale = np.zeros(2, dtype=np.float64)
-        no_class = np.zeros(outer, dtype=np.int64)
-        if inner == 1:
-            nonfinite = cpu_kernels.count_on_rows(values[:, :, 0], no_class, on, scale)
-        else:
-            words = np.zeros((outer * inner, (units + 63) // 64), dtype=np.int64)
-            nonfinite = cpu_kernels.pack_and_count_on(values, no_class, words, on, scale)
-        unit_on = torch.from_numpy(on[0])
-        sumsq, max_abs = float(scale[0]), float(scale[1])
-        if nonfinite:  # the kernels' scale is over every value: take it over the finite ones
-            nonfinite = _nonfinite_rows(x, unit_dim)
-            sumsq, max_abs = _scale_with_torch(x, True)
+        nonfinite = cpu_kernels.count_on_rows(values, _no_classes(rows), on, scale)
     else:
-        unit_on = (x3 > 0).sum(dim=(0, 2))
+        values = unit_layout(x, unit_dim).contiguous().numpy()
+        outer, units, inner = values.shape
+        rows = outer * inner
+        on = np.zeros((1, units), dtype=np.int64)
+        if inner == 1:
+            nonfinite = cpu_kernels.count_on_rows(values[:, :, 0], _no_classes(outer), on, scale)
+        else:
+            nonfinite = cpu_kernels.count_on_positions(values, _no_classes(outer), on, scale)
+    sumsq, max_abs = float(scale[0]), float(scale[1])
+    if nonfinite:  # the kernels' scale is over every value: take it over the finite ones
         nonfinite = _nonfinite_rows(x, unit_dim)
-        sumsq, max_abs = _scale_with_torch(x, nonfinite > 0)
+        sumsq, max_abs = _scale_with_torch(x, True)
+    return _scale_stats(units, torch.from_numpy(on[0]), rows, nonfinite, sumsq, max_abs)
+
+
+def _no_classes(outer: int) -> np.ndarray:
+    """Class 0 for every outer index: the kernels' class argument when no labels are counted."""
+    return np.zeros(outer, dtype=np.int64)
+
+
+# One empty histogram per device, shared by every scale-only ``SiteStats`` (allocating two
+# empty tensors took a fifth of a small site's scale pass). Nothing changes a histogram in
+# place: merges and copies build new ones.
+_no_patterns: dict[torch.device, PatternCounts] = {}
+
+
+def _scale_stats(
+    units: int, unit_on: torch.Tensor, rows: int, nonfinite: int, sumsq: float, max_abs: float
+) -> SiteStats:
+    """Scale-only statistics: no patterns counted (an empty, shared histogram)."""
+    counts = _no_patterns.get(unit_on.device)
+    if counts is None:
+        counts = _no_patterns[unit_on.device] = empty_counts(unit_on.device)
     return SiteStats(
         units=units,
-        counts=empty_counts(x.device),
+        counts=counts,
         unit_on=unit_on,
         nonfinite_rows=nonfinite,
         sumsq=sumsq,
         max_abs=max_abs,
         scale_only=True,
-        scale_rows=outer * inner,
+        scale_rows=rows,
     )
 
 

@@ -188,3 +188,23 @@ def test_count_sorted32_equals_the_hash_count(name: str):
         zip(expected.tolist(), expected_counts.tolist(), strict=True)
     )
     assert sorted(counts.tolist()) == sorted(Counter(words[:, 0].tolist()).values())
+
+
+@pytest.mark.parametrize("infinite", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(5, 3, 7), (2, 70, 9), (1, 1, 1)])
+def test_count_on_positions_equals_pack_and_count_on_bit_for_bit(shape, dtype, infinite):
+    """The scale-only pass gives the on-counts, scale and non-finite count of the packing pass."""
+    values = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    if infinite:
+        values.reshape(-1)[::11] = np.inf
+    outer, units, inner = shape
+    outer_class = np.arange(outer, dtype=np.int64) % 2
+    on, scale = np.zeros((2, units), dtype=np.int64), np.full(2, 0.5)
+    words = np.zeros((outer * inner, (units + 63) // 64), dtype=np.int64)
+    expected = cpu_kernels.pack_and_count_on(values, outer_class, words, on, scale)
+    on_after, scale_after = np.zeros((2, units), dtype=np.int64), np.full(2, 0.5)
+    found = cpu_kernels.count_on_positions(values, outer_class, on_after, scale_after)
+    assert found == expected
+    assert on_after.tolist() == on.tolist()
+    assert scale_after.tobytes() == scale.tobytes()  # the same sums, not merely close ones
