@@ -85,6 +85,7 @@ ScalarName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-
 
 
 _Wire = TypeVar("_Wire", bound="WireModel")
+_field_names: dict[type[BaseModel], frozenset[str]] = {}  # each wire model's, for ``trusted``
 
 
 class WireModel(BaseModel):
@@ -102,8 +103,11 @@ class WireModel(BaseModel):
         nothing else differs (tests/client/test_trusted.py compares the two). A missing or
         unknown field is a TypeError.
         """
-        if values.keys() != cls.model_fields.keys():
-            given, fields = set(values), set(cls.model_fields)
+        fields = _field_names.get(cls)
+        if fields is None:  # ``model_fields`` is a computed property on recent pydantic
+            fields = _field_names[cls] = frozenset(cls.model_fields)
+        if values.keys() != fields:
+            given = set(values)
             raise TypeError(
                 f"{cls.__name__}.trusted needs every field: missing {sorted(fields - given)}, "
                 f"unknown {sorted(given - fields)}"

@@ -24,23 +24,30 @@ def first_floating(args: Any, kwargs: Mapping[str, Any] | None = None) -> torch.
     return None
 
 
-def batch_extremes(x: torch.Tensor, rows: int | None) -> tuple[int, torch.Tensor | None]:
-    """(count, tensor [sqrt(sum of squares), min, max]) of the first ``rows`` rows (all: None).
+Extremes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # sqrt(sum of squares), min, max
 
-    The tensor stays on ``x``'s device (nothing here waits for an accelerator); None when the
-    batch is empty. Two passes over the rows: a norm and a min-max.
+
+def batch_extremes(x: torch.Tensor, rows: int | None) -> tuple[int, Extremes | None]:
+    """(count, (sqrt(sum of squares), min, max)) of the first ``rows`` rows (all: None).
+
+    The three 0-dim tensors stay on ``x``'s device (nothing here waits for an accelerator);
+    None when the batch is empty. Two passes over the rows: a norm and a min-max. This runs at
+    every captured step, where each torch call costs microseconds: ``x`` is detached (no
+    ``no_grad`` block needed), a contiguous batch is reduced as it is (the same sums as its
+    flattened view), and the values are not stacked into one tensor.
     """
-    with torch.no_grad():
-        x = x.detach()
-        if rows is not None and x.dim() > 1 and x.shape[0] > rows:
-            x = x[:rows]
-        if x.numel() == 0:
-            return 0, None
-        flat = x.reshape(-1)
-        if flat.element_size() < 4:  # half precision: the norm of a large batch overflows float16
-            flat = flat.float()
-        low, high = torch.aminmax(flat)
-        return flat.numel(), torch.stack([torch.linalg.vector_norm(flat), low, high])
+    x = x.detach()
+    if rows is not None and x.dim() > 1 and x.shape[0] > rows:
+        x = x[:rows]
+    count = x.numel()
+    if count == 0:
+        return 0, None
+    if not x.is_contiguous():
+        x = x.reshape(-1)
+    if x.element_size() < 4:  # half precision: the norm of a large batch overflows float16
+        x = x.float()
+    low, high = torch.aminmax(x)
+    return count, (torch.linalg.vector_norm(x), low, high)
 
 
 InputSums = tuple[int, float, float]  # values counted, sum of squares, max |x|
@@ -60,7 +67,7 @@ class InputStats:
     """
 
     def __init__(self) -> None:
-        self._parts: list[tuple[int, torch.Tensor]] = []
+        self._parts: list[tuple[int, Extremes]] = []
         self._failed = False  # logged once: a failure repeats at every step
 
     def add(self, args: Any, kwargs: Mapping[str, Any] | None, rows: int | None) -> None:
@@ -86,7 +93,7 @@ class InputStats:
         parts, self._parts = self._parts, []
         count, sumsq, top = 0, 0.0, 0.0
         for n, extremes in parts:
-            norm, low, high = extremes.tolist()
+            norm, low, high = (float(value) for value in extremes)
             count, sumsq = count + n, sumsq + norm * norm
             top = max(top, -low, high) if math.isfinite(low + high) else math.nan
         return count, sumsq, top
