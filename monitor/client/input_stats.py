@@ -92,8 +92,8 @@ class InputStats:
         """
         parts, self._parts = self._parts, []
         count, sumsq, top = 0, 0.0, 0.0
-        for n, extremes in parts:
-            norm, low, high = (float(value) for value in extremes)
+        for n, (norm_t, low_t, high_t) in parts:
+            norm, low, high = float(norm_t), float(low_t), float(high_t)
             count, sumsq = count + n, sumsq + norm * norm
             top = max(top, -low, high) if math.isfinite(low + high) else math.nan
         return count, sumsq, top
