@@ -276,9 +276,7 @@ def test_divergence_is_a_stored_alert_and_an_mlflow_tag(tmp_path: Path) -> None:
     mlflow_run_id = store.run(mon.run_id).mlflow_run_id
     assert mlflow_run_id is not None
     client = MlflowClient(tracking_uri=mlflow_uri)
-    history = sorted(
-        client.get_metric_history(mlflow_run_id, "actcool/lr"), key=lambda m: m.step
-    )
+    history = sorted(client.get_metric_history(mlflow_run_id, "actcool/lr"), key=lambda m: m.step)
     assert [m.step for m in history] == [0, 1, 2]
     assert [m.value for m in history] == pytest.approx(used)
     assert "apmon.alert.actcool_divergence" in client.get_run(mlflow_run_id).data.tags
