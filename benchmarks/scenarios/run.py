@@ -4,7 +4,7 @@ Every run trains a small ReLU net under ``monitor.watch(model, opt, on_alert=...
 defaults (``driver.py``); the alerts are those ``on_alert`` received, at the step it received
 them. The tuning half and the held-out half (``families.py``) are printed side by side.
 
-    python benchmarks/scenarios/run.py                 # both halves (80 runs)
+    python benchmarks/scenarios/run.py                 # both halves (88 runs)
     python benchmarks/scenarios/run.py --quick         # the CI subset (6 held-out runs)
     python benchmarks/scenarios/run.py --half tune --record DIR   # also keep the wire events
     python benchmarks/scenarios/run.py --replay DIR    # the plugins on kept events, no training
