@@ -266,8 +266,9 @@ class DivergenceDetector:
         if not math.isfinite(loss) or loss <= 0:
             return PluginResult()  # a non-finite loss: the hard signs speak for it
         s = self.settings
+        ln_loss = math.log(loss)
         history: list[float] = state.get("ln_losses", [])
-        state["ln_losses"] = push(history, math.log(loss), s.loss_window)
+        state["ln_losses"] = push(history, ln_loss, s.loss_window)
         rates = state.get("rates")
         if step < s.start or len(history) < s.loss_warmup or not rates or rate is None:
             return PluginResult()
@@ -277,7 +278,7 @@ class DivergenceDetector:
         if ratio < s.heat_rate:  # most steps of most runs: the loss's band is not needed
             return PluginResult()
         centre, mad = median_mad(history)
-        excess = (math.log(loss) - centre) / max(mad, s.loss_floor)
+        excess = (ln_loss - centre) / max(mad, s.loss_floor)
         if excess < s.loss_heat:
             return PluginResult()
         state["loss_heated"] = True
