@@ -41,6 +41,14 @@ class DivergenceSettings:
     z over the last ``heat_probes`` probes is at least ``heat_rise`` above the median z of the
     earlier probes taken at no more than 1.5x that median rate (at least ``heat_reference`` of
     them): the rate climbed and the patterns followed it into the transition. Once per run.
+    Since 4.2 heat keeps and judges only probes taken once the network has begun to learn: the
+    median of its last ``smooth`` losses at most ``learned`` times the median of its first
+    ``smooth`` (a run whose summaries carry no loss is judged from ``start`` on, as before). An
+    untrained network's patterns are no reference for a trained one's: an exponential warm-up
+    from 0.01x lifts the rate 3x over its median while the loss still sits at its first level,
+    and z follows the rate on a fixed transition (4.1 false-alarmed on all 12 such warm-ups of
+    the scenario suite); by the time the loss falls, the warm-up is near its peak and no calm
+    probe of the learning network exists yet.
     **loss heat** (since 4.1; on every training summary, probes or not): the step's rate at
     least ``heat_rate`` times that median rate *and* ln of the step's loss at least
     ``loss_heat`` scaled MADs (floor ``loss_floor``) above the median of the ln losses of the
@@ -97,6 +105,7 @@ class DivergenceSettings:
     loss_window: int = 30
     loss_warmup: int = 10
     loss_floor: float = 0.05
+    learned: float = 0.8
 
 
 class DivergenceDetector:
@@ -147,7 +156,7 @@ class DivergenceDetector:
     """
 
     name = "divergence"
-    version = "4.1"
+    version = "4.2"
     requires: tuple[str, ...] = ("transition_fit", "strikes")
 
     def __init__(self, settings: DivergenceSettings | None = None) -> None:
@@ -176,6 +185,7 @@ class DivergenceDetector:
                 state["struck"] = event.step
             if event.loss is None:
                 return PluginResult()
+            self._track_learning(event.loss, state)
             heat = self._loss_heat(event.step, event.loss, rate, state)
             return PluginResult(
                 alerts=heat.alerts + self._climb(event.step, event.loss, state).alerts
@@ -229,6 +239,8 @@ class DivergenceDetector:
         changes = [x.changed[0] / x.rows for x in event.sites if x.rows and x.changed]
         if event.step < s.start or not changes:
             return PluginResult()
+        if state.get("loss_seen") and not state.get("learned"):
+            return PluginResult()  # an untrained network's patterns are no reference
         d = min(max(sum(changes) / len(changes), HEAT_CLIP), 1 - HEAT_CLIP)
         z = NormalDist().inv_cdf(d)
         probes: list[list[float]] = state.get("probes", [])
@@ -258,6 +270,24 @@ class DivergenceDetector:
                 "threshold": s.heat_rise,
             },
         )
+
+    def _track_learning(self, loss: float, state: dict[str, Any]) -> None:
+        """Whether the network has begun to learn: its recent loss is below its first ones."""
+        state["loss_seen"] = True
+        if state.get("learned") or not math.isfinite(loss):
+            return
+        s = self.settings
+        first: list[float] = state.get("first_losses", [])
+        if len(first) < s.smooth:
+            state["first_losses"] = [*first, loss]
+            return
+        recent = push(state.get("learning", []), loss, s.smooth)
+        state["learning"] = recent
+        if len(recent) == s.smooth and statistics.median(recent) <= s.learned * statistics.median(
+            first
+        ):
+            state["learned"] = True
+            state.pop("learning")
 
     def _loss_heat(
         self, step: int, loss: float, rate: float | None, state: dict[str, Any]
