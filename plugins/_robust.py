@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 MAD_TO_SD = 1.4826  # MAD * 1.4826 estimates the standard deviation of normal data
 
@@ -46,7 +49,7 @@ def _row_medians(values: np.ndarray) -> np.ndarray:
     return (ordered[:, (n - 1) // 2] + ordered[:, n // 2]) / 2
 
 
-def push(window: list[float], value: float, size: int) -> list[float]:
+def push(window: list[T], value: T, size: int) -> list[T]:
     """The window with ``value`` appended, keeping the newest ``size`` values (bounded state)."""
     window = [*window, value]
     return window[-size:]

@@ -8,11 +8,13 @@ and a decorator of the per-step function; closing it removes every hook and ends
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import functools
 import logging
 import math
 import re
+import statistics
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +54,15 @@ from monitor.schema import (
 from monitor.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# While the learning rate is at least SURGE_RATE times its median over the last SURGE_WINDOW
+# steps (a ramp, a jump, a steep warm-up), a step waits at its end for the host to judge its
+# own summary, not only the previous step's: the divergence detectors' heat rules judge each
+# step's loss under that very condition (``plugins.divergence``, ``heat_rate``), and their
+# alert then arrives within the step whose loss raised it, a step earlier. At a steady rate
+# the host's work on a step overlaps the next step, as before.
+SURGE_RATE = 3.0
+SURGE_WINDOW = 100
 
 F = TypeVar("F", bound=Callable[..., Any])
 AlertCallback = Callable[[AlertValue], None]
@@ -168,6 +179,9 @@ class Monitor:
         self._in_step_function = False
         self._ends_own_steps = False  # ``hold_step_ends``
         self._marks: list[int] = []
+        # The learning rates of the last SURGE_WINDOW steps, and whether this step's surged.
+        self._rates: collections.deque[float] = collections.deque(maxlen=SURGE_WINDOW)
+        self._surging = False
         # The mark that follows this step's APT probe and sweep, waited for at this step's end.
         self._probe_mark: int | None = None
         self._losses: list[float] = []  # values returned by decorated calls of this step
@@ -409,6 +423,7 @@ class Monitor:
                 )
             self._stats = {}
             self._sample_indices = None
+            self._note_rate(reference_lr(optimizer))
             self._note_cost(began)
             self.step += 1
             self._arm()
@@ -423,6 +438,12 @@ class Monitor:
             self._flush_and_mark()
         if not self._in_step_function and not self._ends_own_steps:
             self._deliver_alerts()
+
+    def _note_rate(self, rate: float) -> None:
+        """Whether this step's learning rate surged: >= SURGE_RATE x the recent median."""
+        if rate > 0:
+            self._rates.append(rate)
+            self._surging = rate >= SURGE_RATE * statistics.median(self._rates)
 
     def _note_cost(self, began: float) -> None:
         """Tell the capture budget what this step cost the training thread (see budget.py).
@@ -557,8 +578,9 @@ class Monitor:
     def _flush_and_mark(self) -> None:
         """Send the held summary; follow a step's records with a mark when the transport has marks.
 
-        The end of the next step waits for that mark (``_deliver_alerts``): by then the host
-        has run the plugins over this step's records.
+        The end of the next step waits for that mark (``_deliver_alerts``), or the end of this
+        one while the rate surges (``SURGE_RATE``): by then the host has run the plugins over
+        this step's records.
         """
         began = time.perf_counter()
         try:
@@ -575,6 +597,7 @@ class Monitor:
         divergence detectors judge probes, and a probe's alert that came a step later would
         often come during the step in which the loss blows up (the scenario suite's residual
         nets). The host got the probe before the step's loss, so this wait is usually short.
+        While the rate surges the step waits for its own summary's mark too (``SURGE_RATE``).
         The user's callback runs on the training thread and may raise to stop training.
         """
         if self._wait_for_mark is not None:
@@ -582,6 +605,8 @@ class Monitor:
             # The probe's mark was sent after the previous step's: waiting for it waits for both.
             target = previous if self._probe_mark is None else self._probe_mark
             self._probe_mark = None
+            if self._surging and self._marks:  # this step's own summary (see SURGE_RATE)
+                target = self._marks[-1]
             if target is not None:
                 try:
                     self._wait_for_mark(target)

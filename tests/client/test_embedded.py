@@ -110,6 +110,46 @@ def test_a_probes_alert_reaches_on_alert_within_the_probes_own_step(tmp_path: Pa
     assert done_when_received == bad_step  # received before step 7's function returned
 
 
+def test_while_the_rate_surges_a_losss_alert_arrives_within_its_own_step(tmp_path: Path) -> None:
+    """At 10x its median the rate surges: each step waits for its own summary to be judged.
+
+    The loss the step returns is calm (about 1) until step 50, then 100: the divergence
+    detector's "loss heat" rule (the rate >= 3x its median, the loss out of its band) alerts on
+    step 50's summary, and ``on_alert`` gets it before step 50's function returns.
+    """
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.001)
+    received: list[tuple[AlertValue, int]] = []
+    finished = 0
+
+    def on_alert(alert: AlertValue) -> None:
+        received.append((alert, finished))
+
+    mon = watch(model, opt, settings=_settings(tmp_path), on_alert=on_alert, apt_every=None)
+    _wait_until_started(mon)
+
+    @mon
+    def step(x: torch.Tensor, reported: float) -> float:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        return reported
+
+    for i in range(56):
+        if i == 40:
+            for group in opt.param_groups:
+                group["lr"] = 0.01
+        step(torch.randn(8, 6), 100.0 if i == 50 else 1.0 + 0.01 * (i % 7))
+        finished += 1
+    mon.close()
+    heat = [
+        (alert.step, done)
+        for alert, done in received
+        if alert.kind == "divergence" and (alert.evidence or {}).get("signal") == "loss_heat"
+    ]
+    assert heat == [(50, 50)], received
+
+
 def test_every_step_is_stored_once_with_its_loss(tmp_path: Path) -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
