@@ -49,6 +49,17 @@ def _wait_until_started(mon: object) -> None:
     raise AssertionError("the host process did not start within 60 s")
 
 
+class Received:
+    """An ``on_alert`` that keeps every alert with the number of steps the job had finished."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[AlertValue, int]] = []
+        self.finished = 0
+
+    def __call__(self, alert: AlertValue) -> None:
+        self.received.append((alert, self.finished))
+
+
 def _train_with_nan_at(
     tmp_path: Path, bad_step: int, **options: object
 ) -> tuple[Monitor, list[tuple[AlertValue, int]]]:
@@ -56,12 +67,7 @@ def _train_with_nan_at(
     divergence sign); every alert ``on_alert`` got, with the steps the job had finished then."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    received: list[tuple[AlertValue, int]] = []
-    finished = 0
-
-    def on_alert(alert: AlertValue) -> None:
-        received.append((alert, finished))
-
+    on_alert = Received()
     mon = watch(model, opt, settings=_settings(tmp_path), on_alert=on_alert, **options)  # type: ignore[arg-type]
     _wait_until_started(mon)
 
@@ -78,9 +84,9 @@ def _train_with_nan_at(
         if i == bad_step:
             x[0, 0] = float("nan")
         step(x)
-        finished += 1
+        on_alert.finished += 1
     mon.close()
-    return mon, received
+    return mon, on_alert.received
 
 
 def test_an_alert_reaches_on_alert_by_the_end_of_the_next_step(tmp_path: Path) -> None:
@@ -119,12 +125,7 @@ def test_while_the_rate_surges_a_losss_alert_arrives_within_its_own_step(tmp_pat
     """
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
-    received: list[tuple[AlertValue, int]] = []
-    finished = 0
-
-    def on_alert(alert: AlertValue) -> None:
-        received.append((alert, finished))
-
+    on_alert = Received()
     mon = watch(model, opt, settings=_settings(tmp_path), on_alert=on_alert, apt_every=None)
     _wait_until_started(mon)
 
@@ -140,14 +141,14 @@ def test_while_the_rate_surges_a_losss_alert_arrives_within_its_own_step(tmp_pat
             for group in opt.param_groups:
                 group["lr"] = 0.01
         step(torch.randn(8, 6), 100.0 if i == 50 else 1.0 + 0.01 * (i % 7))
-        finished += 1
+        on_alert.finished += 1
     mon.close()
     heat = [
         (alert.step, done)
-        for alert, done in received
+        for alert, done in on_alert.received
         if alert.kind == "divergence" and (alert.evidence or {}).get("signal") == "loss_heat"
     ]
-    assert heat == [(50, 50)], received
+    assert heat == [(50, 50)], on_alert.received
 
 
 def test_every_step_is_stored_once_with_its_loss(tmp_path: Path) -> None:
