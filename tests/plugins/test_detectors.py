@@ -354,12 +354,17 @@ def test_heat_randomised_against_brute_force() -> None:
     assert 10 <= alerted <= 50  # both outcomes are exercised
 
 
-def warm_up(growth: float) -> tuple[list[float], dict[int, float]]:
-    """A healthy exponential warm-up from 1% of the rate, probed every other step, whose D rises
-    with the rate as on a fixed transition (D = Phi(-0.3 + 0.45 ln lr), sigma 2.2)."""
-    rates = [min(0.01 * growth**s, 1.0) for s in range(250)]
+def fixed_transition(rates: list[float]) -> dict[int, float]:
+    """Probes every other step whose D rises with the rate as on a fixed transition
+    (D = Phi(-0.3 + 0.45 ln lr), sigma 2.2)."""
     normal = statistics.NormalDist()
-    return rates, {s: normal.cdf(-0.3 + 0.45 * math.log(rates[s])) for s in range(0, 250, 2)}
+    return {s: normal.cdf(-0.3 + 0.45 * math.log(rates[s])) for s in range(0, len(rates), 2)}
+
+
+def warm_up(growth: float) -> tuple[list[float], dict[int, float]]:
+    """A healthy exponential warm-up from 1% of the rate, probed on a fixed transition."""
+    rates = [min(0.01 * growth**s, 1.0) for s in range(250)]
+    return rates, fixed_transition(rates)
 
 
 def test_heat_takes_no_warm_up_for_a_rise_into_the_transition() -> None:
@@ -370,8 +375,7 @@ def test_heat_takes_no_warm_up_for_a_rise_into_the_transition() -> None:
         assert heat_alerts(rates, d) == [] and brute_heat(rates, d) is None
     # The same patterns once the rate has held for 20 steps, then ramps the same way: alerted.
     held = [0.01] * 60 + [0.01 * 1.05 ** (s - 60) for s in range(60, 250)]
-    normal = statistics.NormalDist()
-    d = {s: normal.cdf(-0.3 + 0.45 * math.log(held[s])) for s in range(0, 250, 2)}
+    d = fixed_transition(held)
     expected = brute_heat(held, d)
     assert expected is not None and [a.step for a in heat_alerts(held, d)] == [expected]
 
