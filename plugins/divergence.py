@@ -10,6 +10,7 @@ from statistics import NormalDist
 from typing import Any
 
 from monitor.measures import Event, PluginResult, RunContext
+from monitor.rate_surge import SURGE_RATE, SURGE_WINDOW
 from monitor.schema import AlertValue, FitValue, ProbeRecord, StepSummary
 from plugins._robust import median_mad, push
 
@@ -106,10 +107,10 @@ class DivergenceSettings:
     smooth: int = 5
     climb_from: int = 10
     climb_after_strike: int = 20
-    heat_rate: float = 3.0
+    heat_rate: float = SURGE_RATE  # the client waits under the same condition
     heat_rise: float = 0.5
     heat_probes: int = 2
-    heat_window: int = 100
+    heat_window: int = SURGE_WINDOW
     heat_reference: int = 2
     heat_steady: int = 20
     loss_heat: float = 2.0

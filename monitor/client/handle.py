@@ -41,6 +41,7 @@ from monitor.client.summary import (
     to_wire,
 )
 from monitor.client.transport import Transport
+from monitor.rate_surge import SURGE_RATE, SURGE_WINDOW
 from monitor.schema import (
     MAX_SCALARS,
     MAX_SITES,
@@ -55,14 +56,11 @@ from monitor.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# While the learning rate is at least SURGE_RATE times its median over the last SURGE_WINDOW
-# steps (a ramp, a jump, a steep warm-up), a step waits at its end for the host to judge its
-# own summary, not only the previous step's: the divergence detectors' heat rules judge each
-# step's loss under that very condition (``plugins.divergence``, ``heat_rate``), and their
-# alert then arrives within the step whose loss raised it, a step earlier. At a steady rate
-# the host's work on a step overlaps the next step, as before.
-SURGE_RATE = 3.0
-SURGE_WINDOW = 100
+# While the learning rate surges (``monitor.rate_surge``: a ramp, a jump, a steep warm-up), a
+# step waits at its end for the host to judge its own summary, not only the previous step's:
+# the divergence detectors' heat rules judge each step's loss under that very condition, and
+# their alert then arrives within the step whose loss raised it, a step earlier. At a steady
+# rate the host's work on a step overlaps the next step, as before.
 
 F = TypeVar("F", bound=Callable[..., Any])
 AlertCallback = Callable[[AlertValue], None]
