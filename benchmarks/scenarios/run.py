@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "--half",
         choices=[*HALVES, "both"],
         default="both",
-        help="which runs: a half, or both (tune and held; 'fresh' and 'fourth' only when asked for)",
+        help="which runs: a half, or both (tune and held; 'fresh', 'fourth' only when asked for)",
     )
     parser.add_argument("--quick", action="store_true", help="the CI subset")
     parser.add_argument("--jobs", type=int, default=2)
