@@ -56,12 +56,6 @@ from monitor.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# While the learning rate surges (``monitor.rate_surge``: a ramp, a jump, a steep warm-up), a
-# step waits at its end for the host to judge its own summary, not only the previous step's:
-# the divergence detectors' heat rules judge each step's loss under that very condition, and
-# their alert then arrives within the step whose loss raised it, a step earlier. At a steady
-# rate the host's work on a step overlaps the next step, as before.
-
 F = TypeVar("F", bound=Callable[..., Any])
 AlertCallback = Callable[[AlertValue], None]
 # ``on_alert`` policies: log the alert, raise ``AlertRaised``, or set ``Monitor.should_stop``
@@ -438,7 +432,14 @@ class Monitor:
             self._deliver_alerts()
 
     def _note_rate(self, rate: float) -> None:
-        """Whether this step's learning rate surged: >= SURGE_RATE x the recent median."""
+        """Whether this step's learning rate surged: >= SURGE_RATE x the recent median.
+
+        While it surges (``monitor.rate_surge``: a ramp, a jump, a steep warm-up), the step waits
+        at its end for the host to judge its own summary, not only the previous step's: the
+        divergence detector's heat rules judge each step's loss under that very condition, and
+        their alert then arrives within the step whose loss raised it, a step earlier. At a
+        steady rate the host's work on a step overlaps the next step, as before.
+        """
         if rate > 0:
             self._rates.append(rate)
             self._surging = rate >= SURGE_RATE * statistics.median(self._rates)

@@ -437,21 +437,25 @@ def test_loss_heat_needs_both_the_rate_and_the_loss() -> None:
     assert loss_heat_alerts(jumped, calm) == [] and brute_loss_heat(jumped, calm) is None
 
 
+def bumped_at_peak(rates: list[float]) -> list[float]:
+    """A calm loss of about 0.5 with one step at 2.0, four steps after the rate first peaks."""
+    losses = [0.5 * wobble(s) for s in range(len(rates))]
+    losses[rates.index(max(rates)) + 4] = 2.0
+    return losses
+
+
 def test_loss_heat_takes_no_warm_up_whose_loss_bumps_at_its_peak() -> None:
     # 4.3 alerted on this (held-out residual net, SGD, at step 99 of an exponential warm-up):
     # the rate 6x its median and the loss out of its band, on a run that never held its rate.
     for growth in (1.03, 1.05, 1.08):
-        rates = [min(0.01 * growth**s, 1.0) for s in range(250)]
-        peak = next(s for s, r in enumerate(rates) if r == 1.0)
-        losses = [0.5 * wobble(s) for s in range(250)]
-        losses[peak + 4] = 2.0
+        rates, _ = warm_up(growth)
+        losses = bumped_at_peak(rates)
         assert loss_heat_alerts(rates, losses) == [] and brute_loss_heat(rates, losses) is None
     # The same bump once the rate has held for 40 steps and then ramped the same way: alerted.
-    held = [0.01] * 40 + [min(0.01 * 1.05 ** (s - 40), 1.0) for s in range(40, 250)]
-    peak = next(s for s, r in enumerate(held) if r == 1.0)
-    losses = [0.5 * wobble(s) for s in range(250)]
-    losses[peak + 4] = 2.0
-    assert loss_heat_alerts(held, losses) == [peak + 4] == [brute_loss_heat(held, losses)]
+    held = [0.01] * 40 + warm_up(1.05)[0][:210]
+    losses = bumped_at_peak(held)
+    expected = held.index(max(held)) + 4
+    assert loss_heat_alerts(held, losses) == [expected] == [brute_loss_heat(held, losses)]
 
 
 def test_loss_heat_randomised_against_brute_force() -> None:
