@@ -37,12 +37,15 @@ once, after merging, in ``to_wire``.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 import torch
 
-from monitor.client import cpu_kernels
+from monitor.client.kernel_loader import charge, kernels
 from monitor.client.patterns import (
     PatternCounts,
     count_words,
@@ -190,8 +193,9 @@ def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None)
 
     ``x`` is dense (N, d), sequence (N, T, d) or conv (N, C, ...); ``labels`` (N,) adds per-class
     rows and on-counts (every row of a sample gets the sample's label). float32/float64 tensors
-    on the CPU go through the fused kernels of ``cpu_kernels``, everything else through torch
-    operations; both give the same statistics.
+    on the CPU go through the fused kernels of ``cpu_kernels`` once they are loaded
+    (``kernel_loader``), everything else through torch operations; both give the same
+    statistics.
     """
     if x.dim() == 1:
         x = x.reshape(1, -1)
@@ -204,10 +208,14 @@ def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None)
             raise ValueError(f"{labels.numel()} labels for a batch of {x.shape[0]}")
         values, sample_class = torch.unique(labels, return_inverse=True)
         label_values = [int(v) for v in values.tolist()]
-    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+    kernel_input = x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+    if kernel_input and kernels() is not None:
         stats, on = _measure_with_kernels(x, unit_dim, sample_class, len(label_values))
     else:
+        began = time.perf_counter()
         stats, on = _measure_with_torch(x, unit_dim, sample_class, len(label_values))
+        if kernel_input:  # what the kernels would have done (see ``kernel_loader``)
+            charge(time.perf_counter() - began)
     if sample_class is not None:
         rows_per_sample = stats.rows // max(x.shape[0], 1)
         per_class = torch.bincount(sample_class, minlength=len(label_values)) * rows_per_sample
@@ -231,14 +239,33 @@ def measure_scale(x: torch.Tensor, kind: SiteKind) -> SiteStats:
     if x.dim() == 1:
         x = x.reshape(1, -1)
     unit_dim = unit_dim_of(kind)
-    if x.is_cpu and x.dtype in _KERNEL_DTYPES:  # is_cpu: a tenth of device.type's cost
+    kernel_input = x.is_cpu and x.dtype in _KERNEL_DTYPES  # is_cpu: a tenth of device.type's
+    if kernel_input and kernels() is not None:
         return _scale_with_kernels(x, unit_dim)
+    began = time.perf_counter()
     x3 = unit_layout(x, unit_dim)
     outer, units, inner = x3.shape
-    nonfinite = _nonfinite_rows(x, unit_dim)
-    sumsq, max_abs = _scale_with_torch(x, nonfinite > 0)
+    sumsq, max_abs, nonfinite = _scale_and_nonfinite_with_torch(x, unit_dim)
     unit_on = (x3 > 0).sum(dim=(0, 2))
+    if kernel_input:
+        charge(time.perf_counter() - began)
     return _scale_stats(units, unit_on, outer * inner, nonfinite, sumsq, max_abs)
+
+
+def _scale_and_nonfinite_with_torch(x: torch.Tensor, unit_dim: int) -> tuple[float, float, int]:
+    """(sum of squares, max |x|, non-finite rows), as the two functions named below give them.
+
+    ``_scale_with_torch`` and ``_nonfinite_rows`` together read ``x`` four times; when every
+    value is finite this reads it twice (the min/max pass gives max |x| too).
+    """
+    if x.numel() == 0 or not x.is_floating_point():
+        return 0.0, 0.0, 0
+    low, high = (float(v) for v in torch.aminmax(x))
+    if math.isfinite(low) and math.isfinite(high):
+        sumsq = torch.linalg.vector_norm(x.reshape(-1), dtype=torch.float64).square()
+        return float(sumsq), max(abs(low), abs(high)), 0
+    nonfinite = int((~torch.isfinite(x)).any(dim=unit_dim % x.dim()).sum())
+    return (*_scale_with_torch(x, True), nonfinite)
 
 
 def _scale_with_kernels(x: torch.Tensor, unit_dim: int) -> SiteStats:
@@ -249,6 +276,7 @@ def _scale_with_kernels(x: torch.Tensor, unit_dim: int) -> SiteStats:
     path sees on every captured step costs a few microseconds of Python around the kernel, so
     a dense (rows, units) tensor is read as it is, without the (outer, units, 1) view.
     """
+    cpu_kernels = _loaded_kernels()
     scale = np.zeros(2, dtype=np.float64)
     if x.dim() == 2:  # (rows, units) whatever the kind: the units are the last axis
         values = x.contiguous().numpy()
@@ -339,6 +367,7 @@ def _pack_and_count(
     ``packbits`` takes a byte of contiguous units at a time; the rest are packed into 64-bit
     words, then counted.
     """
+    cpu_kernels = _loaded_kernels()
     outer, units, inner = values.shape
     rows = outer * inner
     narrow = units <= cpu_kernels.PACKED_TABLE_UNITS and rows < 2**31  # int32 table counts
@@ -364,6 +393,7 @@ def _count_with_kernels(words: np.ndarray, units: int) -> PatternCounts:
     A table of all patterns when that is small against the rows, a radix sort for many rows of
     <= 32 bits, else a hash table whose keys are verified against the words.
     """
+    cpu_kernels = _loaded_kernels()
     rows = words.shape[0]
     if rows == 0:
         return empty_counts()
@@ -375,6 +405,25 @@ def _count_with_kernels(words: np.ndarray, units: int) -> PatternCounts:
     if not verified:
         return count_words(torch.from_numpy(words), units)  # logs the collision, recounts
     return _pattern_counts(fingerprints, counts)
+
+
+def _loaded_kernels() -> ModuleType:
+    """``cpu_kernels``, on the paths that ``kernels()`` let through."""
+    module = kernels()
+    assert module is not None
+    return module
+
+
+def sketch_and_spectrum_numpy(
+    fingerprints: np.ndarray, counts: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``cpu_kernels.sketch_and_spectrum`` in numpy, before the kernels are loaded (same results).
+
+    Fingerprints are distinct, so the order of the ``k`` smallest is unique.
+    """
+    kept = np.argsort(fingerprints)[:k]
+    values, multiplicities = np.unique(counts, return_counts=True)
+    return kept, values.astype(np.int64), multiplicities.astype(np.int64)
 
 
 def _pattern_counts(fingerprints: np.ndarray, counts: np.ndarray) -> PatternCounts:
@@ -439,9 +488,15 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
         counts = stats.counts.counts.cpu().numpy()
         rows, distinct = int(counts.sum()), int(counts.size)
         exact = distinct <= sketch_k
-        kept, values, multiplicities = cpu_kernels.sketch_and_spectrum(
-            fingerprints, counts, sketch_k
-        )
+        cpu_kernels = kernels()
+        if cpu_kernels is None:
+            began = time.perf_counter()
+            kept, values, multiplicities = sketch_and_spectrum_numpy(fingerprints, counts, sketch_k)
+            charge(time.perf_counter() - began)
+        else:
+            kept, values, multiplicities = cpu_kernels.sketch_and_spectrum(
+                fingerprints, counts, sketch_k
+            )
         spectrum = list(zip(values.tolist(), multiplicities.tolist(), strict=True))
         patterns = list(zip(fingerprints[kept].tolist(), counts[kept].tolist(), strict=True))
     # Built from our own exact counts, so pydantic's validation (a tenth of a millisecond per

@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from memory_transport import ListTransport
 from torch import nn
 
+from monitor.client import cpu_kernels, summary
 from monitor.client.handle import Monitor
 from monitor.client.patterns import mix64, pack_bits
-from monitor.client.summary import empty_stats, measure, to_wire
+from monitor.client.summary import empty_stats, measure, measure_scale, to_wire
 from monitor.schema import SiteSummary
 
 
@@ -114,6 +116,41 @@ def test_torch_path_scale_equals_kernels(kind, units):
     assert torch_path.sumsq == pytest.approx(kernels.sumsq, rel=1e-9)
     assert torch_path.max_abs == kernels.max_abs
     assert torch_path.nonfinite_rows == kernels.nonfinite_rows > 0
+
+
+@pytest.mark.parametrize(("kind", "units"), CASES)
+@pytest.mark.parametrize("labelled", [False, True])
+def test_summaries_while_the_kernels_load_equal_the_kernels(kind, units, labelled, monkeypatch):
+    # Until ``kernel_loader`` loads the kernels, summaries come from torch operations and
+    # numpy's sketch; the wire must not tell the difference.
+    x = make_input(kind, units + 3, units)
+    labels = torch.arange(x.shape[0]) % 3 if labelled else None
+    loaded = to_wire("s", measure(x, kind, labels), sketch_k=8)
+    loaded_scale = measure_scale(x, kind)
+    finite = torch.nan_to_num(x, nan=0.0, posinf=5.0, neginf=-5.0)
+    loaded_finite = measure_scale(finite, kind)
+    monkeypatch.setattr(summary, "kernels", lambda: None)
+    loading = to_wire("s", measure(x, kind, labels), sketch_k=8)
+    assert same_wire(loading, loaded)
+    assert loading.sumsq == pytest.approx(loaded.sumsq, rel=1e-9)
+    assert_same(measure_scale(x, kind), loaded_scale)
+    assert_same(measure_scale(finite, kind), loaded_finite)
+    assert loaded_finite.nonfinite_rows == 0 and loaded_finite.max_abs == 5.0
+
+
+def test_numpy_sketch_and_spectrum_equal_the_kernel():
+    rng = np.random.default_rng(7)
+    for n, k in [(0, 4), (5, 8), (1000, 16), (3000, 256)]:
+        fingerprints = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+        fingerprints = np.unique(fingerprints)  # distinct, as a histogram's are
+        counts = rng.integers(1, 2000, fingerprints.size).astype(np.int64)
+        numpy_way = summary.sketch_and_spectrum_numpy(fingerprints, counts, k)
+        kernel_way = cpu_kernels.sketch_and_spectrum(fingerprints, counts, k)
+        for ours, theirs in zip(numpy_way, kernel_way, strict=True):
+            assert np.array_equal(ours, theirs)
+        order = np.sort(fingerprints)[:k]  # brute force: the k smallest, ascending
+        assert np.array_equal(fingerprints[numpy_way[0]], order)
+        assert dict(zip(*numpy_way[1:], strict=True)) == dict(Counter(counts.tolist()))
 
 
 def test_exact_below_threshold_and_bottom_k_above():

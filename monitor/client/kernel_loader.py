@@ -1,0 +1,62 @@
+"""When to load the compiled CPU kernels (``cpu_kernels``): once they have paid for themselves.
+
+Importing numba and loading the kernels from its disk cache costs about 0.9 s of CPU (measured
+on a 2-core machine: 0.37 s for the import, 0.5 s for numba's first dispatch, half of that
+scipy.linalg, which numba imports to look for a BLAS). Loaded on the first captured step, that
+second was most of what a 10-second ResNet-20 or MLP 3072 run paid for its monitor, and loaded
+on a thread of its own it made training's steps queue for the GIL behind numba's Python (a
+ResNet-20 run measured slower that way, not faster).
+
+So it is rent or buy. Until the kernels are loaded, ``summary`` computes the same statistics
+with torch operations, which take 2-5x the kernels' time (per captured step, one thread:
+ResNet-20 17 vs 10 ms, MLP 3072 0.36 vs 0.12 ms, digits CNN 0.38 vs 0.13 ms, MLP 32-128-128-64
+0.25 vs 0.05 ms), and charges the seconds they took (``charge``). Once those add up to
+``LOAD_SECONDS``, the kernels are loaded on the thread that charged the last of it. A short run
+never pays for the loading; a run of any length pays at most about twice what loading at its
+start would have cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+# The loading's measured cost (see above): the torch operations' seconds that buy the kernels.
+LOAD_SECONDS = 1.0
+
+_lock = threading.Lock()
+_loaded: ModuleType | None = None
+_failed = False
+_charged = 0.0
+
+
+def kernels() -> ModuleType | None:
+    """``cpu_kernels`` once it is loaded, else None (use the torch operations, and ``charge``)."""
+    return _loaded
+
+
+def charge(seconds: float) -> None:
+    """Add seconds of torch operations that the kernels would have done; loads at LOAD_SECONDS."""
+    global _charged
+    _charged += seconds
+    if _charged >= LOAD_SECONDS and _loaded is None and not _failed:
+        load_kernels()
+
+
+def load_kernels() -> ModuleType | None:
+    """Load the kernels now (if not yet); the module, or None if they cannot be loaded."""
+    global _loaded, _failed
+    with _lock:
+        if _loaded is None and not _failed:
+            try:
+                from monitor.client import cpu_kernels
+            except Exception:
+                _failed = True
+                # The torch operations compute the same statistics; only slower.
+                logger.exception("apmon could not load its CPU kernels; it counts with torch")
+            else:
+                _loaded = cpu_kernels
+    return _loaded
