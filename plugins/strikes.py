@@ -77,7 +77,7 @@ def on_rates_of(site: SiteSummary) -> np.ndarray | None:
 
 
 def site_values(
-    site: SiteSummary, previous_on: list[float] | None, rates: np.ndarray | None
+    site: SiteSummary, previous_on: np.ndarray | None, rates: np.ndarray | None
 ) -> dict[str, float]:
     """A site's judged statistics at one step: ln RMS, ln max |x|, on-rate shift (see above).
 
@@ -93,13 +93,13 @@ def site_values(
     if site.max_abs is not None and site.max_abs > 0:
         values["max_abs"] = math.log(site.max_abs)
     if rates is not None and previous_on is not None and len(previous_on) == units:
-        values["shift"] = float(np.abs(rates - np.asarray(previous_on)).sum()) / units
+        values["shift"] = float(np.abs(rates - previous_on).sum()) / units
     return values
 
 
 def step_values(
     event: StepSummary,
-    on_rates: Mapping[str, list[float]],
+    on_rates: Mapping[str, np.ndarray],
     rates: Mapping[str, np.ndarray | None],
 ) -> dict[str, float]:
     """Every judged statistic of a training step, keyed ``kind`` or ``kind:site``.
@@ -150,15 +150,20 @@ class StrikeDetector:
     (the inputs' scale sees them), and struck once per alert cool-down on a healthy one-cycle
     run (none in 4.0, which lets echoes into the baselines, centres the shift on its recent
     values and asks half the sites; 3.0's baselines froze after a strike, as seen on the tuning
-    half's resnet jump run, which struck every 50 steps to its end).
+    half's resnet jump run, which struck every 50 steps to its end). 4.1 decides as 4.0 did (the
+    same alerts on recorded runs, with states kept in memory or read back as JSON) in 70% of
+    its time on an MLP 3072-512x3 (250 against 363 us a step): its state keeps each site's
+    on-counts, and the on-rate arrays made from them are reused by the next step.
     """
 
     name = "strikes"
-    version = "4.0"
+    version = "4.1"
     requires: tuple[str, ...] = ()
 
     def __init__(self, settings: StrikeSettings | None = None) -> None:
         self.settings = settings or StrikeSettings()
+        self._arrays_run = ""
+        self._arrays: dict[str, tuple[list[Any], np.ndarray]] = {}  # see ``_rates_of``
         s = self.settings
         # kind -> (floor of its band, limit of its excess, judged upward only)
         self._rules = {
@@ -180,9 +185,13 @@ class StrikeDetector:
             return PluginResult()  # a repeated summary
         state["judged_step"] = event.step
         s = self.settings
-        on_rates: dict[str, list[float]] = state.setdefault("on_rate", {})
+        # each site's (rows, unit_on) at the last step that was not a strike
+        on_counts: dict[str, list[Any]] = state.setdefault("on_count", {})
         rates = {site.site: on_rates_of(site) for site in event.sites}
-        values = step_values(event, on_rates, rates)
+        previous = {
+            name: self._rates_of(context.run_id, name, stored) for name, stored in on_counts.items()
+        }
+        values = step_values(event, previous, rates)
         baselines: dict[str, list[float]] = state.setdefault("baseline", {})
         exceeded = self._exceeded(event.step, values, baselines)
         last = state.get("last_strike")
@@ -192,10 +201,28 @@ class StrikeDetector:
             return PluginResult(alerts=[self._alert(event, exceeded)])
         for key, x in values.items():
             baselines[key] = push(baselines.get(key, []), x, s.window)
-        for name, site_rates in rates.items():
+        for site in event.sites:
+            site_rates = rates[site.site]
             if site_rates is not None:
-                on_rates[name] = site_rates.tolist()
+                on_counts[site.site] = stored = [site.rows, site.unit_on]
+                self._arrays[site.site] = (stored, site_rates)
         return PluginResult()
+
+    def _rates_of(self, run_id: str, site: str, stored: list[Any]) -> np.ndarray:
+        """The on-rates of a stored (rows, unit_on); the array made at that step if it is kept.
+
+        Converting a 512-unit site's list to an array took 20-30 us, most of this plugin's time
+        on an MLP 3072-512x3, and the step that stored the counts has just made it. Only the
+        last run's arrays are kept, each with the very list it was made from: a state read back
+        from the database (another list) is converted again, to the same values.
+        """
+        if run_id != self._arrays_run:
+            self._arrays_run, self._arrays = run_id, {}
+        kept = self._arrays.get(site)
+        if kept is not None and kept[0] is stored:
+            return kept[1]
+        rows, unit_on = stored
+        return np.asarray(unit_on, dtype=np.float64) / rows
 
     def _exceeded(
         self, step: int, values: Mapping[str, float], baselines: Mapping[str, list[float]]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from typing import Any
 
 import numpy as np
 import pytest
@@ -526,6 +528,27 @@ def test_loss_jump_and_on_rate_shift_are_strikes() -> None:
         shifted.sites[i] = site("abc"[i], 64, [60] * 4 + [2] * 4, wobble(54), 4.0 * wobble(54))
     alerts = strike_alerts([*steps, loss, clean_step(52), clean_step(53), shifted])
     assert [(a.step, a.evidence["signal"]) for a in alerts] == [(50, "loss"), (54, "shift")]
+
+
+def test_a_shift_judged_from_a_state_read_back_equals_the_kept_arrays() -> None:
+    # The service reads each run's state back from the database (new lists every event); the
+    # embedded host keeps it in memory, where the detector reuses the on-rate arrays it made.
+    steps = [clean_step(s) for s in range(50)]
+    shifted = clean_step(50)
+    for i in range(3):
+        shifted.sites[i] = site("abc"[i], 64, [60] * 4 + [2] * 4, wobble(50), 4.0 * wobble(50))
+    steps += [shifted, *(clean_step(s) for s in range(51, 60))]
+    kept, read_back = StrikeDetector(), StrikeDetector()
+    kept_state: dict[str, Any] = {}
+    read_state: dict[str, Any] = {}
+    kept_alerts, read_alerts = [], []
+    for event in steps:
+        kept_alerts += kept.process(event, CTX, kept_state, {}).alerts
+        read_state = json.loads(json.dumps(read_state))  # as the store keeps it: JSON
+        read_alerts += read_back.process(event, CTX, read_state, {}).alerts
+    assert [(a.step, a.evidence["signal"]) for a in kept_alerts] == [(50, "shift")]
+    assert [a.model_dump() for a in read_alerts] == [a.model_dump() for a in kept_alerts]
+    assert read_state == json.loads(json.dumps(kept_state))
 
 
 def test_healthy_noise_before_and_after_warm_up_is_quiet() -> None:
