@@ -1,76 +1,45 @@
-"""When to load the compiled CPU kernels (``cpu_kernels``): once they have paid for themselves.
+"""When to load the compiled CPU kernels (``cpu_kernels``): when it costs nothing, or has paid.
 
 Importing numba and loading the kernels from its disk cache costs about 0.9 s of CPU (measured
 on a 2-core machine: 0.37 s for the import, 0.5 s for numba's first dispatch, half of that
-scipy.linalg, which numba imports to look for a BLAS). Loaded on the first captured step, that
-second was most of what a 10-second ResNet-20 or MLP 3072 run paid for its monitor, and loaded
-on a thread of its own it made training's steps queue for the GIL behind numba's Python (a
+scipy.linalg, which numba imports to look for a BLAS). Loaded on the first captured step, as
+apmon did, that second was most of what a 10-second ResNet-20 run paid for its monitor. Loaded
+on a thread of its own, it made training's steps queue for the GIL behind numba's Python (a
 ResNet-20 run measured slower that way, not faster).
 
-So it is rent or buy. Until the kernels are loaded, ``summary`` computes the same statistics
-with torch operations, which take 2-5x the kernels' time (per captured step, one thread:
-ResNet-20 17 vs 10 ms, MLP 3072 0.36 vs 0.12 ms, digits CNN 0.38 vs 0.13 ms, MLP 32-128-128-64
-0.25 vs 0.05 ms), and charges the seconds they took (``charge``). Once those add up to
-``LOAD_SECONDS``, the kernels are loaded on the thread that charged the last of it. A short run
-never pays for the loading; a run of any length pays at most about twice what loading at its
-start would have cost. Renting is for the runs where the torch operations are a small share
-of the time (ResNet-20 1.8% of a step, MLP 3072 1.4%); where they take more than
-``LOAD_SHARE`` of the time that has passed since ``SHARE_AFTER`` seconds after the first charge
-(the first second holds the run's first step, which counts patterns in full, a cost the run
-does not pay again), for at least ``SHARE_WINDOW`` seconds, the kernels are loaded at once
-(the small MLP's 24%, the digits CNN's 6.4%).
+Until the kernels are loaded, ``summary`` computes the same statistics with torch operations,
+which take 2-5x the kernels' time (per captured step, one thread: ResNet-20 17 vs 10 ms, MLP
+3072 0.36 vs 0.12 ms, digits CNN 0.38 vs 0.13 ms, MLP 32-128-128-64 0.25 vs 0.05 ms), and
+charges the seconds they took (``charge``). The kernels are loaded
+
+- when the training thread is about to wait for the embedded host anyway: the host is
+  ``BEHIND_MARKS`` or more steps behind (catching up after its start, as it does on small
+  models), and ``Monitor`` loads them before it waits, in time the step would have spent
+  waiting. Measured, a load deferred past the host's start cost a small MLP's and an MLP
+  3072's runs more than loading at once;
+- else once the torch operations' seconds add up to ``LOAD_SECONDS`` (rent or buy): a short
+  run of a large model never pays for the loading, and a run of any length pays at most about
+  twice what loading at its start would have cost.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from types import ModuleType
-
-from monitor.client.budget import DEFAULT_CAPTURE_BUDGET
 
 logger = logging.getLogger(__name__)
 
 # The loading's measured cost (see above): the torch operations' seconds that buy the kernels.
 LOAD_SECONDS = 1.0
-# The share of the time above which the torch operations are not rented (``watch()``'s capture
-# budget), and when and for how long it is measured.
-LOAD_SHARE = DEFAULT_CAPTURE_BUDGET
-SHARE_AFTER = 1.0
-SHARE_WINDOW = 0.5
+# Steps the host is behind when the training thread starts to wait for it: a backlog that takes
+# the host longer than the loading (its events cost it 0.6-10 ms each), not a moment's lag.
+BEHIND_MARKS = 64
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
 _failed = False
-
-
-class _Rent:
-    """What the torch operations have cost so far, in all and in the window after SHARE_AFTER."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.first: float | None = None  # when the first charge came
-        self.window_start: float | None = None
-        self.window_total = 0.0
-
-    def add(self, seconds: float, now: float) -> bool:
-        """Charge ``seconds`` ending at ``now``; whether the kernels have paid off."""
-        self.total += seconds
-        if self.first is None:
-            self.first = now
-        if now - self.first < SHARE_AFTER:
-            return self.total >= LOAD_SECONDS
-        if self.window_start is None:
-            self.window_start = now
-            return self.total >= LOAD_SECONDS
-        self.window_total += seconds
-        window = now - self.window_start
-        expensive = window >= SHARE_WINDOW and self.window_total > LOAD_SHARE * window
-        return expensive or self.total >= LOAD_SECONDS
-
-
-_rent = _Rent()
+_charged = 0.0
 
 
 def kernels() -> ModuleType | None:
@@ -78,13 +47,11 @@ def kernels() -> ModuleType | None:
     return _loaded
 
 
-def charge(seconds: float, now: float | None = None) -> None:
-    """Add seconds of torch operations that the kernels would have done; loads them if they paid.
-
-    ``now``: when those seconds ended (a ``time.perf_counter()`` reading; default: now).
-    """
-    paid = _rent.add(seconds, time.perf_counter() if now is None else now)
-    if paid and _loaded is None and not _failed:
+def charge(seconds: float) -> None:
+    """Add seconds of torch operations that the kernels would have done (loads at LOAD_SECONDS)."""
+    global _charged
+    _charged += seconds
+    if _charged >= LOAD_SECONDS and _loaded is None and not _failed:
         load_kernels()
 
 
