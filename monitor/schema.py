@@ -399,24 +399,6 @@ class MeasureValue(WireModel):
             raise ValueError("measure values must be finite")
         return value
 
-    @classmethod
-    def of(
-        cls,
-        name: str,
-        value: float,
-        site: str | None = None,
-        source: SummarySource | ProbeKind = "train",
-    ) -> MeasureValue:
-        """A measure a plugin computed; only its value is checked (finite, else ValueError).
-
-        Plugins build thousands of measures per second in the host; pydantic's validation of
-        each cost a few microseconds (the host's plugins ran ~200 us per small-MLP step).
-        """
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"measure values must be finite, {name} is {value}")
-        return cls.trusted(name=name, value=value, site=site, source=source)
-
 
 class FitValue(WireModel):
     """Transition-model fit of one sweep: D(eta) ~ Phi((ln eta - mu) / sigma)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from monitor.client.summary import measure, measure_scale, to_wire
-from monitor.schema import MeasureValue, SiteSummary, StepSummary
+from monitor.schema import SiteSummary, StepSummary
 
 
 def site_values() -> dict[str, Any]:
@@ -60,16 +60,3 @@ def test_to_wire_builds_valid_summaries_of_both_kinds() -> None:
     for stats in (measure(x, "dense"), measure_scale(x, "dense")):
         wire = to_wire("fc#0", stats)
         assert SiteSummary.model_validate(wire.model_dump()) == wire
-
-
-def test_a_plugin_measure_equals_the_validated_one_and_must_be_finite() -> None:
-    for site, source in [(None, "train"), ("fc1", "probe_set"), ("fc2", "apt")]:
-        built = MeasureValue.of("dead", 3, site, source)
-        validated = MeasureValue(name="dead", value=3.0, site=site, source=source)
-        assert built == validated and built.model_dump() == validated.model_dump()
-        assert type(built.value) is float
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(ValueError, match="finite"):
-            MeasureValue.of("dead", bad)
-        with pytest.raises(ValueError, match="finite"):
-            MeasureValue(name="dead", value=bad)
