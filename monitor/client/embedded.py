@@ -144,10 +144,6 @@ class EmbeddedTransport:
                 self._receive()
         self.waited_seconds += time.perf_counter() - begin
 
-    def behind(self) -> int:
-        """Marks the host has not answered yet (0 before it started: no one waits for it then)."""
-        return self._marks_sent - self._marks_seen if self._started and not self._dead else 0
-
     def poll_alerts(self) -> list[AlertValue]:
         """Alerts that arrived since the last call."""
         self._flush()

@@ -12,11 +12,12 @@ which take 2-5x the kernels' time (per captured step, one thread: ResNet-20 17 v
 3072 0.36 vs 0.12 ms, digits CNN 0.38 vs 0.13 ms, MLP 32-128-128-64 0.25 vs 0.05 ms), and
 charges the seconds they took (``charge``). The kernels are loaded
 
-- when the training thread is about to wait for the embedded host anyway: the host is
-  ``BEHIND_MARKS`` or more steps behind (catching up after its start, as it does on small
-  models), and ``Monitor`` loads them before it waits, in time the step would have spent
-  waiting. Measured, a load deferred past the host's start cost a small MLP's and an MLP
-  3072's runs more than loading at once;
+- once the training thread has waited ``WAITED_SECONDS`` in all for the embedded host (a small
+  model's steps wait while the host catches up after its start, and whenever it is slower than
+  training): such a run has the time to spare, and the host works through its backlog while
+  the kernels load. A first rule, loading as soon as the host was 64 steps behind, fired on an
+  MLP 3072 whose steps waited 0.04 s in the whole run (its job's CPU per step rose by 2.4 ms
+  against the capture path alone);
 - else once the torch operations' seconds add up to ``LOAD_SECONDS`` (rent or buy): a short
   run of a large model never pays for the loading, and a run of any length pays at most about
   twice what loading at its start would have cost.
@@ -32,9 +33,8 @@ logger = logging.getLogger(__name__)
 
 # The loading's measured cost (see above): the torch operations' seconds that buy the kernels.
 LOAD_SECONDS = 1.0
-# Steps the host is behind when the training thread starts to wait for it: a backlog that takes
-# the host longer than the loading (its events cost it 0.6-10 ms each), not a moment's lag.
-BEHIND_MARKS = 64
+# Seconds the training thread has waited for its host when the kernels are loaded (see above).
+WAITED_SECONDS = 0.5
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
