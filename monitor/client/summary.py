@@ -239,7 +239,8 @@ def measure_scale(x: torch.Tensor, kind: SiteKind) -> SiteStats:
     if x.dim() == 1:
         x = x.reshape(1, -1)
     unit_dim = unit_dim_of(kind)
-    kernel_input = x.is_cpu and x.dtype in _KERNEL_DTYPES  # is_cpu: a tenth of device.type's
+    # is_cpu: a tenth of device.type's cost
+    kernel_input = x.is_cpu and x.dtype in _KERNEL_DTYPES
     if kernel_input and kernels() is not None:
         return _scale_with_kernels(x, unit_dim)
     began = time.perf_counter()
