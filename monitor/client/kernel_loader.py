@@ -8,8 +8,9 @@ on a thread of its own, it made training's steps queue for the GIL behind numba'
 ResNet-20 run measured slower that way, not faster).
 
 Until the kernels are loaded, ``summary`` computes the same statistics with torch operations,
-which take 2-5x the kernels' time (per captured step, one thread: ResNet-20 17 vs 10 ms, MLP
-3072 0.36 vs 0.12 ms, digits CNN 0.38 vs 0.13 ms, MLP 32-128-128-64 0.25 vs 0.05 ms), and
+which take 1.4-5x the kernels' time (scale-only statistics per captured step, one thread:
+ResNet-20 14 vs 10 ms, MLP 3072 0.31 vs 0.12 ms, digits CNN 0.36 vs 0.13 ms, MLP 32-128-128-64
+0.24 vs 0.05 ms), and
 charges the seconds they took (``charge``). The kernels are loaded
 
 - once the training thread has waited ``WAITED_SECONDS`` in all for the embedded host (a small
