@@ -287,13 +287,22 @@ def _host_peak_rss_mb(transport: Any) -> float:
     return 0.0
 
 
-def spawn(args: list[str]) -> dict[str, Any]:
-    """Run one worker process; its JSON figures."""
+def spawn(args: list[str], checkout: Path | None = None) -> dict[str, Any]:
+    """Run one worker process; its JSON figures.
+
+    ``checkout``: another apmon checkout whose ``e2e.py`` and package the worker runs
+    (``e2e_ab.py``); default this one.
+    """
+    script, env = __file__, None
+    if checkout is not None:
+        script = str(checkout / "benchmarks" / "e2e.py")
+        env = {**os.environ, "PYTHONPATH": str(checkout)}
     done = subprocess.run(
-        [sys.executable, __file__, "--worker", *args],
+        [sys.executable, script, "--worker", *args],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     if done.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{done.stderr[-3000:]}")

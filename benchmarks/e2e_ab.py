@@ -13,34 +13,14 @@ version's median whole-run ratio to plain with every round's figure.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from e2e import MODELS  # noqa: E402
-
-
-def worker(checkout: Path, mode: str, args: argparse.Namespace, folder: str) -> dict[str, Any]:
-    """One e2e.py worker process of ``checkout`` (its own monitor package first on the path)."""
-    command = [sys.executable, str(checkout / "benchmarks" / "e2e.py"), "--worker"]
-    command += [args.model, mode, str(args.threads), str(args.steps), folder]
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(checkout)},
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{checkout} {mode} failed:\n{done.stderr[-3000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+from e2e import MODELS, prepare_stores, spawn  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     versions = {"baseline": args.baseline.resolve(), "current": HERE.parent}
     totals: dict[str, list[float]] = {"plain": [], "baseline": [], "current": []}
     with tempfile.TemporaryDirectory(prefix="apmon-e2e-ab-") as folder:
-        worker(HERE.parent, "defaults", argparse.Namespace(**{**vars(args), "steps": 20}), folder)
+        prepare_stores(Path(folder))
         for round_no in range(args.rounds):
             order = ["plain", "baseline", "current"]
             for name in order if round_no % 2 == 0 else order[::-1]:
                 checkout = versions.get(name, HERE.parent)
                 mode = "plain" if name == "plain" else "defaults"
-                totals[name].append(worker(checkout, mode, args, folder)["total_s"])
+                run = [args.model, mode, str(args.threads), str(args.steps), folder]
+                totals[name].append(spawn(run, checkout)["total_s"])
             figures = ", ".join(f"{name} {values[-1]:.2f} s" for name, values in totals.items())
             print(f"round {round_no + 1}/{args.rounds}: {figures}", flush=True)
     for name in ("baseline", "current"):

@@ -188,9 +188,9 @@ class StrikeDetector:
         # each site's (rows, unit_on) at the last step that was not a strike
         on_counts: dict[str, list[Any]] = state.setdefault("on_count", {})
         rates = {site.site: on_rates_of(site) for site in event.sites}
-        previous = {
-            name: self._rates_of(context.run_id, name, stored) for name, stored in on_counts.items()
-        }
+        if context.run_id != self._arrays_run:  # see ``_rates_of``
+            self._arrays_run, self._arrays = context.run_id, {}
+        previous = {name: self._rates_of(name, stored) for name, stored in on_counts.items()}
         values = step_values(event, previous, rates)
         baselines: dict[str, list[float]] = state.setdefault("baseline", {})
         exceeded = self._exceeded(event.step, values, baselines)
@@ -208,16 +208,15 @@ class StrikeDetector:
                 self._arrays[site.site] = (stored, site_rates)
         return PluginResult()
 
-    def _rates_of(self, run_id: str, site: str, stored: list[Any]) -> np.ndarray:
+    def _rates_of(self, site: str, stored: list[Any]) -> np.ndarray:
         """The on-rates of a stored (rows, unit_on); the array made at that step if it is kept.
 
         Converting a 512-unit site's list to an array took 20-30 us, most of this plugin's time
         on an MLP 3072-512x3, and the step that stored the counts has just made it. Only the
-        last run's arrays are kept, each with the very list it was made from: a state read back
-        from the database (another list) is converted again, to the same values.
+        arrays of the run judged last are kept (``process`` drops them when another run comes),
+        each with the very list it was made from: a state read back from the database (another
+        list) is converted again, to the same values.
         """
-        if run_id != self._arrays_run:
-            self._arrays_run, self._arrays = run_id, {}
         kept = self._arrays.get(site)
         if kept is not None and kept[0] is stored:
             return kept[1]

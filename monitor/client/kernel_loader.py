@@ -10,8 +10,7 @@ ResNet-20 run measured slower that way, not faster).
 Until the kernels are loaded, ``summary`` computes the same statistics with torch operations,
 which take 1.4-5x the kernels' time (scale-only statistics per captured step, one thread:
 ResNet-20 14 vs 10 ms, MLP 3072 0.31 vs 0.12 ms, digits CNN 0.36 vs 0.13 ms, MLP 32-128-128-64
-0.24 vs 0.05 ms), and
-charges the seconds they took (``charge``). The kernels are loaded
+0.24 vs 0.05 ms), and charges the seconds they took (``charge``). The kernels are loaded
 
 - once the training thread has waited ``WAITED_SECONDS`` in all for the embedded host (a small
   model's steps wait while the host catches up after its start, and whenever it is slower than
