@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from driver import Received, Result, signal_of, train
+from driver import Received, Result, diverged_at, signal_of, train
 from families import HALVES, RunSpec, quick_suite, suite
 from score import score_all
 
@@ -111,7 +111,12 @@ def replay(folder: Path, log: Any) -> list[Result]:
 def line(result: Result) -> str:
     """One run's outcome in a line."""
     alerts = [f"{a.kind[:3]}@{a.step}>{a.at}:{a.signal}" for a in result.received][:6]
-    return f"{result.spec.key:58s} {len(result.losses):4d} steps {result.seconds:5.1f}s {alerts}"
+    end = diverged_at(result.losses, result.classes, result.spec.corrupt)
+    truth = "" if end is None else f" diverged@{end}"
+    return (
+        f"{result.spec.key:58s} {len(result.losses):4d} steps {result.seconds:5.1f}s"
+        f"{truth} {alerts}"
+    )
 
 
 def tables(figures: dict[str, dict[str, Any]]) -> str:
@@ -147,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         "--half",
         choices=[*HALVES, "both"],
         default="both",
-        help="which runs: a half, or both (tune and held; 'fresh', 'fourth' only when asked for)",
+        help=(
+            "which runs: a half, or both (tune and held; 'fresh', 'fourth', 'fifth' only when "
+            "asked for)"
+        ),
     )
     parser.add_argument("--quick", action="store_true", help="the CI subset")
     parser.add_argument("--jobs", type=int, default=2)
