@@ -67,6 +67,16 @@ class DivergenceSettings:
     residual net under SGD: the rate 6x its median, the loss out of its 30-step band); a warm-up
     never holds its rate (the derivation above), and the band itself is unchanged (the last
     ``loss_window`` steps, whatever their rate).
+    **Above the held rate** (since 4.5, both heat rules): the rate must also be more than 1.5x
+    the highest rate the run has *held*, a steady rate (as above) at most 1.5x the median rate
+    of its own window, over the whole run. A warm restart (torch's
+    ``CosineAnnealingWarmRestarts``: cosine down to near 0, back to the base rate) lifts the
+    rate 4x over its median after the run has trained steadily in the cosine's tail, and both
+    the patterns (z follows the rate on a fixed transition) and the loss (a restart knocks it
+    up) follow: 4.4 false-alarmed on 16 of the 20 such runs of the five scenario sets
+    (``sgdr``). The restart only returns to a rate the run trained at, calmly, before; a
+    divergence's ramp or jump leaves every held rate behind. The 1.5x is the calm range that
+    the reference probes already use, not a new threshold.
     **hot** (APT probes), the APT change fraction D
     averaged over sites at least ``hot_d`` (temperature T = -ln(1 - D) >= 1.6) on ``hot_for``
     consecutive probes; **climb**, the median
@@ -167,7 +177,7 @@ class DivergenceDetector:
     """
 
     name = "divergence"
-    version = "4.4"
+    version = "4.5"
     requires: tuple[str, ...] = ("transition_fit", "strikes")
 
     def __init__(self, settings: DivergenceSettings | None = None) -> None:
@@ -196,6 +206,9 @@ class DivergenceDetector:
                         state["steady_rates"] = push(
                             state.get("steady_rates", []), rate, HEAT_HISTORY
                         )
+                        held = state.get("held_rate", 0.0)
+                        if held < rate <= HEAT_CALM * statistics.median(state["rates"]):
+                            state["held_rate"] = rate
                 state["recent_rates"] = push(state.get("recent_rates", []), rate, s.heat_steady)
             struck = upstream.get("strikes")
             if struck is not None and any(a.kind == "bad_batch" for a in struck.alerts):
@@ -280,6 +293,8 @@ class DivergenceDetector:
         ratio = event.lr / reference_rate
         if ratio < s.heat_rate or now - reference < s.heat_rise or state.get("heated"):
             return PluginResult()
+        if not self._above_held(event.lr, state):
+            return PluginResult()
         state["heated"] = True
         return self._warning(
             event.step,
@@ -294,6 +309,11 @@ class DivergenceDetector:
                 "threshold": s.heat_rise,
             },
         )
+
+    @staticmethod
+    def _above_held(rate: float, state: dict[str, Any]) -> bool:
+        """Whether ``rate`` is above 1.5x every rate the run has held (see the settings, 4.5)."""
+        return rate > HEAT_CALM * state.get("held_rate", math.inf)
 
     def _steady(self, rate: float, state: dict[str, Any]) -> bool:
         """Whether ``rate`` is at most 1.5x the lowest rate of the last ``heat_steady`` steps."""
@@ -322,6 +342,8 @@ class DivergenceDetector:
         calm = [r for r in state.get("steady_rates", []) if r <= HEAT_CALM * median_rate]
         if len(calm) < s.loss_warmup:
             return PluginResult()  # never trained at a steady, calm rate: a warm-up
+        if not self._above_held(rate, state):
+            return PluginResult()  # back at a rate it trained at: a warm restart
         centre, mad = median_mad(history)
         excess = (ln_loss - centre) / max(mad, s.loss_floor)
         if excess < s.loss_heat:

@@ -173,7 +173,10 @@ def schedule(name: str, steps: int = STEPS) -> Schedule:
     0.08 to 2 base over the first 30%, then cosine down to ~0), ``warmup_exp`` (an exponential
     warm-up, x1.05 per step from 0.01 base to the base rate at step 95: the one healthy
     schedule whose rate passes 3x its median since step 20, as the heat rules' rate condition
-    asks, from step 66 to step 121, up to 6x).
+    asks, from step 66 to step 121, up to 6x), ``sgdr`` (since 2026-12-03: torch's
+    ``CosineAnnealingWarmRestarts`` shape with ``T_0`` = 150 steps, cosine from the base rate to
+    0, then back to the base rate at step 150: the one healthy schedule whose rate passes 3x its
+    median after the run has trained at a steady rate, up to about 4x from step 150 to 175).
     """
     if name == "jump":
         return lambda s: 1.0 if s < 80 else 10.0 * 1.02 ** (s - 80)
@@ -189,6 +192,8 @@ def schedule(name: str, steps: int = STEPS) -> Schedule:
         return lambda s: (s + 1) / 40 if s < 40 else cosine(s - 40, steps)
     if name == "warmup_exp":
         return lambda s: min(1.0, 0.01 * 1.05**s)
+    if name == "sgdr":
+        return lambda s: cosine(s % 150, 150)
     if name == "step_decay":
         return lambda s: 0.3 ** (s // 100)
     if name == "one_cycle":
@@ -204,7 +209,7 @@ def schedule(name: str, steps: int = STEPS) -> Schedule:
 
 
 DIVERGING = ("jump", "exp_fast", "exp_slow", "linear")
-HEALTHY = ("constant", "warmup_cosine", "step_decay", "one_cycle", "warmup_exp")
+HEALTHY = ("constant", "warmup_cosine", "step_decay", "one_cycle", "warmup_exp", "sgdr")
 
 
 # -- corruptions ---------------------------------------------------------------------------------
@@ -315,7 +320,7 @@ HALVES = tuple(COMBOS)
 
 
 def suite(half: str) -> list[RunSpec]:
-    """The runs of one half: per combination 4 diverging, 5 healthy and 2 bad-batch runs."""
+    """The runs of one half: per combination 4 diverging, 6 healthy and 2 bad-batch runs."""
     seed = SEEDS[half]
     specs: list[RunSpec] = []
     for model, data, optimizer in COMBOS[half]:
