@@ -33,8 +33,6 @@ CATCH_UP = 2
 # working, not a service that may be away: the HTTP transport's finish_timeout_seconds is not it).
 FINISH_SECONDS = 600.0
 IOV_FRAMES = 64  # frames per writev (Linux takes up to 1024)
-# Marks cleared while training waited before their pace estimates the host's (``backlog_seconds``).
-PACE_MARKS = 8
 
 
 class EmbeddedTransport:
@@ -54,7 +52,6 @@ class EmbeddedTransport:
         self.failures = 0
         self.dropped = 0
         self.waited_seconds = 0.0
-        self.waited_marks = 0  # marks the host answered while training waited for them
         self.late_marks = 0
         self._alerts: list[AlertValue] = []
         self._reader = FrameReader()
@@ -126,7 +123,6 @@ class EmbeddedTransport:
                 return
             self._waiting = True  # it moves again
         target = min(mark, self._marks_seen + CATCH_UP)
-        seen_before = self._marks_seen
         begin = time.perf_counter()
         deadline = begin + self.settings.alert_wait_seconds
         while self._marks_seen < target and not self._dead:
@@ -147,18 +143,6 @@ class EmbeddedTransport:
             if readable:
                 self._receive()
         self.waited_seconds += time.perf_counter() - begin
-        self.waited_marks += self._marks_seen - seen_before
-
-    def backlog_seconds(self) -> float:
-        """Seconds the host needs for the marks it has not answered yet.
-
-        At the pace it kept while training waited for it (seconds waited per mark answered
-        meanwhile); 0 until ``PACE_MARKS`` marks have been answered that way.
-        """
-        if self.waited_marks < PACE_MARKS:
-            return 0.0
-        behind = self._marks_sent - self._marks_seen
-        return behind * self.waited_seconds / self.waited_marks
 
     def poll_alerts(self) -> list[AlertValue]:
         """Alerts that arrived since the last call."""

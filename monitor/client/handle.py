@@ -23,14 +23,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from monitor.client import kernel_loader
 from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber, RateTriggered, reference_lr
 from monitor.client.budget import DEFAULT_CAPTURE_BUDGET, CaptureBudget
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
 from monitor.client.input_stats import InputStats, as_scalars, gather_ranks
-from monitor.client.kernel_loader import kernels, load_kernels
+from monitor.client.kernel_loader import WAITED_SECONDS, kernels, load_kernels
 from monitor.client.mlflow_link import learning_rates, link_mlflow_run, run_origin
 from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
@@ -591,11 +590,6 @@ class Monitor:
             logger.exception("apmon could not send step %d's summary", self.step)
         self._own += time.perf_counter() - began
 
-    def _backlog_seconds(self) -> float:
-        """The host's backlog in seconds (the embedded transport's estimate; 0 for the others)."""
-        backlog = getattr(self.transport, "backlog_seconds", None)
-        return float(backlog()) if backlog is not None else 0.0
-
     def _deliver_alerts(self) -> None:
         """At the end of a step: wait for the previous step's mark, then hand alerts over.
 
@@ -618,8 +612,9 @@ class Monitor:
                     self._wait_for_mark(target)
                 except Exception:
                     logger.exception("apmon could not wait for its host")
-            if kernels() is None and self._backlog_seconds() >= kernel_loader.BACKLOG_SECONDS:
-                load_kernels()  # the host has that much to catch up on meanwhile (kernel_loader)
+            waited = getattr(self.transport, "waited_seconds", 0.0)
+            if waited >= WAITED_SECONDS and kernels() is None:
+                load_kernels()  # a run whose steps wait for its host has the time (kernel_loader)
         alerts = sorted(self.transport.poll_alerts(), key=lambda alert: alert.step)
         self.alerts.extend(alerts)
         if self.on_alert is not None:

@@ -12,16 +12,12 @@ which take 1.4-5x the kernels' time (scale-only statistics per captured step, on
 ResNet-20 14 vs 10 ms, MLP 3072 0.31 vs 0.12 ms, digits CNN 0.36 vs 0.13 ms, MLP 32-128-128-64
 0.24 vs 0.05 ms), and charges the seconds they took (``charge``). The kernels are loaded
 
-- once the embedded host has ``BACKLOG_SECONDS`` of work left before it has caught up with
-  training (its unanswered marks at the pace it kept while training waited for it;
-  ``EmbeddedTransport.backlog_seconds``): a small model runs hundreds of steps before the host
-  has started, then waits while the host works through them. Loaded then, at least half of the
-  loading's second overlaps with work the host does anyway, on the other core. Two earlier
-  rules fired at the wrong time: as soon as the host was 64 steps behind, on an MLP 3072 whose
-  steps waited 0.04 s in the whole run (its job's CPU per step rose by 2.4 ms against the
-  capture path alone); once training had waited 0.5 s in all, on a small MLP 5 s into its run,
-  long after the host had caught up (its steps had waited 0.36 s while it caught up, then
-  a few milliseconds a second), so nothing overlapped the loading;
+- once the training thread has waited ``WAITED_SECONDS`` in all for the embedded host (a small
+  model's steps wait while the host catches up after its start, and whenever it is slower than
+  training): such a run has the time to spare, and the host works through its backlog while
+  the kernels load. A first rule, loading as soon as the host was 64 steps behind, fired on an
+  MLP 3072 whose steps waited 0.04 s in the whole run (its job's CPU per step rose by 2.4 ms
+  against the capture path alone);
 - else once the torch operations' seconds add up to ``LOAD_SECONDS`` (rent or buy): a short
   run of a large model never pays for the loading, and a run of any length pays at most about
   twice what loading at its start would have cost.
@@ -37,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 # The loading's measured cost (see above): the torch operations' seconds that buy the kernels.
 LOAD_SECONDS = 1.0
-# The host's backlog, in seconds, that loads the kernels (see above): half the loading's cost.
-BACKLOG_SECONDS = 0.45
+# Seconds the training thread has waited for its host when the kernels are loaded (see above).
+WAITED_SECONDS = 0.5
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
