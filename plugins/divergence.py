@@ -308,6 +308,7 @@ class DivergenceDetector:
                 "reference_z": reference,
                 "D": d,
                 "lr_ratio": ratio,
+                "held_rate": state["held_rate"],
                 "threshold": s.heat_rise,
             },
         )
@@ -361,6 +362,7 @@ class DivergenceDetector:
                 "median_loss": math.exp(centre),
                 "excess": excess,
                 "lr_ratio": ratio,
+                "held_rate": state["held_rate"],
                 "threshold": s.loss_heat,
             },
         )

@@ -301,6 +301,9 @@ def test_heat_alerts_when_the_rate_ramps_and_the_patterns_follow() -> None:
     (alert,) = alerts
     assert alert.severity == "warning" and alert.evidence["lr_ratio"] >= 3
     assert alert.evidence["z"] - alert.evidence["reference_z"] >= 0.5
+    # the highest rate held: the base rate, before the ramp's steady first steps
+    assert 0.1 <= alert.evidence["held_rate"] < 0.15
+    assert alert.evidence["held_rate"] == brute_held_rate(rates, alert.step)
 
 
 def test_heat_alerts_on_a_jumps_own_probe_with_two_calm_probes_before_it() -> None:
