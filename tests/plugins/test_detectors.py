@@ -263,7 +263,7 @@ def brute_held_rate(rates: list[float], end: int) -> float:
     return max(held, default=math.inf)
 
 
-def brute_heat(rates: list[float], probes: dict[int, float]) -> int | None:
+def brute_heat(rates: list[float], probes: dict[int, float], held: bool = True) -> int | None:
     """The rule by hand: at a probe after step 20, the rate over the median of the rates of the
     last 100 steps from step 20 (summaries seen so far: steps before the probe's), the median
     z = Phi^-1(D) of the last two probes against that of the earlier probes after step 20 at no
@@ -284,7 +284,8 @@ def brute_heat(rates: list[float], probes: dict[int, float]) -> int | None:
         if len(calm) < 2 or len(seen) < 2:
             continue
         now = statistics.median(z for _, _, z, _ in seen[-2:])
-        rose = rates[step] >= 3 * median and rates[step] > 1.5 * brute_held_rate(rates, step)
+        above = not held or rates[step] > 1.5 * brute_held_rate(rates, step)
+        rose = rates[step] >= 3 * median and above
         if rose and now - statistics.median(calm) >= 0.5:
             return step
     return None
@@ -429,6 +430,22 @@ def test_heat_takes_no_warm_restart_to_a_rate_the_run_held() -> None:
     assert [a.step for a in heat_alerts(higher, d)] == [expected]
 
 
+def test_heat_randomised_warm_restarts_against_brute_force() -> None:
+    # Restarts after 60-110 steps to 0.8-2x the first peak, probes at random: the held-rate
+    # condition decides some of them (the rule without it alerts where the rule does not).
+    rng = np.random.default_rng(11)
+    blocked = alerted = 0
+    for _ in range(40):
+        rates = warm_restarts(int(rng.integers(60, 110)), 170, float(rng.uniform(0.8, 2.0)))
+        steps = sorted({int(s) for s in rng.choice(170, size=60, replace=False)})
+        d = {s: float(rng.uniform(0.0, 1.0)) for s in steps}
+        expected = brute_heat(rates, d)
+        assert [a.step for a in heat_alerts(rates, d)] == ([] if expected is None else [expected])
+        alerted += expected is not None
+        blocked += expected is None and brute_heat(rates, d, held=False) is not None
+    assert alerted >= 3 and blocked >= 3  # both outcomes, and the condition, are exercised
+
+
 # -- divergence: the "loss heat" rule (the loss out of its band while the rate rose) -------------
 
 
@@ -447,7 +464,7 @@ def loss_heat_alerts(rates: list[float], losses: list[float]) -> list[int]:
     return steps
 
 
-def brute_loss_heat(rates: list[float], losses: list[float]) -> int | None:
+def brute_loss_heat(rates: list[float], losses: list[float], held: bool = True) -> int | None:
     """The rule by hand: from step 20, the step's rate at least 3x the median of the rates of
     steps 20..t (the last 100), ln(loss) at least 2 scaled MADs (floor 0.05) above the median
     of the ln losses of the (at most 30) steps before it, once there are 10 of them, and at
@@ -463,7 +480,8 @@ def brute_loss_heat(rates: list[float], losses: list[float]) -> int | None:
         median = statistics.median(rates[20 : t + 1][-100:])
         steady = [u for u in range(20, t + 1) if rates[u] <= 1.5 * min(rates[u - 20 : u])][-64:]
         calm = [u for u in steady if rates[u] <= 1.5 * median]
-        rose = rates[t] >= 3 * median and rates[t] > 1.5 * brute_held_rate(rates, t + 1)
+        above = not held or rates[t] > 1.5 * brute_held_rate(rates, t + 1)
+        rose = rates[t] >= 3 * median and above
         if rose and excess >= 2 and len(calm) >= 10:
             return t
     return None
@@ -515,6 +533,22 @@ def test_loss_heat_takes_no_warm_restart_to_a_rate_the_run_held() -> None:
     assert brute_loss_heat(rates, losses) is None and loss_heat_alerts(rates, losses) == []
     higher = warm_restarts(150, 250, peak=2.0)
     assert loss_heat_alerts(higher, losses) == [152] == [brute_loss_heat(higher, losses)]
+
+
+def test_loss_heat_randomised_warm_restarts_against_brute_force() -> None:
+    rng = np.random.default_rng(13)
+    blocked = alerted = 0
+    for _ in range(40):
+        period = int(rng.integers(60, 110))
+        rates = warm_restarts(period, 170, float(rng.uniform(0.8, 2.0)))
+        losses = [float(x) for x in np.exp(rng.normal(-1.0, 0.1, 170))]
+        knock = period + int(rng.integers(0, 15))
+        losses[knock : knock + 5] = [2.0] * 5  # the restart knocks the loss up
+        expected = brute_loss_heat(rates, losses)
+        assert loss_heat_alerts(rates, losses) == ([] if expected is None else [expected])
+        alerted += expected is not None
+        blocked += expected is None and brute_loss_heat(rates, losses, held=False) is not None
+    assert alerted >= 3 and blocked >= 3  # both outcomes, and the condition, are exercised
 
 
 def test_loss_heat_randomised_against_brute_force() -> None:
