@@ -72,8 +72,13 @@ def on_rates_of(site: SiteSummary) -> np.ndarray | None:
     """The site's per-unit on-rates on_u / rows (None without rows or unit counts)."""
     if site.rows == 0 or not site.unit_on:
         return None
+    return on_rates(site.rows, site.unit_on)
+
+
+def on_rates(rows: int, unit_on: list[int]) -> np.ndarray:
+    """Per-unit on-rates on_u / rows of on-counts taken over ``rows`` rows."""
     # numpy: a 512-unit site in pure Python took most of the host's time per step
-    return np.asarray(site.unit_on, dtype=np.float64) / site.rows
+    return np.asarray(unit_on, dtype=np.float64) / rows
 
 
 def site_values(
@@ -221,7 +226,7 @@ class StrikeDetector:
         if kept is not None and kept[0] is stored:
             return kept[1]
         rows, unit_on = stored
-        return np.asarray(unit_on, dtype=np.float64) / rows
+        return on_rates(rows, unit_on)
 
     def _exceeded(
         self, step: int, values: Mapping[str, float], baselines: Mapping[str, list[float]]
