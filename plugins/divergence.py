@@ -77,6 +77,24 @@ class DivergenceSettings:
     (``sgdr``). The restart only returns to a rate the run trained at, calmly, before; a
     divergence's ramp or jump leaves every held rate behind. The 1.5x is the calm range that
     the reference probes already use, not a new threshold.
+    **Loss not falling after a step up** (since 4.6, heat): where the rate *stepped* up (more
+    than 1.5x from one step to the next, at the probe's step or within the ``heat_window``
+    steps before it), the median of the last ``heat_loss_recent`` ln losses must not be below
+    the median of the earlier ones in the loss band (the last ``loss_window`` steps; at least
+    ``loss_warmup`` losses, else the patterns decide alone). A constant warm-up (He et al.
+    2016's ResNet-110: 0.1x the rate, then the full rate) makes the very rise of a ``jump``:
+    10x above every rate the run has held, and the patterns follow (z = Phi^-1(D) up by 1.3-1.6
+    at the jump, as much as at a diverging jump). 4.5 alerted on all four such runs of the
+    tuning half (``step_warmup``, added 2026-12-03). What differs is the loss: the warmed-up
+    network keeps learning at the new rate, while a diverging one has stopped improving
+    before its loss rises. On the tuning half's dense recordings, replayed at the default
+    schedule (``study_divergence.py``), the condition on every surge removed the four false
+    alarms; on the held-out half it also held back a climbing rate's alert on a network whose
+    loss was still falling (the Adam MLP's slow ramp, lead 58 to 2). A climb past every held
+    rate has no healthy counterpart among the common schedules (warm-ups fail the steady-rate
+    condition, restarts the held rate), a step change has one, so the condition applies to
+    step changes only. ``loss heat`` needs no such condition: its loss has left its band
+    upwards.
     **hot** (APT probes), the APT change fraction D
     averaged over sites at least ``hot_d`` (temperature T = -ln(1 - D) >= 1.6) on ``hot_for``
     consecutive probes; **climb**, the median
@@ -123,6 +141,7 @@ class DivergenceSettings:
     heat_window: int = SURGE_WINDOW
     heat_reference: int = 2
     heat_steady: int = 20
+    heat_loss_recent: int = 3
     loss_heat: float = 2.0
     loss_window: int = 30
     loss_warmup: int = 10
@@ -179,7 +198,7 @@ class DivergenceDetector:
     """
 
     name = "divergence"
-    version = "4.5"
+    version = "4.6"
     requires: tuple[str, ...] = ("transition_fit", "strikes")
 
     def __init__(self, settings: DivergenceSettings | None = None) -> None:
@@ -211,7 +230,10 @@ class DivergenceDetector:
                         held = state.get("held_rate", 0.0)
                         if held < rate <= HEAT_CALM * statistics.median(state["rates"]):
                             state["held_rate"] = rate
-                state["recent_rates"] = push(state.get("recent_rates", []), rate, s.heat_steady)
+                before = state.get("recent_rates", [])
+                if before and rate > HEAT_CALM * before[-1]:
+                    state["stepped_at"] = event.step  # a step change, not a climb (4.6)
+                state["recent_rates"] = push(before, rate, s.heat_steady)
             struck = upstream.get("strikes")
             if struck is not None and any(a.kind == "bad_batch" for a in struck.alerts):
                 # strikes' own judgement of this step (before the host's alert cool-down)
@@ -297,6 +319,8 @@ class DivergenceDetector:
             return PluginResult()
         if not self._above_held(event.lr, state):
             return PluginResult()
+        if self._stepped(event, state) and self._loss_falling(state):
+            return PluginResult()  # still learning at a rate that stepped up: a warm-up's end
         state["heated"] = True
         return self._warning(
             event.step,
@@ -317,6 +341,30 @@ class DivergenceDetector:
     def _above_held(rate: float, state: dict[str, Any]) -> bool:
         """Whether ``rate`` is above 1.5x every rate the run has held (see the settings, 4.5)."""
         return rate > HEAT_CALM * state.get("held_rate", math.inf)
+
+    def _stepped(self, event: ProbeRecord, state: dict[str, Any]) -> bool:
+        """Whether the rate stepped up (see the settings, 4.6).
+
+        Stepped: more than 1.5x from one step to the next, at the probe's step or within the
+        ``heat_window`` steps before it.
+        """
+        before = state.get("recent_rates", [])
+        if before and event.lr > HEAT_CALM * before[-1]:
+            return True  # the probe's own step (its summary comes after the probe)
+        at = state.get("stepped_at")
+        return at is not None and event.step - at < self.settings.heat_window
+
+    def _loss_falling(self, state: dict[str, Any]) -> bool:
+        """Whether the loss band ends lower (see the settings, 4.6).
+
+        Lower: the median of its last ``heat_loss_recent`` ln losses below the median of the
+        others, with at least ``loss_warmup`` losses in all.
+        """
+        history: list[float] = state.get("ln_losses", [])
+        recent = self.settings.heat_loss_recent
+        if len(history) < max(self.settings.loss_warmup, recent + 1):
+            return False  # no loss to judge by (a run that returns none): the patterns decide
+        return statistics.median(history[-recent:]) < statistics.median(history[:-recent])
 
     def _steady(self, rate: float, state: dict[str, Any]) -> bool:
         """Whether ``rate`` is at most 1.5x the lowest rate of the last ``heat_steady`` steps."""

@@ -176,7 +176,10 @@ def schedule(name: str, steps: int = STEPS) -> Schedule:
     asks, from step 66 to step 121, up to 6x), ``sgdr`` (since 2026-12-03: torch's
     ``CosineAnnealingWarmRestarts`` shape with ``T_0`` = 150 steps, cosine from the base rate to
     0, then back to the base rate at step 150: the one healthy schedule whose rate passes 3x its
-    median after the run has trained at a steady rate, up to about 4x from step 150 to 175).
+    median after the run has trained at a steady rate, up to about 4x from step 150 to 175),
+    ``step_warmup`` (since 2026-12-03, the constant warm-up of He et al. 2016's ResNet-110: 0.1
+    base for 80 steps, then the base rate: a healthy 10x jump, above every rate the run has
+    held, the very rise that ``jump`` makes before it keeps climbing).
     """
     if name == "jump":
         return lambda s: 1.0 if s < 80 else 10.0 * 1.02 ** (s - 80)
@@ -194,6 +197,8 @@ def schedule(name: str, steps: int = STEPS) -> Schedule:
         return lambda s: min(1.0, 0.01 * 1.05**s)
     if name == "sgdr":
         return lambda s: cosine(s % 150, 150)
+    if name == "step_warmup":
+        return lambda s: 0.1 if s < 80 else 1.0
     if name == "step_decay":
         return lambda s: 0.3 ** (s // 100)
     if name == "one_cycle":
@@ -209,7 +214,15 @@ def schedule(name: str, steps: int = STEPS) -> Schedule:
 
 
 DIVERGING = ("jump", "exp_fast", "exp_slow", "linear")
-HEALTHY = ("constant", "warmup_cosine", "step_decay", "one_cycle", "warmup_exp", "sgdr")
+HEALTHY = (
+    "constant",
+    "warmup_cosine",
+    "step_decay",
+    "one_cycle",
+    "warmup_exp",
+    "sgdr",
+    "step_warmup",
+)
 
 
 # -- corruptions ---------------------------------------------------------------------------------
@@ -283,6 +296,8 @@ class RunSpec:
 # "fifth" was added once all four had been scored over several rounds: the held-out half's
 # combinations with the other optimizer, a seed of its own. It was scored first with divergence
 # 4.4 (2026-12-03), before any later change was run on it.
+# "sixth" holds the last four combinations (the fresh set's with the other optimizer), a seed of
+# its own. It was added with divergence 4.6 and first scored with it (2026-12-03).
 COMBOS = {
     "tune": [
         ("mlp", "digits", "sgd"),
@@ -314,13 +329,19 @@ COMBOS = {
         ("bncnn", "fake", "sgd"),
         ("resnet", "fake", "adam"),
     ],
+    "sixth": [
+        ("mlp", "fake", "sgd"),
+        ("cnn", "clusters", "adam"),
+        ("bncnn", "digits", "sgd"),
+        ("resnet", "clusters", "adam"),
+    ],
 }
-SEEDS = {"tune": 0, "held": 1, "fresh": 2, "fourth": 3, "fifth": 4}
+SEEDS = {"tune": 0, "held": 1, "fresh": 2, "fourth": 3, "fifth": 4, "sixth": 5}
 HALVES = tuple(COMBOS)
 
 
 def suite(half: str) -> list[RunSpec]:
-    """The runs of one half: per combination 4 diverging, 6 healthy and 2 bad-batch runs."""
+    """The runs of one half: per combination 4 diverging, 7 healthy and 2 bad-batch runs."""
     seed = SEEDS[half]
     specs: list[RunSpec] = []
     for model, data, optimizer in COMBOS[half]:

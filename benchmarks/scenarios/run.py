@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=[*HALVES, "both"],
         default="both",
         help=(
-            "which runs: a half, or both (tune and held; 'fresh', 'fourth', 'fifth' only when "
-            "asked for)"
+            "which runs: a half, or both (tune and held; 'fresh', 'fourth', 'fifth' and 'sixth' "
+            "only when asked for)"
         ),
     )
     parser.add_argument("--quick", action="store_true", help="the CI subset")

@@ -1,7 +1,7 @@
 """Divergence rules on dense recordings, thinned to the default probe schedule (tuning only).
 
     python benchmarks/scenarios/run.py --half tune --apt-every 1 --sweep-every 5 --record DIR
-    python benchmarks/scenarios/study_divergence.py DIR [--every 25] [--rise 0.2] [--grid]
+    python benchmarks/scenarios/study_divergence.py DIR [--every 25] [--rise 0.1] [--grid]
 
 A recording made with an APT probe on every step holds every probe any schedule could have run
 (probes never change training), so keeping only the steps ``RateTriggered`` would have chosen
@@ -28,7 +28,7 @@ from driver import Received, Result
 from score import DivergenceScore, detector_alerts, score_divergence
 from series import load
 
-from monitor.client.apt import RateTriggered
+from monitor.client.apt import DEFAULT_PROBE_BASELINE, DEFAULT_PROBE_RISE, RateTriggered
 from monitor.measures import RunContext
 from monitor.schema import ProbeRecord, StepSummary
 from plugins.divergence import DivergenceDetector, DivergenceSettings
@@ -91,8 +91,9 @@ def main() -> None:
     """Score one setting (verbose, per run) or a grid."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--every", type=int, default=25)
-    parser.add_argument("--rise", type=float, default=0.2)
+    # the client's defaults (the rise was 0.2 here while the client's was 0.1)
+    parser.add_argument("--every", type=int, default=DEFAULT_PROBE_BASELINE)
+    parser.add_argument("--rise", type=float, default=DEFAULT_PROBE_RISE)
     parser.add_argument("--grid", action="store_true")
     parser.add_argument("--set", nargs="*", default=[], help="settings as name=value")
     args = parser.parse_args()
