@@ -179,21 +179,22 @@ class DivergenceDetector:
     Measured at ``watch()`` defaults (APT probes on the ``RateTriggered`` schedule: one when the
     rate rose by more than 10%, read as the step's forward starts, else every 25 steps) on
     benchmarks/scenarios, alerts as ``on_alert`` got them, thresholds tuned on the tuning half
-    only (``python benchmarks/scenarios/run.py --half tune|held|fresh|fourth|fifth --jobs 2
-    --verbose``, 2026-12-03, 4.5, 48 runs a set with the warm restarts): held-out half 13 of 13
-    diverging runs alerted in time, median lead 10 steps, no false alarm on 31 healthy and
-    bad-batch runs; the three sets never tuned on, fresh 10 of 10 (lead 43, none on 32), fourth
-    10 of 10 (lead 57.5, none on 30) and fifth (the held-out combinations with the other
-    optimizer, first scored with 4.4, which made the same divergence alerts there) 9 of 9 (lead
-    68, none on 32); tuning half 12 of 12, lead 41, none on 31. First alerts came from "heat"
-    (8 held-out, all fresh and fourth, 4 fifth) and "loss heat" (5 held-out, 5 fifth: among
-    them the unnormalised residual net, whose patterns stay calm until 1-3 steps before it
-    blows up under SGD, caught 1-3 steps ahead). 4.1 false-alarmed with "heat" on every healthy
-    exponential warm-up of the suite (``warmup_exp``, 12 of 12 over three halves), 4.3 with
-    "loss heat" on one, 4.4 on 16 of the 20 warm restarts (``sgdr``, added 2026-12-03); the
-    steady-rate and held-rate conditions (see ``DivergenceSettings``) removed them. The issue's
-    targets: 90% in time and no false alarm are met on every unseen set; a median lead of 20 on
-    the fresh, fourth and fifth sets, not on the held-out half (six of its 13 runs, the residual
+    only (``python benchmarks/scenarios/run.py --half tune|held|sixth|fresh|fourth|fifth --jobs
+    2 --verbose``, 2026-12-03, 4.6, 52 runs a set with the warm restarts and constant warm-ups):
+    held-out half 13 of 13 diverging runs alerted in time, median lead 10 steps, no false alarm
+    on 35 healthy and bad-batch runs; the four sets never tuned on, sixth (added with 4.6 and
+    first scored with it) 11 of 11 (lead 44, none on 36), fresh 10 of 10 (lead 43, none on 36),
+    fourth 10 of 10 (lead 57.5, none on 34) and fifth 9 of 9 (lead 68, none on 36); tuning half
+    12 of 12, lead 41, none on 35. First alerts came from "heat" (6 held-out, 8 sixth, 8 fresh,
+    9 fourth, 4 fifth) and "loss heat" (the others: among them the unnormalised residual net,
+    whose patterns stay calm until 1-3 steps before it blows up under SGD, caught 1-3 steps
+    ahead). 4.1 false-alarmed with "heat" on every healthy exponential warm-up of the suite
+    (``warmup_exp``, 12 of 12 over three halves), 4.3 with "loss heat" on one, 4.4 on 16 of the
+    20 warm restarts (``sgdr``), 4.5 with "heat" on the constant warm-ups (``step_warmup``, all
+    four of the tuning half); the steady-rate, held-rate and loss conditions (see
+    ``DivergenceSettings``) removed them. The issue's targets: 90% in time and no false alarm
+    are met on every unseen set; a median lead of 20 on the sixth, fresh, fourth and fifth
+    sets, not on the held-out half (six of its 13 runs, the residual
     net's four among them, blew up 1-6 steps after their first sign).
     """
 

@@ -358,14 +358,15 @@ def suite(half: str) -> list[RunSpec]:
 
 
 def quick_suite() -> list[RunSpec]:
-    """The CI subset: from the held-out half, one diverging, three healthy (a warm restart among
-    them: ``divergence`` 4.4 alarmed on it) and one bad-batch run of the MLP, and the CNN's
-    slow ramp and bad-batch run."""
+    """The CI subset: from the held-out half, one diverging, four healthy (a warm restart and a
+    constant warm-up among them: ``divergence`` 4.4 alarmed on the one, 4.5 on the other) and
+    one bad-batch run of the MLP, and the CNN's slow ramp and bad-batch run."""
     wanted = {
         ("mlp", "exp_slow"),
         ("mlp", "one_cycle"),
         ("mlp", "warmup_cosine"),
         ("mlp", "sgdr"),
+        ("mlp", "step_warmup"),
         ("mlp", "bad_a"),
         ("cnn", "exp_slow"),
         ("cnn", "bad_b"),
