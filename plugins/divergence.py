@@ -83,14 +83,14 @@ class DivergenceSettings:
     the median of the earlier ones in the loss band (the last ``loss_window`` steps; at least
     ``loss_warmup`` losses, else the patterns decide alone). A constant warm-up (He et al.
     2016's ResNet-110: 0.1x the rate, then the full rate) makes the very rise of a ``jump``:
-    10x above every rate the run has held, and the patterns follow (z = Phi^-1(D) up by 1.3-1.6
-    at the jump, as much as at a diverging jump). 4.5 alerted on all four such runs of the
+    10x above every rate the run has held, and the patterns follow (z = Phi^-1(D) up by 1.2-1.6
+    at the jump; 0.7-2.3 at the diverging jumps). 4.5 alerted on all four such runs of the
     tuning half (``step_warmup``, added 2026-12-03). What differs is the loss: the warmed-up
     network keeps learning at the new rate, while a diverging one has stopped improving
     before its loss rises. On the tuning half's dense recordings, replayed at the default
     schedule (``study_divergence.py``), the condition on every surge removed the four false
     alarms; on the held-out half it also held back a climbing rate's alert on a network whose
-    loss was still falling (the Adam MLP's slow ramp, lead 58 to 2). A climb past every held
+    loss was still falling (the Adam MLP's slow ramp, lead 29 to 2). A climb past every held
     rate has no healthy counterpart among the common schedules (warm-ups fail the steady-rate
     condition, restarts the held rate), a step change has one, so the condition applies to
     step changes only. ``loss heat`` needs no such condition: its loss has left its band
@@ -320,7 +320,8 @@ class DivergenceDetector:
             return PluginResult()
         if not self._above_held(event.lr, state):
             return PluginResult()
-        if self._stepped(event, state) and self._loss_falling(state):
+        stepped = self._stepped(event, state)
+        if stepped and self._loss_falling(state):
             return PluginResult()  # still learning at a rate that stepped up: a warm-up's end
         state["heated"] = True
         return self._warning(
@@ -334,6 +335,7 @@ class DivergenceDetector:
                 "D": d,
                 "lr_ratio": ratio,
                 "held_rate": state["held_rate"],
+                "rate_stepped": stepped,
                 "threshold": s.heat_rise,
             },
         )
