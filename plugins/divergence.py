@@ -327,7 +327,8 @@ class DivergenceDetector:
         return self._warning(
             event.step,
             f"the learning rate rose to {ratio:.3g}x its recent median and the APT temperature "
-            f"followed: z = Phi^-1(D) {now:.3g} against {reference:.3g} at the run's calm rates",
+            f"followed: z = Phi^-1(D) {now:.3g} against {reference:.3g} at the run's calm rates"
+            + ("; the rate stepped up and the loss has stopped falling" if stepped else ""),
             {
                 "signal": "apt_heat",
                 "z": now,

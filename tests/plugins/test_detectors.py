@@ -489,6 +489,7 @@ def test_heat_takes_no_constant_warm_up_whose_loss_keeps_falling() -> None:
     assert expected is not None and expected == brute_heat(rates, d)
     (alert,) = heat_alerts(rates, d, level)
     assert alert.step == expected and alert.evidence and alert.evidence["rate_stepped"] is True
+    assert "stepped up and the loss has stopped falling" in alert.message
     # A climb past every held rate with the same falling loss: no step change, so the patterns
     # decide alone (a network still improving on a ramp diverges all the same).
     ramp = [0.01 * 1.08 ** max(0, s - 80) for s in range(len(rates))]
@@ -497,6 +498,7 @@ def test_heat_takes_no_constant_warm_up_whose_loss_keeps_falling() -> None:
     assert expected is not None and brute_heat(ramp, d, losses=falling) == expected
     (alert,) = heat_alerts(ramp, d, falling)
     assert alert.step == expected and alert.evidence and alert.evidence["rate_stepped"] is False
+    assert "stepped" not in alert.message
 
 
 def test_heat_randomised_losses_against_brute_force() -> None:
