@@ -231,10 +231,9 @@ class DivergenceDetector:
                         held = state.get("held_rate", 0.0)
                         if held < rate <= HEAT_CALM * statistics.median(state["rates"]):
                             state["held_rate"] = rate
-                before = state.get("recent_rates", [])
-                if before and rate > HEAT_CALM * before[-1]:
+                if self._steps_up(rate, state):
                     state["stepped_at"] = event.step  # a step change, not a climb (4.6)
-                state["recent_rates"] = push(before, rate, s.heat_steady)
+                state["recent_rates"] = push(state.get("recent_rates", []), rate, s.heat_steady)
             struck = upstream.get("strikes")
             if struck is not None and any(a.kind == "bad_batch" for a in struck.alerts):
                 # strikes' own judgement of this step (before the host's alert cool-down)
@@ -352,11 +351,16 @@ class DivergenceDetector:
         Stepped: more than 1.5x from one step to the next, at the probe's step or within the
         ``heat_window`` steps before it.
         """
-        before = state.get("recent_rates", [])
-        if before and event.lr > HEAT_CALM * before[-1]:
+        if self._steps_up(event.lr, state):
             return True  # the probe's own step (its summary comes after the probe)
         at = state.get("stepped_at")
         return at is not None and event.step - at < self.settings.heat_window
+
+    @staticmethod
+    def _steps_up(rate: float, state: dict[str, Any]) -> bool:
+        """Whether ``rate`` is more than 1.5x the last step's rate seen (a step change, 4.6)."""
+        before = state.get("recent_rates", [])
+        return bool(before) and rate > HEAT_CALM * before[-1]
 
     def _loss_falling(self, state: dict[str, Any]) -> bool:
         """Whether the loss band ends lower (see the settings, 4.6).
