@@ -5,8 +5,9 @@
 
 ``series(result)`` turns a recorded run (``run.py --record``) into arrays by step: the loss, the
 learning rate (``lr/group0``), the APT change fraction D at the used rate (mean over sites), the
-transition fit of each sweep (mean over sites) and the preactivation RMS (mean over sites of
-ln RMS). Steps without a value hold NaN.
+transition fit of each sweep (mean over sites), the preactivation RMS (mean over sites of
+ln RMS) and the preactivation max |x| (mean over sites of ln max |x|). Steps without a value
+hold NaN.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def series(result: Result) -> dict[str, Any]:
     """Arrays by step of one recorded run (NaN where a step has no value)."""
     n = len(result.losses)
     out: dict[str, Any] = {
-        name: np.full(n, np.nan) for name in ("lr", "apt_d", "apt_lr", "mu", "sigma", "rms")
+        name: np.full(n, np.nan) for name in ("lr", "apt_d", "apt_lr", "mu", "sigma", "rms", "max")
     }
     out["loss"] = np.array(result.losses, dtype=float)
     out["sweeps"] = {}
@@ -59,6 +60,11 @@ def series(result: Result) -> dict[str, Any]:
             ]
             if logs:
                 out["rms"][payload.step] = float(np.mean(logs))
+            tops = [
+                math.log(s.max_abs) for s in payload.sites if s.max_abs and s.max_abs < math.inf
+            ]
+            if tops:
+                out["max"][payload.step] = float(np.mean(tops))
         if kind != "probe" or payload.step >= n:
             continue
         if payload.kind == "apt":
