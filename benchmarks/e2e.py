@@ -526,6 +526,7 @@ def soak(steps: int) -> dict[str, Any]:
             "pending_end": transport.pending() if hasattr(transport, "pending") else 0,
             "dropped": getattr(transport, "dropped", 0),
             "host_peak_rss_mb": host_rss,
+            "rss_mb_every_500": [round(v, 1) for v in rss],
         }
     print(json.dumps(figures, indent=2))
     return figures

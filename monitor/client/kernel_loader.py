@@ -7,10 +7,16 @@ apmon did, that second was most of what a 10-second ResNet-20 run paid for its m
 on a thread of its own, it made training's steps queue for the GIL behind numba's Python (a
 ResNet-20 run measured slower that way, not faster).
 
-Until the kernels are loaded, ``summary`` computes the same statistics with torch operations,
-which take 1.4-5x the kernels' time (scale-only statistics per captured step, one thread:
-ResNet-20 14 vs 10 ms, MLP 3072 0.31 vs 0.12 ms, digits CNN 0.36 vs 0.13 ms, MLP 32-128-128-64
-0.24 vs 0.05 ms), and charges the seconds they took (``charge``). The kernels are loaded
+Until the kernels are loaded, ``summary`` computes the same statistics without them: the
+scale-only statistics every captured step needs with numpy (``summary._scale_with_numpy``),
+pattern counts and sites with a non-finite value with torch operations; it charges the seconds
+they took (``charge``). Scale-only statistics per site, one thread, an idle second core (torch
+/ numpy / kernels): 32x128 dense 61 / 26 / 19 us, 64x16x8x8 conv 264 / 126 / 69 us,
+128x16x32x32 conv 7.0 / 4.1 / 1.7 ms; inside a monitored run of the 3-site MLP, with the
+embedded host busy on the other core, numpy took 76 us a site. Loading costs memory too:
+numba, LLVM and the kernels add about 100 MiB to the training process, once
+(``python benchmarks/e2e.py --soak 10000`` prints the RSS every 500 steps). The kernels are
+loaded
 
 - once the training thread has waited ``WAITED_SECONDS`` in all for the embedded host (a small
   model's steps wait while the host catches up after its start, and whenever it is slower than
@@ -18,7 +24,7 @@ ResNet-20 14 vs 10 ms, MLP 3072 0.31 vs 0.12 ms, digits CNN 0.36 vs 0.13 ms, MLP
   the kernels load. A first rule, loading as soon as the host was 64 steps behind, fired on an
   MLP 3072 whose steps waited 0.04 s in the whole run (its job's CPU per step rose by 2.4 ms
   against the capture path alone);
-- else once the torch operations' seconds add up to ``LOAD_SECONDS`` (rent or buy): a short
+- else once those seconds add up to ``LOAD_SECONDS`` (rent or buy): a short
   run of a large model never pays for the loading, and a run of any length pays at most about
   twice what loading at its start would have cost.
 """
@@ -31,7 +37,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-# The loading's measured cost (see above): the torch operations' seconds that buy the kernels.
+# The loading's measured cost (see above): the seconds without the kernels that buy them.
 LOAD_SECONDS = 1.0
 # Seconds the training thread has waited for its host when the kernels are loaded (see above).
 WAITED_SECONDS = 0.5

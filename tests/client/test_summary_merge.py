@@ -192,3 +192,25 @@ def test_gradient_accumulation_micro_batches_merge_exactly():
     assert one.model_copy(update=rest) == three.model_copy(update=rest)
     assert all(same_wire(a, b) for a, b in zip(one.sites, three.sites, strict=True))
     assert summaries[0].sites[0].class_rows is not None
+
+
+@pytest.mark.parametrize(("kind", "units"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scale_read_by_numpy_equals_brute_force(kind, units, dtype, monkeypatch):
+    # Before the kernels load, numpy reads a finite site's scale (``_scale_with_numpy``).
+    x = torch.nan_to_num(make_input(kind, units + 5, units), nan=0.0, posinf=4.0).to(dtype)
+    monkeypatch.setattr(summary, "kernels", lambda: None)
+    read = []
+    real = summary._scale_with_numpy
+    monkeypatch.setattr(summary, "_scale_with_numpy", lambda *a: read.append(1) or real(*a))
+    stats = measure_scale(x, kind)
+    assert read, "the numpy path did not run"
+    rows = rows_of(x, kind)
+    values = [float(v) for v in x.reshape(-1).tolist()]
+    assert stats.rows == rows.shape[0] and stats.units == units
+    assert stats.unit_on.tolist() == [
+        sum(1 for r in rows[:, u].tolist() if r > 0) for u in range(units)
+    ]
+    assert stats.sumsq == pytest.approx(math.fsum(v * v for v in values), rel=1e-12)
+    assert stats.max_abs == max(abs(v) for v in values)
+    assert stats.nonfinite_rows == 0 and stats.scale_only
