@@ -10,10 +10,9 @@ ResNet-20 run measured slower that way, not faster).
 Until the kernels are loaded, ``summary`` computes the same statistics without them: the
 scale-only statistics every captured step needs with numpy (``summary._scale_with_numpy``),
 pattern counts and sites with a non-finite value with torch operations; it charges the seconds
-they took (``charge``). Scale-only statistics per site, one thread, an idle second core (torch
-/ numpy / kernels): 32x128 dense 61 / 26 / 19 us, 64x16x8x8 conv 264 / 126 / 69 us,
-128x16x32x32 conv 7.0 / 4.1 / 1.7 ms; inside a monitored run of the 3-site MLP, with the
-embedded host busy on the other core, numpy took 76 us a site. Loading costs memory too:
+they took (``charge``). Scale-only statistics per site, one thread (numpy / torch; the kernels
+after them): 32x128 dense 31 / 59 us (19 us), 32x512 dense 48 / 93 us, 64x16x8x8 conv 137 /
+182 us (69 us), 32x16x32x32 conv 0.74 / 1.03 ms. Loading costs memory too:
 numba, LLVM and the kernels add about 100 MiB to the training process, once
 (``python benchmarks/e2e.py --soak 10000`` prints the RSS every 500 steps). The kernels are
 loaded
