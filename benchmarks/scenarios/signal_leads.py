@@ -30,15 +30,16 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from driver import Result
 from series import load, series
 
 from monitor.rate_surge import SURGE_RATE, SURGE_WINDOW
+from plugins._robust import median_mad
 
 BAND = 40  # steps before the rate's rise that form each signal's band
 SIGNALS = ("z", "loss", "rms", "max")
@@ -46,9 +47,8 @@ HEALTHY_FROM = 61  # the first step of the diverging schedules' ramps (jumps: 80
 CONTROLS = ("constant", "step_decay")  # healthy schedules whose rate never rises
 
 
-def signals(result: Result, smooth: int = 1) -> dict[str, np.ndarray]:
-    """The four signals by step (NaN where a step has none), and the rate."""
-    s = series(result)
+def signals(s: dict[str, Any], smooth: int = 1) -> dict[str, np.ndarray]:
+    """The four signals by step of a run's ``series`` (NaN where a step has none), and the rate."""
     d = np.clip(s["apt_d"], 0.01, 0.99)  # as the heat rule clips D before Phi^-1
     inv = statistics.NormalDist().inv_cdf
     z = np.array([inv(v) if np.isfinite(v) else np.nan for v in d])
@@ -76,8 +76,8 @@ def departure(values: np.ndarray, start: int, end: int, mads: float) -> int | No
     band = [v for v in values[max(0, start - BAND) : start] if np.isfinite(v)]
     if len(band) < BAND // 4:
         return None
-    centre = statistics.median(band)
-    spread = 1.4826 * statistics.median(abs(v - centre) for v in band) or 1e-9
+    centre, mad = median_mad(band)
+    spread = mad or 1e-9
     for step in range(start, min(end, len(values))):
         if np.isfinite(values[step]) and (values[step] - centre) / spread >= mads:
             return step
@@ -110,8 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     departure_leads, rate_leads = [], []
     for result in load(args.folder, "-divergence-"):
-        values = signals(result, args.smooth)
-        end = series(result)["end"]
+        recorded = series(result)
+        values, end = signals(recorded, args.smooth), recorded["end"]
         start = rise_start(values["lr"])
         if end is None or start is None:
             continue  # never diverged within the run (left out of the score as well)
@@ -130,7 +130,7 @@ def main() -> None:
     healthy = [r for name in CONTROLS for r in load(args.folder, f"-healthy-{name}-")]
     departed = []
     for result in healthy:
-        values = signals(result, args.smooth)
+        values = signals(series(result), args.smooth)
         for name in SIGNALS:
             at = departure(values[name], HEALTHY_FROM, len(result.losses), args.mads)
             if at is not None:

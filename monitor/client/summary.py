@@ -269,12 +269,11 @@ def _scale_with_numpy(x: torch.Tensor, unit_dim: int) -> SiteStats | None:
     non-finite value (rare: the run is diverging) goes to the torch operations, which count its
     rows.
     """
-    if x.dim() == 2:  # (rows, units) whatever the kind, as the kernels read it
-        values = x.contiguous().numpy()
+    values = _cpu_values(x, unit_dim)
+    if values.ndim == 2:
         rows, units = values.shape
         on_axes: int | tuple[int, int] = 0
     else:
-        values = unit_layout(x, unit_dim).contiguous().numpy()  # (outer, units, inner)
         outer, units, inner = values.shape
         rows, on_axes = outer * inner, (0, 2)
     flat = values.reshape(-1)
@@ -313,13 +312,12 @@ def _scale_with_kernels(x: torch.Tensor, unit_dim: int) -> SiteStats:
     """
     cpu_kernels = _loaded_kernels()
     scale = np.zeros(2, dtype=np.float64)
-    if x.dim() == 2:  # (rows, units) whatever the kind: the units are the last axis
-        values = x.contiguous().numpy()
+    values = _cpu_values(x, unit_dim)
+    if values.ndim == 2:
         rows, units = values.shape
         on = np.zeros((1, units), dtype=np.int64)
         nonfinite = cpu_kernels.count_on_rows(values, _no_classes(rows), on, scale)
     else:
-        values = unit_layout(x, unit_dim).contiguous().numpy()
         outer, units, inner = values.shape
         rows = outer * inner
         on = np.zeros((1, units), dtype=np.int64)
@@ -332,6 +330,17 @@ def _scale_with_kernels(x: torch.Tensor, unit_dim: int) -> SiteStats:
         nonfinite = _nonfinite_rows(x, unit_dim)
         sumsq, max_abs = _scale_with_torch(x, True)
     return _scale_stats(units, torch.from_numpy(on[0]), rows, nonfinite, sumsq, max_abs)
+
+
+def _cpu_values(x: torch.Tensor, unit_dim: int) -> np.ndarray:
+    """A CPU site's values as numpy reads them: (rows, units) or (outer, units, inner).
+
+    A 2-D tensor is (rows, units) whatever the kind (the units are the last axis), read as it is:
+    no (outer, units, 1) view to pay for on every step.
+    """
+    if x.dim() == 2:
+        return x.contiguous().numpy()
+    return unit_layout(x, unit_dim).contiguous().numpy()
 
 
 def _no_classes(outer: int) -> np.ndarray:
