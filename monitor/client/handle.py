@@ -29,7 +29,6 @@ from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
 from monitor.client.diagram import DEFAULT_DIAGRAM_ROWS, DiagramSchedule, sample_diagram
 from monitor.client.distributed import SilentTransport, all_gather_stats, is_leader
 from monitor.client.input_stats import InputStats, as_scalars, gather_ranks
-from monitor.client.kernel_loader import WAITED_SECONDS, kernels, load_kernels
 from monitor.client.mlflow_link import learning_rates, link_mlflow_run, run_origin
 from monitor.client.probeset import ProbeSet, as_probe_set, probe_summary
 from monitor.client.probeset import evaluate as evaluate_probe_set
@@ -612,9 +611,6 @@ class Monitor:
                     self._wait_for_mark(target)
                 except Exception:
                     logger.exception("apmon could not wait for its host")
-            waited = getattr(self.transport, "waited_seconds", 0.0)
-            if waited >= WAITED_SECONDS and kernels() is None:
-                load_kernels()  # a run whose steps wait for its host has the time (kernel_loader)
         alerts = sorted(self.transport.poll_alerts(), key=lambda alert: alert.step)
         self.alerts.extend(alerts)
         if self.on_alert is not None:

@@ -1,4 +1,4 @@
-"""When to load the compiled CPU kernels (``cpu_kernels``): when it costs nothing, or has paid.
+"""When to load the compiled CPU kernels (``cpu_kernels``): once they have paid.
 
 Importing numba and loading the kernels from its disk cache costs about 0.9 s of CPU (measured
 on a 2-core machine: 0.37 s for the import, 0.5 s for numba's first dispatch, half of that
@@ -9,23 +9,30 @@ ResNet-20 run measured slower that way, not faster).
 
 Until the kernels are loaded, ``summary`` computes the same statistics without them: the
 scale-only statistics every captured step needs with numpy (``summary._scale_with_numpy``),
-pattern counts and sites with a non-finite value with torch operations; it charges the seconds
-they took (``charge``). Scale-only statistics per site, one thread (numpy / torch; the kernels
-after them): 32x128 dense 31 / 59 us (19 us), 32x512 dense 48 / 93 us, 64x16x8x8 conv 137 /
-182 us (69 us), 32x16x32x32 conv 0.74 / 1.03 ms. Loading costs memory too:
-numba, LLVM and the kernels add about 100 MiB to the training process, once
-(``python benchmarks/e2e.py --soak 10000`` prints the RSS every 500 steps). The kernels are
-loaded
+pattern counts and sites with a non-finite value with torch operations. Loading costs memory
+too: numba, LLVM and the kernels add about 120 MiB to the training process's RSS, once (about
+80 MiB of it the libraries' code mapped from disk, 44 MiB private; ``python
+benchmarks/e2e.py --soak 10000`` prints the RSS every 500 steps).
 
-- once the training thread has waited ``WAITED_SECONDS`` in all for the embedded host (a small
-  model's steps wait while the host catches up after its start, and whenever it is slower than
-  training): such a run has the time to spare, and the host works through its backlog while
-  the kernels load. A first rule, loading as soon as the host was 64 steps behind, fired on an
-  MLP 3072 whose steps waited 0.04 s in the whole run (its job's CPU per step rose by 2.4 ms
-  against the capture path alone);
-- else once those seconds add up to ``LOAD_SECONDS`` (rent or buy): a short
-  run of a large model never pays for the loading, and a run of any length pays at most about
-  twice what loading at its start would have cost.
+So the kernels are loaded as rent or buy: once the seconds they would have saved add up to
+``LOAD_SECONDS``. A short run never pays for them, and a run of any length pays at most about
+twice what loading at its start would have cost. The rent is the share of the seconds spent
+without the kernels that the kernels would have saved (``charge``). Measured per site, one
+thread, 2026-12-03 (without / with the kernels):
+
+- scale statistics, numpy / kernels: 64x128 dense 31 / 8 us, 64x64 25 / 6 us, 128x512
+  120 / 21 us, 64x16x8x8 conv 133 / 41 us, 128x16x32x32 conv 701 / 647 us: about 70%
+  saved (``SCALE_SAVING``) but on the largest conv sites, whose pattern counts buy the kernels
+  within seconds anyway;
+- pattern counts, torch / kernels, the same sites: 439 / 30, 270 / 30, 1,257 / 60, 751 / 121,
+  25,086 / 1,435 us: about 90% (``COUNT_SAVING``).
+
+A site with a non-finite value goes to the torch operations with or without the kernels: no
+rent. An earlier rule also loaded the kernels once training had waited 0.5 s for its embedded
+host (a small model's steps wait while the host catches up after its start), as time the run
+had to spare. Side by side (``python benchmarks/e2e_ab.py --model mlp_small --steps 10000
+--rounds 4 --threads 1``), the small MLP's whole run took 2.460x plain with that rule and
+2.418x without the kernels at all: they saved it nothing, and cost it about 100 MiB.
 """
 
 from __future__ import annotations
@@ -36,10 +43,11 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-# The loading's measured cost (see above): the seconds without the kernels that buy them.
+# The loading's measured cost (see above): the seconds the kernels would have saved that buy them.
 LOAD_SECONDS = 1.0
-# Seconds the training thread has waited for its host when the kernels are loaded (see above).
-WAITED_SECONDS = 0.5
+# Shares of the seconds spent without the kernels that they save (measured: see above).
+SCALE_SAVING = 0.7
+COUNT_SAVING = 0.9
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
@@ -52,10 +60,13 @@ def kernels() -> ModuleType | None:
     return _loaded
 
 
-def charge(seconds: float) -> None:
-    """Add seconds of torch operations that the kernels would have done (loads at LOAD_SECONDS)."""
+def charge(seconds: float, saving: float) -> None:
+    """Add the rent of ``seconds`` spent without the kernels, of which they save ``saving``.
+
+    The kernels load once the rent adds up to LOAD_SECONDS.
+    """
     global _charged
-    _charged += seconds
+    _charged += seconds * saving
     if _charged >= LOAD_SECONDS and _loaded is None and not _failed:
         load_kernels()
 

@@ -45,7 +45,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from monitor.client.kernel_loader import charge, kernels
+from monitor.client.kernel_loader import COUNT_SAVING, SCALE_SAVING, charge, kernels
 from monitor.client.patterns import (
     PatternCounts,
     count_words,
@@ -214,8 +214,8 @@ def measure(x: torch.Tensor, kind: SiteKind, labels: torch.Tensor | None = None)
     else:
         began = time.perf_counter()
         stats, on = _measure_with_torch(x, unit_dim, sample_class, len(label_values))
-        if kernel_input:  # what the kernels would have done (see ``kernel_loader``)
-            charge(time.perf_counter() - began)
+        if kernel_input:  # what the kernels would have saved (see ``kernel_loader``)
+            charge(time.perf_counter() - began, COUNT_SAVING)
     if sample_class is not None:
         rows_per_sample = stats.rows // max(x.shape[0], 1)
         per_class = torch.bincount(sample_class, minlength=len(label_values)) * rows_per_sample
@@ -248,14 +248,13 @@ def measure_scale(x: torch.Tensor, kind: SiteKind) -> SiteStats:
     if kernel_input and x.numel():
         stats = _scale_with_numpy(x.detach(), unit_dim)
         if stats is not None:
-            charge(time.perf_counter() - began)
+            charge(time.perf_counter() - began, SCALE_SAVING)
             return stats
     x3 = unit_layout(x, unit_dim)
     outer, units, inner = x3.shape
     sumsq, max_abs, nonfinite = _scale_and_nonfinite_with_torch(x, unit_dim)
     unit_on = (x3 > 0).sum(dim=(0, 2))
-    if kernel_input:
-        charge(time.perf_counter() - began)
+    # No rent: the kernels send a site with a non-finite value to these operations too
     return _scale_stats(units, unit_on, outer * inner, nonfinite, sumsq, max_abs)
 
 
@@ -536,7 +535,7 @@ def to_wire(name: str, stats: SiteStats, sketch_k: int = DEFAULT_SKETCH_K) -> Si
         if cpu_kernels is None:
             began = time.perf_counter()
             kept, values, multiplicities = sketch_and_spectrum_numpy(fingerprints, counts, sketch_k)
-            charge(time.perf_counter() - began)
+            charge(time.perf_counter() - began, COUNT_SAVING)
         else:
             kept, values, multiplicities = cpu_kernels.sketch_and_spectrum(
                 fingerprints, counts, sketch_k
