@@ -491,9 +491,15 @@ def _worst_delay(measured: list[dict[str, Any]]) -> str:
 
 
 def soak(steps: int) -> dict[str, Any]:
-    """RSS growth and the host's lag over a long run of the small MLP at defaults."""
+    """RSS growth and the host's lag over a long run of the small MLP at defaults.
+
+    RSS counts the pages of shared libraries the process has touched as well as its own
+    memory; the private (anonymous) part is printed beside it, and the step at which the
+    compiled kernels loaded (numba and LLVM add a one-time step to both).
+    """
     torch.set_num_threads(1)
     import monitor
+    from monitor.client import kernel_loader
     from monitor.settings import Settings
 
     model, opt, plain_step = training("mlp_small")
@@ -506,14 +512,19 @@ def soak(steps: int) -> dict[str, Any]:
         mon = monitor.watch(model, opt, settings=settings)
         step = mon(plain_step)
         rss: list[float] = []
+        private: list[float] = []
         lag = 0
+        loaded_at: int | None = None
         for i in range(steps):
             step()
             transport = mon.transport
             behind = getattr(transport, "_marks_sent", 0) - getattr(transport, "_marks_seen", 0)
             lag = max(lag, behind)
+            if loaded_at is None and kernel_loader.kernels() is not None:
+                loaded_at = i
             if i % 500 == 0 or i == steps - 1:
                 rss.append(_current_rss_mb())
+                private.append(_private_rss_mb())
         host_rss = _host_peak_rss_mb(mon.transport)
         mon.close()
         _wait_for_host(mon.transport)  # it renders the report after close(): keep its folder
@@ -522,19 +533,33 @@ def soak(steps: int) -> dict[str, Any]:
             "rss_mb_after_first_500": rss[1] if len(rss) > 1 else rss[0],
             "rss_mb_end": rss[-1],
             "growth_mb": rss[-1] - (rss[1] if len(rss) > 1 else rss[0]),
+            "private_growth_mb": private[-1] - (private[1] if len(private) > 1 else private[0]),
+            "kernels_loaded_at_step": loaded_at,
             "max_lag_steps": lag,
             "pending_end": transport.pending() if hasattr(transport, "pending") else 0,
             "dropped": getattr(transport, "dropped", 0),
             "host_peak_rss_mb": host_rss,
             "rss_mb_every_500": [round(v, 1) for v in rss],
+            "private_mb_every_500": [round(v, 1) for v in private],
         }
-    print(json.dumps(figures, indent=2))
+    print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, list)}, indent=2))
+    for key in ("rss_mb_every_500", "private_mb_every_500"):
+        print(f"{key}: {' '.join(str(v) for v in figures[key])}")
     return figures
 
 
 def _current_rss_mb() -> float:
     with open(f"/proc/{os.getpid()}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _private_rss_mb() -> float:
+    """The resident anonymous memory (Linux's RssAnon): RSS less shared files and libraries."""
+    with open(f"/proc/{os.getpid()}/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
