@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 FRESH_PROCESS = """
-import sys, time
+import logging, sys, time
 import torch
 from monitor.client import kernel_loader, summary
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 x = torch.randn(32, 64)
 before = summary.to_wire("s", summary.measure(x, "dense"))
@@ -68,14 +70,17 @@ print("not loaded")
 """
 
 
-def run_fresh(code: str, last_line: str) -> None:
+def run_fresh(code: str, last_line: str) -> str:
+    """Run ``code`` in a fresh interpreter; its standard error (the log)."""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == last_line
+    return done.stderr
 
 
 def test_kernels_load_once_the_torch_operations_have_cost_their_loading() -> None:
-    run_fresh(FRESH_PROCESS, "loaded")
+    log = run_fresh(FRESH_PROCESS, "loaded")
+    assert "apmon loads its compiled CPU kernels: they would have saved" in log, log[-2000:]
 
 
 def test_waiting_for_the_host_does_not_load_the_kernels() -> None:
