@@ -10,9 +10,9 @@ ResNet-20 run measured slower that way, not faster).
 Until the kernels are loaded, ``summary`` computes the same statistics without them: the
 scale-only statistics every captured step needs with numpy (``summary._scale_with_numpy``),
 pattern counts and sites with a non-finite value with torch operations. Loading costs memory
-too: numba, LLVM and the kernels add about 120 MiB to the training process's RSS, once (about
-80 MiB of it the libraries' code mapped from disk, 44 MiB private; ``python
-benchmarks/e2e.py --soak 10000`` prints the RSS every 500 steps).
+too: numba, LLVM and the kernels add about 100 MiB to the training process's RSS, once (the
+small MLP's ``python benchmarks/e2e.py --soak 10000``: +104 MiB, of which 36 MiB private
+memory and the rest numba's and LLVM's shared libraries mapped from disk).
 
 So the kernels are loaded as rent or buy: once the seconds they would have saved add up to
 ``LOAD_SECONDS``. A short run never pays for them, and a run of any length pays at most about

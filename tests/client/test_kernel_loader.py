@@ -59,11 +59,11 @@ with tempfile.TemporaryDirectory() as folder:
         return loss
 
     began = time.perf_counter()
-    while mon.transport.waited_seconds < 1.0 and time.perf_counter() - began < 60:
+    while mon.transport.waited_seconds < 0.5 and time.perf_counter() - began < 60:
         step()
     waited = mon.transport.waited_seconds
     mon.close()
-assert waited >= 1.0, f"training waited only {waited:.2f} s for its host in 60 s"
+assert waited >= 0.5, f"training waited only {waited:.2f} s for its host in 60 s"
 assert kernel_loader._charged < kernel_loader.LOAD_SECONDS, kernel_loader._charged
 assert kernel_loader.kernels() is None and "numba" not in sys.modules, "loaded for the waits"
 print("not loaded")
@@ -78,7 +78,7 @@ def run_fresh(code: str, last_line: str) -> str:
     return done.stderr
 
 
-def test_kernels_load_once_the_torch_operations_have_cost_their_loading() -> None:
+def test_kernels_load_once_their_rent_adds_up_to_their_loading() -> None:
     log = run_fresh(FRESH_PROCESS, "loaded")
     assert "apmon loads its compiled CPU kernels: they would have saved" in log, log[-2000:]
 
