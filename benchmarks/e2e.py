@@ -528,12 +528,13 @@ def soak(steps: int) -> dict[str, Any]:
         host_rss = _host_peak_rss_mb(mon.transport)
         mon.close()
         _wait_for_host(mon.transport)  # it renders the report after close(): keep its folder
+        after_500 = 1 if len(rss) > 1 else 0  # the first reading is at step 0
         figures = {
             "steps": steps,
-            "rss_mb_after_first_500": rss[1] if len(rss) > 1 else rss[0],
+            "rss_mb_after_first_500": rss[after_500],
             "rss_mb_end": rss[-1],
-            "growth_mb": rss[-1] - (rss[1] if len(rss) > 1 else rss[0]),
-            "private_growth_mb": private[-1] - (private[1] if len(private) > 1 else private[0]),
+            "growth_mb": rss[-1] - rss[after_500],
+            "private_growth_mb": private[-1] - private[after_500],
             "kernels_loaded_at_step": loaded_at,
             "max_lag_steps": lag,
             "pending_end": transport.pending() if hasattr(transport, "pending") else 0,
