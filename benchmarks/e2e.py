@@ -12,7 +12,9 @@ interval. Modes:
 - ``capture``: ``watch(model, opt)`` with a transport that drops every record: the capture path
   alone, the breakdown of ``defaults``;
 - ``nomlflow``: ``defaults`` with MLflow off (``mlflow_tracking_uri=""``): what the MLflow
-  mirror (importing mlflow, its store, the metrics) adds, another breakdown.
+  mirror (importing mlflow, its store, the metrics) adds, another breakdown;
+- ``nokernels``: ``defaults`` with ``compiled_kernels="never"`` (numba never loaded): what a
+  user who keeps the job's memory flat pays in time.
 
 ``close()`` returns once the apmon database has the run; the host then brings MLflow up to date
 and attaches the report at idle priority. The breakdown says how long after ``close()`` that
@@ -27,6 +29,7 @@ on a machine whose cores are all training's the host process competes with them;
     python benchmarks/e2e.py                       # the table, torch at its default threads
     python benchmarks/e2e.py --threads 1 --threads 0 --rounds 3
     python benchmarks/e2e.py --soak 10000           # RSS and queue of 10,000 small-MLP steps
+    python benchmarks/e2e.py --soak 10000 --compiled-kernels never
     python benchmarks/e2e.py --omp-wait-policy passive --models mlp3072 digits_cnn
 """
 
@@ -54,7 +57,7 @@ from models import ResNet20, mlp
 from overhead import median_interval
 
 MODELS = ("resnet20", "mlp3072", "digits_cnn", "mlp_small")
-MODES = ("plain", "defaults", "every10", "capture", "nomlflow")
+MODES = ("plain", "defaults", "every10", "capture", "nomlflow", "nokernels")
 TARGETS = {"resnet20": 1.10, "mlp3072": 1.15, "digits_cnn": 1.5}
 
 
@@ -155,6 +158,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     settings = Settings(
         database_url=f"sqlite:///{folder / 'apmon.db'}",
         mlflow_tracking_uri="" if mode == "nomlflow" else f"sqlite:///{folder / 'mlflow.db'}",
+        compiled_kernels="never" if mode == "nokernels" else "auto",
     )
     options: dict[str, Any] = {"every": 10} if mode == "every10" else {}
     transport = DropTransport() if mode == "capture" else None
@@ -490,12 +494,13 @@ def _worst_delay(measured: list[dict[str, Any]]) -> str:
     return str(max(delays)) if delays else "-"
 
 
-def soak(steps: int) -> dict[str, Any]:
+def soak(steps: int, compiled_kernels: str = "auto") -> dict[str, Any]:
     """RSS growth and the host's lag over a long run of the small MLP at defaults.
 
     RSS counts the pages of shared libraries the process has touched as well as its own
     memory; the private (anonymous) part is printed beside it, and the step at which the
-    compiled kernels loaded (numba and LLVM add a one-time step to both).
+    compiled kernels loaded (numba and LLVM add a one-time step to both), and the loop's
+    milliseconds a step (``compiled_kernels="never"`` trades the step for time).
     """
     torch.set_num_threads(1)
     import monitor
@@ -508,7 +513,9 @@ def soak(steps: int) -> dict[str, Any]:
         settings = Settings(
             database_url=f"sqlite:///{folder / 'apmon.db'}",
             mlflow_tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+            compiled_kernels=compiled_kernels,
         )
+        began = time.perf_counter()
         mon = monitor.watch(model, opt, settings=settings)
         step = mon(plain_step)
         rss: list[float] = []
@@ -527,10 +534,13 @@ def soak(steps: int) -> dict[str, Any]:
                 private.append(_private_rss_mb())
         host_rss = _host_peak_rss_mb(mon.transport)
         mon.close()
+        loop_s = time.perf_counter() - began
         _wait_for_host(mon.transport)  # it renders the report after close(): keep its folder
         after_500 = 1 if len(rss) > 1 else 0  # the first reading is at step 0
         figures = {
             "steps": steps,
+            "compiled_kernels": compiled_kernels,
+            "ms_per_step_with_close": 1000 * loop_s / steps,
             "rss_mb_after_first_500": rss[after_500],
             "rss_mb_end": rss[-1],
             "growth_mb": rss[-1] - rss[after_500],
@@ -580,6 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         "--seconds", type=float, default=8.0, help="length of each plain loop (sets the steps)"
     )
     parser.add_argument("--soak", type=int, metavar="STEPS", help="RSS/queue run of the small MLP")
+    parser.add_argument(
+        "--compiled-kernels",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="the soak's compiled_kernels setting (the table's nokernels mode sets never)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--omp-wait-policy",
@@ -594,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(name, mode, int(threads), int(steps), Path(folder))))
         return 0
     if args.soak:
-        figures: dict[str, Any] = {"soak": soak(args.soak)}
+        figures: dict[str, Any] = {"soak": soak(args.soak, args.compiled_kernels)}
     else:
         args.threads = args.threads or [0]
         if "plain" not in args.modes:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from monitor.client import kernel_loader
 from monitor.client.apt import DEFAULT_SWEEP_ETAS, AptProber, RateTriggered, reference_lr
 from monitor.client.budget import DEFAULT_CAPTURE_BUDGET, CaptureBudget
 from monitor.client.capture import ModuleTracker, SiteFilter, site_kind
@@ -878,8 +879,11 @@ def watch(
     ``sweep_etas`` (trial learning rates, default 16 log-spaced in 1e-4..1e2), ``probe_rows``
     (probe only the first rows of the batch; default the whole batch). ``mlflow_run_id``: the
     MLflow run to log into; default the active one when mlflow is imported, else a new run.
+    ``settings.compiled_kernels`` (``APMON_COMPILED_KERNELS``) says when this process loads the
+    compiled CPU kernels (``monitor.client.kernel_loader``).
     """
     settings, mlflow_run_id = link_mlflow_run(settings or Settings(), mlflow_run_id)
+    kernel_loader.set_policy(settings.compiled_kernels)
     if transport is None:
         if settings.server_url:
             from monitor.client.http import HttpTransport

@@ -33,6 +33,11 @@ host (a small model's steps wait while the host catches up after its start), as 
 had to spare. Side by side (``python benchmarks/e2e_ab.py --model mlp_small --steps 10000
 --rounds 4 --threads 1``), the small MLP's whole run took 2.460x plain with that rule and
 2.418x without the kernels at all: they saved it nothing, and cost it about 100 MiB.
+
+A user chooses otherwise with the setting ``compiled_kernels`` (``APMON_COMPILED_KERNELS``;
+``set_policy``): ``"never"`` keeps numba out of the process (a job whose memory is tight, or
+many ranks on one host: each pays its own private part), ``"always"`` loads the kernels in
+``watch()`` (a long run pays the second up front instead of the rent first).
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ from __future__ import annotations
 import logging
 import threading
 from types import ModuleType
+from typing import get_args
+
+from monitor.settings import KernelPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +57,10 @@ LOAD_SECONDS = 1.0
 SCALE_SAVING = 0.7
 COUNT_SAVING = 0.9
 
+POLICIES: tuple[str, ...] = get_args(KernelPolicy)
+
 _lock = threading.Lock()
+_policy: KernelPolicy = "auto"
 _loaded: ModuleType | None = None
 _failed = False
 _charged = 0.0
@@ -60,14 +71,38 @@ def kernels() -> ModuleType | None:
     return _loaded
 
 
+def set_policy(policy: KernelPolicy) -> None:
+    """Set when this process loads the kernels.
+
+    ``"auto"``: rent or buy (``charge``); ``"always"``: now; ``"never"``: not (kernels already
+    loaded stay in use: their memory is spent).
+    """
+    global _policy
+    if policy not in POLICIES:
+        raise ValueError(f"compiled_kernels must be one of {', '.join(POLICIES)}; got {policy!r}")
+    _policy = policy
+    if policy == "always":
+        load_kernels()
+
+
+def policy() -> KernelPolicy:
+    """The policy ``set_policy`` set last (``"auto"`` until then)."""
+    return _policy
+
+
+def would_have_saved() -> float:
+    """Seconds the kernels would have saved so far, by the rent (see ``charge``)."""
+    return _charged
+
+
 def charge(seconds: float, saving: float) -> None:
     """Add the rent of ``seconds`` spent without the kernels, of which they save ``saving``.
 
-    The kernels load once the rent adds up to LOAD_SECONDS.
+    Under the ``"auto"`` policy the kernels load once the rent adds up to LOAD_SECONDS.
     """
     global _charged
     _charged += seconds * saving
-    if _charged >= LOAD_SECONDS and _loaded is None and not _failed:
+    if _charged >= LOAD_SECONDS and _policy == "auto" and _loaded is None and not _failed:
         # A user who sees the job's memory step up once mid-run finds why in the log
         logger.info(
             "apmon loads its compiled CPU kernels: they would have saved %.2f s so far "

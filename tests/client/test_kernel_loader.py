@@ -1,11 +1,19 @@
 """When ``kernel_loader`` loads the compiled kernels: once the seconds they would have saved add up
-to their loading's cost, and not because training waited for its host. Checked in fresh processes,
-where nothing has loaded them yet."""
+to their loading's cost, and not because training waited for its host; never or at once where the
+user's ``compiled_kernels`` setting says so. Checked in fresh processes, where nothing has loaded
+them yet."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
+from pydantic import ValidationError
+
+from monitor.client import kernel_loader
+from monitor.settings import Settings
 
 FRESH_PROCESS = """
 import logging, sys, time
@@ -70,9 +78,66 @@ print("not loaded")
 """
 
 
-def run_fresh(code: str, last_line: str) -> str:
-    """Run ``code`` in a fresh interpreter; its standard error (the log)."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+# A job that set APMON_COMPILED_KERNELS=never: rent well past the loading's cost buys nothing,
+# and the statistics are the kernels' (computed by numpy and torch).
+NEVER_BY_ENVIRONMENT = """
+import sys, tempfile
+import torch
+from torch import nn
+import monitor
+from monitor.client import kernel_loader, summary
+from monitor.settings import Settings
+
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+with tempfile.TemporaryDirectory() as folder:
+    settings = Settings(database_url=f"sqlite:///{folder}/apmon.db", mlflow_tracking_uri="")
+    assert settings.compiled_kernels == "never"
+    with monitor.watch(model, opt, settings=settings) as mon:
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        kernel_loader.charge(3 * kernel_loader.LOAD_SECONDS, 1.0)
+        assert mon.step == 5, mon.step
+assert kernel_loader.would_have_saved() >= 3 * kernel_loader.LOAD_SECONDS
+assert kernel_loader.kernels() is None and "numba" not in sys.modules, "loaded under never"
+print("never loaded")
+"""
+
+
+ALWAYS = """
+import sys, tempfile
+import torch
+from torch import nn
+import monitor
+from monitor.client import kernel_loader
+from monitor.settings import Settings
+
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+with tempfile.TemporaryDirectory() as folder:
+    database = f"sqlite:///{folder}/apmon.db"
+    settings = Settings(database_url=database, mlflow_tracking_uri="", compiled_kernels="always")
+    assert "numba" not in sys.modules
+    mon = monitor.watch(model, opt, settings=settings)
+    loaded = kernel_loader.kernels() is not None and "numba" in sys.modules
+    mon.close()
+assert loaded, "watch() did not load the kernels under always"
+print("loaded in watch")
+"""
+
+
+def run_fresh(code: str, last_line: str, environment: dict[str, str] | None = None) -> str:
+    """Run ``code`` in a fresh interpreter (with ``environment`` added); its standard error."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(environment or {})},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == last_line
     return done.stderr
@@ -88,3 +153,18 @@ def test_waiting_for_the_host_does_not_load_the_kernels() -> None:
     # the host is far behind and training waits for it. An earlier rule loaded the kernels in
     # those waits: about 100 MiB more for the job, and no faster run (``kernel_loader``).
     run_fresh(WHILE_THE_HOST_CATCHES_UP, "not loaded")
+
+
+def test_never_keeps_numba_out_of_the_job() -> None:
+    run_fresh(NEVER_BY_ENVIRONMENT, "never loaded", {"APMON_COMPILED_KERNELS": "never"})
+
+
+def test_always_loads_the_kernels_in_watch() -> None:
+    run_fresh(ALWAYS, "loaded in watch")
+
+
+def test_an_unknown_policy_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="auto, always, never"):
+        kernel_loader.set_policy("sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="'auto', 'always' or 'never'"):
+        Settings(compiled_kernels="sometimes")  # type: ignore[arg-type]
