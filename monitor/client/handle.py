@@ -742,6 +742,7 @@ class Monitor:
         for hook in self._probe_hooks:
             hook.remove()
         atexit.unregister(self._atexit)
+        kernel_loader.log_forgone_saving()
         self._send_pending_probe()
         try:
             self._flush_pending()

@@ -95,6 +95,19 @@ def would_have_saved() -> float:
     return _charged
 
 
+def log_forgone_saving() -> None:
+    """Under ``"never"``, log at a run's end what the kernels would have saved.
+
+    Only once that is more than their loading costs: the user's trade, in seconds.
+    """
+    if _policy == "never" and _loaded is None and _charged >= LOAD_SECONDS:
+        logger.info(
+            "apmon's compiled CPU kernels would have saved this process about %.1f s so far, "
+            "against about 1 s to load them (APMON_COMPILED_KERNELS=never keeps them out)",
+            _charged,
+        )
+
+
 def charge(seconds: float, saving: float) -> None:
     """Add the rent of ``seconds`` spent without the kernels, of which they save ``saving``.
 
