@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -55,6 +55,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import ResNet20, mlp
 from overhead import median_interval
+
+if TYPE_CHECKING:
+    from monitor.settings import KernelPolicy
 
 MODELS = ("resnet20", "mlp3072", "digits_cnn", "mlp_small")
 MODES = ("plain", "defaults", "every10", "capture", "nomlflow", "nokernels")
@@ -494,7 +497,7 @@ def _worst_delay(measured: list[dict[str, Any]]) -> str:
     return str(max(delays)) if delays else "-"
 
 
-def soak(steps: int, compiled_kernels: str = "auto") -> dict[str, Any]:
+def soak(steps: int, compiled_kernels: KernelPolicy = "auto") -> dict[str, Any]:
     """RSS growth and the host's lag over a long run of the small MLP at defaults.
 
     RSS counts the pages of shared libraries the process has touched as well as its own
