@@ -85,11 +85,6 @@ def set_policy(policy: KernelPolicy) -> None:
         load_kernels()
 
 
-def policy() -> KernelPolicy:
-    """The policy ``set_policy`` set last (``"auto"`` until then)."""
-    return _policy
-
-
 def would_have_saved() -> float:
     """Seconds the kernels would have saved so far, by the rent (see ``charge``)."""
     return _charged

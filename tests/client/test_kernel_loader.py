@@ -78,14 +78,14 @@ print("not loaded")
 """
 
 
-# A job that set APMON_COMPILED_KERNELS=never: rent well past the loading's cost buys nothing,
-# and the statistics are the kernels' (computed by numpy and torch).
+# A job that set APMON_COMPILED_KERNELS=never: rent well past the loading's cost buys nothing
+# (FRESH_PROCESS checks that numpy and torch give the kernels' statistics), and close() logs it.
 NEVER_BY_ENVIRONMENT = """
 import logging, sys, tempfile
 import torch
 from torch import nn
 import monitor
-from monitor.client import kernel_loader, summary
+from monitor.client import kernel_loader
 from monitor.settings import Settings
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
