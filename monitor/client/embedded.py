@@ -105,15 +105,17 @@ class EmbeddedTransport:
         self._send(("mark", self._marks_sent))
         return self._marks_sent
 
-    def wait_for_mark(self, mark: int) -> None:
+    def wait_for_mark(self, mark: int, whole: bool = False) -> None:
         """Wait until the host has run the plugins over every record sent before ``mark``.
 
         A host that is behind (it started late, or it is slower than training for a while) is
         waited for only until it has caught up by ``CATCH_UP`` marks: training then runs at most
-        at half the host's pace until the host is level and alerts are timely again. No wait
-        before the host has started, after it failed, or while it makes no progress at all: a
-        host that does not move for ``settings.alert_wait_seconds`` is not waited for again
-        until it moves.
+        at half the host's pace until the host is level and alerts are timely again. With
+        ``whole`` (the mark after an APT probe: the divergence detectors judge it) the wait
+        lasts until the host has reached ``mark`` itself, so that a probe's alert arrives in its
+        own step even while the host catches up after its start. No wait before the host has
+        started, after it failed, or while it makes no progress at all: a host that does not
+        move for ``settings.alert_wait_seconds`` is not waited for again until it moves.
         """
         self._receive()
         if self._marks_seen >= mark or self._dead or not self._started:
@@ -122,7 +124,7 @@ class EmbeddedTransport:
             if self._marks_seen == self._stalled_at:
                 return
             self._waiting = True  # it moves again
-        target = min(mark, self._marks_seen + CATCH_UP)
+        target = mark if whole else min(mark, self._marks_seen + CATCH_UP)
         begin = time.perf_counter()
         deadline = begin + self.settings.alert_wait_seconds
         while self._marks_seen < target and not self._dead:

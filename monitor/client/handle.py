@@ -200,9 +200,7 @@ class Monitor:
         if merge_ranks and not is_leader(process_group):
             self.transport = transport = SilentTransport()  # the leader ships for all ranks
         self._mark: Callable[[], int] | None = getattr(transport, "mark", None)
-        self._wait_for_mark: Callable[[int], None] | None = getattr(
-            transport, "wait_for_mark", None
-        )
+        self._wait_for_mark: Callable[..., None] | None = getattr(transport, "wait_for_mark", None)
         # -- end of probe set and merging -----------------------------------------------------
         self.tracker = ModuleTracker(model, self._record_site, sign_mode=sign_mode)
         self.tracker.on_forward = self._on_forward
@@ -604,12 +602,15 @@ class Monitor:
             previous = self._marks.pop(0) if len(self._marks) == 2 else None
             # The probe's mark was sent after the previous step's: waiting for it waits for both.
             target = previous if self._probe_mark is None else self._probe_mark
-            self._probe_mark = None
+            probed, self._probe_mark = self._probe_mark is not None, None
             if self._surging and self._marks:  # this step's own summary (see SURGE_RATE)
                 target = self._marks[-1]
             if target is not None:
                 try:
-                    self._wait_for_mark(target)
+                    if probed:  # the whole way, even behind a host that is catching up
+                        self._wait_for_mark(target, True)
+                    else:
+                        self._wait_for_mark(target)
                 except Exception:
                     logger.exception("apmon could not wait for its host")
         alerts = sorted(self.transport.poll_alerts(), key=lambda alert: alert.step)

@@ -116,6 +116,64 @@ def test_a_probes_alert_reaches_on_alert_within_the_probes_own_step(tmp_path: Pa
     assert done_when_received == bad_step  # received before step 7's function returned
 
 
+def test_a_probes_alert_arrives_in_its_own_step_behind_a_host_still_catching_up(
+    tmp_path: Path,
+) -> None:
+    """A host far behind (here: stopped, then resumed, as after a late start) is caught up at
+    half its pace; a probe's step waits for it the whole way, so the probe's alert is in time."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    on_alert = Received()
+    probe_at: list[int] = []
+    mon = watch(
+        model,
+        opt,
+        settings=_settings(tmp_path).model_copy(update={"alert_wait_seconds": 1.0}),
+        on_alert=on_alert,
+        apt_every=probe_at.__contains__,
+    )
+    _wait_until_started(mon)
+    transport = mon.transport
+
+    @mon
+    def step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            step(torch.randn(8, 6))
+            on_alert.finished += 1
+
+    train(3)
+    host = transport._process.pid
+    os.kill(host, signal.SIGSTOP)
+    try:
+        train(200)  # after a second's wait training stops waiting for a host that does not move
+    finally:
+        os.kill(host, signal.SIGCONT)
+    stalled_at = transport._marks_seen
+    while transport._marks_seen == stalled_at:  # it moves again: it is waited for again
+        transport.poll_alerts()
+        time.sleep(0.001)
+    behind = transport._marks_sent - transport._marks_seen
+    bad_step = mon.step
+    probe_at.append(bad_step)  # this step's probe sees a NaN: a divergence alert
+    x = torch.randn(8, 6)
+    x[0, 0] = float("nan")
+    step(x)
+    on_alert.finished += 1
+    train(3)
+    mon.close()
+    first = [done for alert, done in on_alert.received if alert.step == bad_step]
+    assert first, on_alert.received
+    assert behind > 20, behind
+    assert first[0] == bad_step, (first[0], bad_step, behind)  # before its step function returned
+
+
 def test_while_the_rate_surges_a_losss_alert_arrives_within_its_own_step(tmp_path: Path) -> None:
     """At 10x its median the rate surges: each step waits for its own summary to be judged.
 
