@@ -10,7 +10,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +29,21 @@ def _model() -> nn.Module:
     return nn.Sequential(
         nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
     )
+
+
+def _square_loss_step(
+    model: nn.Module, opt: torch.optim.Optimizer
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A plain training step on a batch ``x`` (the mean square of the outputs), to decorate."""
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
 
 
 def _settings(tmp_path: Path, **extra: object) -> Settings:
@@ -71,13 +88,7 @@ def _train_with_nan_at(
     mon = watch(model, opt, settings=_settings(tmp_path), on_alert=on_alert, **options)  # type: ignore[arg-type]
     _wait_until_started(mon)
 
-    @mon
-    def step(x: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad()
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        return loss
+    step = mon(_square_loss_step(model, opt))
 
     for i in range(12):
         x = torch.randn(8, 6)
@@ -133,15 +144,9 @@ def test_a_probes_alert_arrives_in_its_own_step_behind_a_host_still_catching_up(
         apt_every=probe_at.__contains__,
     )
     _wait_until_started(mon)
-    transport = mon.transport
+    transport: Any = mon.transport  # its private counters: the test reads the host's progress
 
-    @mon
-    def step(x: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad()
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        return loss
+    step = mon(_square_loss_step(model, opt))
 
     def train(steps: int) -> None:
         for _ in range(steps):
@@ -288,13 +293,7 @@ def test_records_reach_the_host_in_step_order_with_probes_every_step(tmp_path: P
     transport = ListTransport()
     mon = watch(model, opt, transport=transport, apt_every=1)
 
-    @mon
-    def step(x: torch.Tensor) -> torch.Tensor:
-        opt.zero_grad()
-        loss = model(x).square().mean()
-        loss.backward()
-        opt.step()
-        return loss
+    step = mon(_square_loss_step(model, opt))
 
     for _ in range(6):
         step(torch.randn(8, 6))
