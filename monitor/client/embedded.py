@@ -127,10 +127,20 @@ class EmbeddedTransport:
         target = mark if whole else min(mark, self._marks_seen + CATCH_UP)
         begin = time.perf_counter()
         deadline = begin + self.settings.alert_wait_seconds
+        seen_at_begin = self._marks_seen
         while self._marks_seen < target and not self._dead:
             left = deadline - time.perf_counter()
             if left <= 0:
                 self.late_marks += 1
+                if self._marks_seen > seen_at_begin:
+                    # A whole wait behind a host that moves, only slowly: not a stalled host
+                    logger.warning(
+                        "apmon's host is %d steps behind after a %.3g s wait; training goes on "
+                        "without its answer (alerts may come late)",
+                        mark - self._marks_seen,
+                        self.settings.alert_wait_seconds,
+                    )
+                    break
                 logger.warning(
                     "apmon's host made no progress for %.3g s; training no longer waits for it "
                     "until it moves (alerts may come late)",

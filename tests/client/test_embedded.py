@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -177,6 +178,54 @@ def test_a_probes_alert_arrives_in_its_own_step_behind_a_host_still_catching_up(
     assert first, on_alert.received
     assert behind > 20, behind
     assert first[0] == bad_step, (first[0], bad_step, behind)  # before its step function returned
+
+
+def test_a_slow_host_past_the_waits_limit_is_not_taken_for_a_stalled_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe's whole wait that outlasts ``alert_wait_seconds`` behind a host that moves, only
+    slowly (here: stopped and resumed in turns), says so and keeps waiting for it later on."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe_at: list[int] = []
+    settings = _settings(tmp_path).model_copy(update={"alert_wait_seconds": 0.3})
+    mon = watch(model, opt, settings=settings, apt_every=probe_at.__contains__)
+    _wait_until_started(mon)
+    transport: Any = mon.transport
+    step = mon(_square_loss_step(model, opt))
+    host = transport._process.pid
+    os.kill(host, signal.SIGSTOP)
+    try:
+        for _ in range(300):  # after 0.3 s training stops waiting for the stopped host
+            step(torch.randn(8, 6))
+    finally:
+        os.kill(host, signal.SIGCONT)
+    stalled_at = transport._marks_seen
+    while transport._marks_seen == stalled_at:
+        transport.poll_alerts()
+        time.sleep(0.001)
+    stop = threading.Event()
+
+    def crawl() -> None:  # the host runs 5 ms in every 60 ms: it moves, slowly
+        while not stop.is_set():
+            os.kill(host, signal.SIGSTOP)
+            time.sleep(0.055)
+            os.kill(host, signal.SIGCONT)
+            time.sleep(0.005)
+
+    crawler = threading.Thread(target=crawl)
+    crawler.start()
+    try:
+        probe_at.append(mon.step)
+        with caplog.at_level(logging.WARNING, logger="monitor.client.embedded"):
+            step(torch.randn(8, 6))
+    finally:
+        stop.set()
+        crawler.join()
+        os.kill(host, signal.SIGCONT)
+    mon.close()
+    assert "steps behind after a 0.3 s wait" in caplog.text, caplog.text
+    assert "made no progress" not in caplog.text.split("steps behind")[-1], caplog.text
 
 
 def test_while_the_rate_surges_a_losss_alert_arrives_within_its_own_step(tmp_path: Path) -> None:
