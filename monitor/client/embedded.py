@@ -115,7 +115,8 @@ class EmbeddedTransport:
         lasts until the host has reached ``mark`` itself, so that a probe's alert arrives in its
         own step even while the host catches up after its start. No wait before the host has
         started, after it failed, or while it makes no progress at all: a host that does not
-        move for ``settings.alert_wait_seconds`` is not waited for again until it moves.
+        move for ``settings.alert_wait_seconds`` is not waited for again until it moves. A wait
+        that reaches that limit behind a host that did move gives up for this step only.
         """
         self._receive()
         if self._marks_seen >= mark or self._dead or not self._started:
