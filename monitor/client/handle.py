@@ -607,10 +607,8 @@ class Monitor:
                 target = self._marks[-1]
             if target is not None:
                 try:
-                    if probed:  # the whole way, even behind a host that is catching up
-                        self._wait_for_mark(target, True)
-                    else:
-                        self._wait_for_mark(target)
+                    # A probe's mark the whole way, even behind a host that is catching up
+                    self._wait_for_mark(target, whole=probed)
                 except Exception:
                     logger.exception("apmon could not wait for its host")
         alerts = sorted(self.transport.poll_alerts(), key=lambda alert: alert.step)

@@ -98,8 +98,9 @@ def log_forgone_saving() -> None:
     if _policy == "never" and _loaded is None and _charged >= LOAD_SECONDS:
         logger.info(
             "apmon's compiled CPU kernels would have saved this process about %.1f s so far, "
-            "against about 1 s to load them (APMON_COMPILED_KERNELS=never keeps them out)",
+            "against about %.0f s to load them (APMON_COMPILED_KERNELS=never keeps them out)",
             _charged,
+            LOAD_SECONDS,
         )
 
 

@@ -128,6 +128,22 @@ def test_a_probes_alert_reaches_on_alert_within_the_probes_own_step(tmp_path: Pa
     assert done_when_received == bad_step  # received before step 7's function returned
 
 
+def _leave_the_host_behind(transport: Any, train: Callable[[int], None], steps: int) -> None:
+    """Stop the host process while ``train(steps)`` runs (after ``alert_wait_seconds`` training
+    no longer waits for a host that does not move), resume it, and return once it moves again:
+    far behind, and waited for again."""
+    host = transport._process.pid
+    os.kill(host, signal.SIGSTOP)
+    try:
+        train(steps)
+    finally:
+        os.kill(host, signal.SIGCONT)
+    stalled_at = transport._marks_seen
+    while transport._marks_seen == stalled_at:
+        transport.poll_alerts()
+        time.sleep(0.001)
+
+
 def test_a_probes_alert_arrives_in_its_own_step_behind_a_host_still_catching_up(
     tmp_path: Path,
 ) -> None:
@@ -155,16 +171,7 @@ def test_a_probes_alert_arrives_in_its_own_step_behind_a_host_still_catching_up(
             on_alert.finished += 1
 
     train(3)
-    host = transport._process.pid
-    os.kill(host, signal.SIGSTOP)
-    try:
-        train(200)  # after a second's wait training stops waiting for a host that does not move
-    finally:
-        os.kill(host, signal.SIGCONT)
-    stalled_at = transport._marks_seen
-    while transport._marks_seen == stalled_at:  # it moves again: it is waited for again
-        transport.poll_alerts()
-        time.sleep(0.001)
+    _leave_the_host_behind(transport, train, 200)
     behind = transport._marks_sent - transport._marks_seen
     bad_step = mon.step
     probe_at.append(bad_step)  # this step's probe sees a NaN: a divergence alert
@@ -193,17 +200,13 @@ def test_a_slow_host_past_the_waits_limit_is_not_taken_for_a_stalled_one(
     _wait_until_started(mon)
     transport: Any = mon.transport
     step = mon(_square_loss_step(model, opt))
-    host = transport._process.pid
-    os.kill(host, signal.SIGSTOP)
-    try:
-        for _ in range(300):  # after 0.3 s training stops waiting for the stopped host
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
             step(torch.randn(8, 6))
-    finally:
-        os.kill(host, signal.SIGCONT)
-    stalled_at = transport._marks_seen
-    while transport._marks_seen == stalled_at:
-        transport.poll_alerts()
-        time.sleep(0.001)
+
+    _leave_the_host_behind(transport, train, 300)
+    host = transport._process.pid
     stop = threading.Event()
 
     def crawl() -> None:  # the host runs 5 ms in every 60 ms: it moves, slowly
