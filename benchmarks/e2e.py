@@ -57,6 +57,7 @@ from models import ResNet20, mlp
 from overhead import median_interval
 
 if TYPE_CHECKING:
+    from monitor.client.handle import Monitor
     from monitor.settings import KernelPolicy
 
 MODELS = ("resnet20", "mlp3072", "digits_cnn", "mlp_small")
@@ -167,7 +168,7 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     transport = DropTransport() if mode == "capture" else None
     delays: list[int] = []
     begin, cpu = time.perf_counter(), _own_cpu_s()
-    mon = monitor.watch(
+    mon: Monitor = monitor.watch(
         model,
         opt,
         settings=settings,
@@ -540,7 +541,7 @@ def soak(steps: int, compiled_kernels: KernelPolicy = "auto") -> dict[str, Any]:
         loop_s = time.perf_counter() - began
         _wait_for_host(mon.transport)  # it renders the report after close(): keep its folder
         after_500 = 1 if len(rss) > 1 else 0  # the first reading is at step 0
-        figures = {
+        figures: dict[str, Any] = {
             "steps": steps,
             "compiled_kernels": compiled_kernels,
             "ms_per_step_with_close": 1000 * loop_s / steps,

@@ -39,7 +39,7 @@ import sys
 import time
 import tracemalloc
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ class SerialisingTransport:
     def start_run(self, start: RunStart) -> str:
         return self.run_id
 
-    def add_sites(self, sites: list[SiteInfo]) -> None:
+    def add_sites(self, sites: Sequence[SiteInfo]) -> None:
         for site in sites:
             self.units[site.name] = site.units
 
@@ -556,8 +556,9 @@ def bench_apt(name: str, args: argparse.Namespace) -> dict[str, Any]:
             sweep = [t for s, t in per_step.items() if prober.sweep(s)]
             f["apt"] = statistics.median(apt) if apt else 0.0
             f["sweep"] = statistics.median(sweep) - f["apt"] if sweep else 0.0
-            steps_apt = APT_EVERY if "apt_every" in apt_modes(args)[mode] else math.inf
-            steps_sweep = SWEEP_EVERY if "sweep_every" in apt_modes(args)[mode] else math.inf
+            options = apt_modes(args)[mode] or {}
+            steps_apt = APT_EVERY if "apt_every" in options else math.inf
+            steps_sweep = SWEEP_EVERY if "sweep_every" in options else math.inf
             f["amortized"] = 1 + (f["apt"] / steps_apt + f["sweep"] / steps_sweep) / plain
             f["records"] = dict(run["transport"].kinds)
             run["monitor"].close()

@@ -32,7 +32,7 @@ from e2e import MODELS, stat_cpu_s, training
 TRANSPORT_CALLS = ("send_summary", "send_probe", "mark", "wait_for_mark", "poll_alerts")
 
 
-def time_transport_calls(spent: collections.Counter[str]) -> None:
+def time_transport_calls(spent: collections.defaultdict[str, float]) -> None:
     """Wrap the embedded transport's public calls so that their seconds add up in ``spent``."""
     from monitor.client.embedded import EmbeddedTransport
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import monitor
     from monitor.settings import Settings
 
-    spent: collections.Counter[str] = collections.Counter()
+    spent: collections.defaultdict[str, float] = collections.defaultdict(float)
     time_transport_calls(spent)
     model, opt, step = training(args.model)
 

@@ -100,10 +100,11 @@ def main() -> None:
     results = load(args.folder)
     runs = [(r, thinned(r, args.every, args.rise)) for r in results]
     types = {f.name: f.type for f in dataclasses.fields(DivergenceSettings)}
-    given = dict(x.split("=") for x in args.set)
-    base = DivergenceSettings(
-        **{k: int(v) if types[k] in (int, "int") else float(v) for k, v in given.items()}
-    )
+    given: dict[str, str] = dict(x.split("=") for x in args.set)
+    values: dict[str, Any] = {
+        k: int(v) if types[k] in (int, "int") else float(v) for k, v in given.items()
+    }
+    base = DivergenceSettings(**values)
     if not args.grid:
         total = score(runs, base)
         for result, events in runs:
@@ -112,7 +113,7 @@ def main() -> None:
             print(f"{result.spec.key:55s} probes {probes:3d} {first}")
         print(total.row())
         return
-    grid = {
+    grid: dict[str, list[Any]] = {
         "heat_rate": [2.0, 3.0, 4.0, 5.0],
         "heat_rise": [0.3, 0.5, 0.7, 1.0],
         "heat_reference": [2, 3],
@@ -120,11 +121,12 @@ def main() -> None:
         "climb_for": [5, 8],
     }
     rows = []
-    for values in itertools.product(*grid.values()):
-        settings = dataclasses.replace(base, **dict(zip(grid, values, strict=True)))
+    for combination in itertools.product(*grid.values()):
+        chosen: dict[str, Any] = dict(zip(grid, combination, strict=True))
+        settings = dataclasses.replace(base, **chosen)
         total = score(runs, settings)
         lead = statistics.median(total.leads) if total.leads else 0
-        rows.append((total.in_time - 3 * total.false_alarms, lead, values, total.row()))
+        rows.append((total.in_time - 3 * total.false_alarms, lead, combination, total.row()))
     rows.sort(key=lambda r: (r[0], r[1]), reverse=True)
     for row in rows[:25]:
         print(row[2], row[3]["in_time"], row[3]["median_lead"], row[3]["false_alarm_runs"])
