@@ -31,6 +31,7 @@ on a machine whose cores are all training's the host process competes with them;
     python benchmarks/e2e.py --soak 10000           # RSS and queue of 10,000 small-MLP steps
     python benchmarks/e2e.py --soak 10000 --compiled-kernels never
     python benchmarks/e2e.py --omp-wait-policy passive --models mlp3072 digits_cnn
+    python benchmarks/e2e.py --device cuda --rounds 3   # on a GPU machine (the GPU table)
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
     from monitor.client.handle import Monitor
     from monitor.settings import KernelPolicy
 
+# The device every measured process trains on (``--device``; the workers inherit it).
+DEVICE_VARIABLE = "APMON_E2E_DEVICE"
 MODELS = ("resnet20", "mlp3072", "digits_cnn", "mlp_small")
 MODES = ("plain", "defaults", "every10", "capture", "nomlflow", "nokernels")
 TARGETS = {"resnet20": 1.10, "mlp3072": 1.15, "digits_cnn": 1.5}
@@ -98,16 +101,26 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return make(), torch.randn(*shape), torch.randint(0, 10, (shape[0],))
 
 
-def training(name: str) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], torch.Tensor]]:
-    """The model, its optimizer (SGD, momentum 0.9) and one plain training step on its batch."""
+def training(
+    name: str, device: str = "cpu"
+) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], torch.Tensor]]:
+    """The model, its optimizer (SGD, momentum 0.9) and one plain training step on its batch.
+
+    On a GPU each step ends with ``torch.cuda.synchronize()``, monitored or not, so that a
+    step's time is its work and not the launch of its kernels (as a loop that reads its loss
+    each step would see it).
+    """
     model, x, y = build(name)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    wait = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
 
     def step() -> torch.Tensor:
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        wait()
         return loss.detach()
 
     return model, opt, step
@@ -141,10 +154,11 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     """One measurement in this process; the figures as a dict."""
     if threads:
         torch.set_num_threads(threads)
-    model, opt, step = training(name)
+    model, opt, step = training(name, os.environ.get(DEVICE_VARIABLE, "cpu"))
     for _ in range(3):  # allocator and thread-pool warm-up, as a user's first steps
         step()
     figures: dict[str, Any] = {"model": name, "mode": mode, "threads": threads, "steps": steps}
+    figures["device"] = os.environ.get(DEVICE_VARIABLE, "cpu")
     stamps: list[float] = []  # after each step: the second half of the loop is the steady state
     if mode == "plain":
         begin, cpu = time.perf_counter(), _own_cpu_s()
@@ -387,6 +401,8 @@ def summarise(
     label = f"torch threads: {threads or torch.get_num_threads()} ({how})"
     if os.environ.get("OMP_WAIT_POLICY"):
         label += f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} in every process"
+    if os.environ.get(DEVICE_VARIABLE, "cpu") != "cpu":
+        label += f", device {os.environ[DEVICE_VARIABLE]}"
     out: dict[str, Any] = {}
     rows, details, steady_rows = [], [], []
     for name in args.models:
@@ -600,6 +616,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the soak's compiled_kernels setting (the table's nokernels mode sets never)",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="train every measured process on this device (the soak stays on the CPU)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--omp-wait-policy",
@@ -609,6 +631,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # the workers inherit it
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device")
+    if not args.worker:
+        os.environ[DEVICE_VARIABLE] = args.device  # the workers inherit it
     if args.worker:
         name, mode, threads, steps, folder = args.worker
         print(json.dumps(worker(name, mode, int(threads), int(steps), Path(folder))))
