@@ -633,12 +633,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # the workers inherit it
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
-    if not args.worker:
-        os.environ[DEVICE_VARIABLE] = args.device  # the workers inherit it
     if args.worker:
         name, mode, threads, steps, folder = args.worker
         print(json.dumps(worker(name, mode, int(threads), int(steps), Path(folder))))
         return 0
+    os.environ[DEVICE_VARIABLE] = args.device  # the workers inherit it
     if args.soak:
         figures: dict[str, Any] = {"soak": soak(args.soak, args.compiled_kernels)}
     else:
