@@ -154,11 +154,12 @@ def worker(name: str, mode: str, threads: int, steps: int, folder: Path) -> dict
     """One measurement in this process; the figures as a dict."""
     if threads:
         torch.set_num_threads(threads)
-    model, opt, step = training(name, os.environ.get(DEVICE_VARIABLE, "cpu"))
+    device = os.environ.get(DEVICE_VARIABLE, "cpu")
+    model, opt, step = training(name, device)
     for _ in range(3):  # allocator and thread-pool warm-up, as a user's first steps
         step()
     figures: dict[str, Any] = {"model": name, "mode": mode, "threads": threads, "steps": steps}
-    figures["device"] = os.environ.get(DEVICE_VARIABLE, "cpu")
+    figures["device"] = device
     stamps: list[float] = []  # after each step: the second half of the loop is the steady state
     if mode == "plain":
         begin, cpu = time.perf_counter(), _own_cpu_s()
