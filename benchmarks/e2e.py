@@ -520,7 +520,8 @@ def soak(steps: int, compiled_kernels: KernelPolicy = "auto") -> dict[str, Any]:
 
     RSS counts the pages of shared libraries the process has touched as well as its own
     memory; the private (anonymous) part is printed beside it, and the step at which the
-    compiled kernels loaded (numba and LLVM add a one-time step to both), and the loop's
+    compiled kernels loaded (numba and LLVM add a one-time step to both) with the rent that
+    buys them (``kernel_loader``: the seconds they would have saved so far), and the loop's
     milliseconds a step (``compiled_kernels="never"`` trades the step for time).
     """
     torch.set_num_threads(1)
@@ -541,6 +542,7 @@ def soak(steps: int, compiled_kernels: KernelPolicy = "auto") -> dict[str, Any]:
         step = mon(plain_step)
         rss: list[float] = []
         private: list[float] = []
+        rent: list[float] = []
         lag = 0
         loaded_at: int | None = None
         for i in range(steps):
@@ -553,6 +555,7 @@ def soak(steps: int, compiled_kernels: KernelPolicy = "auto") -> dict[str, Any]:
             if i % 500 == 0 or i == steps - 1:
                 rss.append(_current_rss_mb())
                 private.append(_private_rss_mb())
+                rent.append(kernel_loader.would_have_saved())
         host_rss = _host_peak_rss_mb(mon.transport)
         mon.close()
         loop_s = time.perf_counter() - began
@@ -567,15 +570,17 @@ def soak(steps: int, compiled_kernels: KernelPolicy = "auto") -> dict[str, Any]:
             "growth_mb": rss[-1] - rss[after_500],
             "private_growth_mb": private[-1] - private[after_500],
             "kernels_loaded_at_step": loaded_at,
+            "kernel_rent_s_end": rent[-1],
             "max_lag_steps": lag,
             "pending_end": transport.pending() if hasattr(transport, "pending") else 0,
             "dropped": getattr(transport, "dropped", 0),
             "host_peak_rss_mb": host_rss,
             "rss_mb_every_500": [round(v, 1) for v in rss],
             "private_mb_every_500": [round(v, 1) for v in private],
+            "kernel_rent_s_every_500": [round(v, 2) for v in rent],
         }
     print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, list)}, indent=2))
-    for key in ("rss_mb_every_500", "private_mb_every_500"):
+    for key in ("rss_mb_every_500", "private_mb_every_500", "kernel_rent_s_every_500"):
         print(f"{key}: {' '.join(str(v) for v in figures[key])}")
     return figures
 

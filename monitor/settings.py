@@ -114,8 +114,9 @@ class Settings(BaseSettings):
     compiled_kernels: KernelPolicy = Field(
         default="auto",
         description="Client: when the training process loads apmon's compiled CPU kernels (numba; "
-        "about 100 MiB of RSS once, 36 MiB of it private). 'auto': once they would have saved the "
-        "second their loading costs; 'always': in watch(); 'never': count with numpy and torch "
+        "about 100 MiB of RSS once, 36 MiB of it private). 'auto': once they would have saved "
+        "their price (1 s of loading, their memory valued at 4 s); 'always': in watch(); "
+        "'never': count with numpy and torch "
         "(the same statistics, slower on the CPU).",
     )
     spool_memory_records: int = Field(

@@ -15,17 +15,30 @@ small MLP's ``python benchmarks/e2e.py --soak 10000``: +104 MiB, of which 36 MiB
 memory and the rest numba's and LLVM's shared libraries mapped from disk).
 
 So the kernels are loaded as rent or buy: once the seconds they would have saved add up to
-``LOAD_SECONDS``. A short run never pays for them, and a run of any length pays at most about
-twice what loading at its start would have cost. The rent is the share of the seconds spent
-without the kernels that the kernels would have saved (``charge``). Measured per site, one
-thread, 2026-12-03 (without / with the kernels):
+``BUY_SECONDS``, their price: the loading's ``LOAD_SECONDS`` and their memory, valued at
+``MEMORY_PRICE_SECONDS``. Counted in that currency (seconds, and memory at its price), a short
+run never pays for them and a run of any length pays at most about twice the better choice; in
+seconds alone, a run pays at most about 6 s more than loading them at its start would have
+cost. The rent is the share of the seconds spent without the kernels that the kernels would
+have saved (``charge``). Measured per site, one thread, 2026-12-03 (without / with the
+kernels):
 
 - scale statistics, numpy / kernels: 64x128 dense 31 / 8 us, 64x64 25 / 6 us, 128x512
   120 / 21 us, 64x16x8x8 conv 133 / 41 us, 128x16x32x32 conv 701 / 647 us: about 70%
   saved (``SCALE_SAVING``) but on the largest conv sites, whose pattern counts buy the kernels
-  within seconds anyway;
+  soon anyway;
 - pattern counts, torch / kernels, the same sites: 439 / 30, 270 / 30, 1,257 / 60, 751 / 121,
   25,086 / 1,435 us: about 90% (``COUNT_SAVING``).
+
+Why memory has a price: the issue that set apmon's costs allows the small MLP's job at most 50
+MiB more RSS over 10,000 steps, and the kernels' 100 MiB, once, broke that. With the loading's
+second alone as the price, the small MLP of ``python benchmarks/e2e.py --soak 10000`` (0.1 to
+0.24 ms of rent a step: each site's scale statistics, and a pattern count every 64th step)
+bought them at step 4,261 on a slow day of a 2-core machine and near step 10,000 on a fast one.
+At 4 s for their memory it buys them after about 20,000 steps on the slow day and 48,000 on
+the fast one. Every model of ``e2e.py`` still buys them after one to five minutes of training
+(rent per second of training, fast day: digits CNN 0.07 s, small MLP 0.08 s, ResNet-20 0.03 s,
+MLP 3072-512x3 0.02 s), and the kernels save each of them 2-8% of its monitored step from then on.
 
 A site with a non-finite value goes to the torch operations with or without the kernels: no
 rent. An earlier rule also loaded the kernels once training had waited 0.5 s for its embedded
@@ -51,8 +64,12 @@ from monitor.settings import KernelPolicy
 
 logger = logging.getLogger(__name__)
 
-# The loading's measured cost (see above): the seconds the kernels would have saved that buy them.
+# The loading's measured cost in time (see above).
 LOAD_SECONDS = 1.0
+# What the kernels' memory (about 100 MiB of RSS, once) is worth in seconds (see above).
+MEMORY_PRICE_SECONDS = 4.0
+# The seconds the kernels would have saved that buy them under "auto".
+BUY_SECONDS = LOAD_SECONDS + MEMORY_PRICE_SECONDS
 # Shares of the seconds spent without the kernels that they save (measured: see above).
 SCALE_SAVING = 0.7
 COUNT_SAVING = 0.9
@@ -107,11 +124,11 @@ def log_forgone_saving() -> None:
 def charge(seconds: float, saving: float) -> None:
     """Add the rent of ``seconds`` spent without the kernels, of which they save ``saving``.
 
-    Under the ``"auto"`` policy the kernels load once the rent adds up to LOAD_SECONDS.
+    Under the ``"auto"`` policy the kernels load once the rent adds up to BUY_SECONDS.
     """
     global _charged
     _charged += seconds * saving
-    if _charged >= LOAD_SECONDS and _policy == "auto" and _loaded is None and not _failed:
+    if _charged >= BUY_SECONDS and _policy == "auto" and _loaded is None and not _failed:
         # A user who sees the job's memory step up once mid-run finds why in the log
         logger.info(
             "apmon loads its compiled CPU kernels: they would have saved %.2f s so far "

@@ -1,7 +1,7 @@
 """When ``kernel_loader`` loads the compiled kernels: once the seconds they would have saved add up
-to their loading's cost, and not because training waited for its host; never or at once where the
-user's ``compiled_kernels`` setting says so. Checked in fresh processes, where nothing has loaded
-them yet."""
+to their price (their loading's cost and their memory's), and not because training waited for its
+host; never or at once where the user's ``compiled_kernels`` setting says so. Checked in fresh
+processes, where nothing has loaded them yet."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ logging.basicConfig(level=logging.INFO, format="%(message)s")
 x = torch.randn(32, 64)
 before = summary.to_wire("s", summary.measure(x, "dense"))
 counted = kernel_loader._charged
-assert 0 < counted < kernel_loader.LOAD_SECONDS, counted
+assert 0 < counted < kernel_loader.LOAD_SECONDS < kernel_loader.BUY_SECONDS, counted
 began = time.perf_counter()
 summary.measure_scale(x, "dense")
 spent = time.perf_counter() - began
@@ -36,6 +36,8 @@ assert kernel_loader._charged == counted + scale_rent, "a non-finite site paid r
 assert kernel_loader.kernels() is None
 assert "numba" not in sys.modules, "something loaded numba before the kernels paid off"
 kernel_loader.charge(kernel_loader.LOAD_SECONDS, 1.0)
+assert kernel_loader.kernels() is None, "the loading's second bought the memory too"
+kernel_loader.charge(kernel_loader.MEMORY_PRICE_SECONDS, 1.0)
 assert kernel_loader.kernels() is not None and "numba" in sys.modules
 after = summary.to_wire("s", summary.measure(x, "dense"))
 assert after.model_copy(update={"sumsq": 0.0}) == before.model_copy(update={"sumsq": 0.0})
@@ -72,7 +74,7 @@ with tempfile.TemporaryDirectory() as folder:
     waited = mon.transport.waited_seconds
     mon.close()
 assert waited >= 0.5, f"training waited only {waited:.2f} s for its host in 60 s"
-assert kernel_loader._charged < kernel_loader.LOAD_SECONDS, kernel_loader._charged
+assert kernel_loader._charged < kernel_loader.BUY_SECONDS, kernel_loader._charged
 assert kernel_loader.kernels() is None and "numba" not in sys.modules, "loaded for the waits"
 print("not loaded")
 """
@@ -144,7 +146,7 @@ def run_fresh(code: str, last_line: str, environment: dict[str, str] | None = No
     return done.stderr
 
 
-def test_kernels_load_once_their_rent_adds_up_to_their_loading() -> None:
+def test_kernels_load_once_their_rent_adds_up_to_their_loading_and_memory() -> None:
     log = run_fresh(FRESH_PROCESS, "loaded")
     assert "apmon loads its compiled CPU kernels: they would have saved" in log, log[-2000:]
 
