@@ -20,6 +20,7 @@ import argparse
 import gzip
 import json
 import logging
+import multiprocessing
 import os
 import pickle
 import sys
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from driver import Received, Result, diverged_at, signal_of, train
 from families import HALVES, RunSpec, quick_suite, suite
+from pinned_kernels import pin
 from score import score_all
 
 DETECTORS = ["apt", "transition_fit", "divergence", "strikes"]
@@ -58,7 +60,10 @@ def run_specs(
     """
     results = []
     jobs_list = [(s, record is not None, options or {}) for s in specs]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    # Fresh workers, not forks of this process: they read the kernel variables (pinned_kernels)
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         for result in pool.map(_train, jobs_list):
             log(line(result))
             if record is not None:
@@ -164,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--match", default="", help="only runs whose key contains this")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--native-kernels",
+        action="store_true",
+        help="train with the CPU kernels torch picks for this processor, not pinned to AVX2 "
+        "(figures then differ between machines by a run or two: pinned_kernels.py)",
+    )
     parser.add_argument("--apt-every", type=int, help="recording only: APT probe every k steps")
     parser.add_argument("--sweep-every", type=int, help="recording only: a sweep every k steps")
     parser.add_argument("--probe-rows", type=int, help="recording only: rows per probe")
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     log = print if args.verbose else (lambda _: None)
     started = time.perf_counter()
+    kernels = "torch's own choice (--native-kernels)" if args.native_kernels else pin(os.environ)
     if args.replay is not None:
         results = replay(args.replay, log)
     else:
@@ -193,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     print(tables(figures))
     for half, figure in figures.items():
         print(half, json.dumps(figure))
-    print(f"{len(results)} runs in {time.perf_counter() - started:.0f} s")
+    print(f"{len(results)} runs in {time.perf_counter() - started:.0f} s; CPU kernels {kernels}")
     if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=1))
+        args.json.write_text(json.dumps({**figures, "cpu_kernels": kernels}, indent=1))
     return 0
 
 

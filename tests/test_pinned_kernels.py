@@ -1,0 +1,66 @@
+"""The scenario suite's kernel pinning (``benchmarks/scenarios/pinned_kernels.py``): the variables
+it sets, a user's own kept, and a fresh torch that really runs its AVX2 kernels under them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "benchmarks" / "scenarios"
+
+
+def pinned_kernels() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("pinned_kernels", SCENARIOS / "pinned_kernels.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pin_sets_the_avx2_kernels_and_keeps_a_users_own_choice() -> None:
+    module = pinned_kernels()
+    environ = {"MKL_CBWR": "COMPATIBLE"}
+    words = module.pin(environ)
+    if module.has_avx2():
+        assert environ == {
+            "ATEN_CPU_CAPABILITY": "avx2",
+            "MKL_CBWR": "COMPATIBLE",
+            "ONEDNN_MAX_CPU_ISA": "AVX2",
+        }
+        assert "MKL_CBWR=COMPATIBLE" in words and "ATEN_CPU_CAPABILITY=avx2" in words
+    else:
+        assert environ == {"MKL_CBWR": "COMPATIBLE"} and "no AVX2" in words
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="cpuinfo flags are x86's"
+)
+def test_avx2_is_read_from_the_processors_flags(tmp_path: Path) -> None:
+    module = pinned_kernels()
+    without = tmp_path / "without"
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx\n")
+    with_avx2 = tmp_path / "with"
+    with_avx2.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n")
+    assert not module.has_avx2(str(without))
+    assert module.has_avx2(str(with_avx2))
+    assert not module.has_avx2(str(tmp_path / "missing"))
+
+
+def test_a_fresh_torch_runs_the_pinned_kernels() -> None:
+    module = pinned_kernels()
+    if not module.has_avx2():
+        pytest.skip("no AVX2 on this machine: nothing is pinned")
+    environ = {k: v for k, v in os.environ.items() if k not in module.AVX2_KERNELS}
+    module.pin(environ)
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, check=True
+    )
+    assert done.stdout.strip() == "AVX2"
