@@ -38,7 +38,8 @@ bought them at step 4,261 on a slow day of a 2-core machine and near step 10,000
 At 4 s for their memory it buys them after about 20,000 steps on the slow day and 48,000 on
 the fast one. Every model of ``e2e.py`` still buys them after one to five minutes of training
 (rent per second of training, fast day: digits CNN 0.07 s, small MLP 0.08 s, ResNet-20 0.03 s,
-MLP 3072-512x3 0.02 s), and the kernels save each of them 2-8% of its monitored step from then on.
+MLP 3072-512x3 0.02 s), and the kernels save each of them 2-8% of its monitored step from
+then on.
 
 A site with a non-finite value goes to the torch operations with or without the kernels: no
 rent. An earlier rule also loaded the kernels once training had waited 0.5 s for its embedded
