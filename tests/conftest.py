@@ -3,15 +3,20 @@ and stores whose every test runs inside a rolled-back transaction."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from sqlalchemy import Engine, text
 
 from monitor.store import SqlStore, make_engine, upgrade
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 PG_ADMIN_URL = os.environ.get(
     "APMON_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -88,3 +93,23 @@ def store(db_engine: Engine) -> Iterator[SqlStore]:
     finally:
         transaction.rollback()
         connection.close()
+
+
+@pytest.fixture(scope="session")
+def benchmark_script() -> Callable[[str], ModuleType]:
+    """Loads a script of ``benchmarks/`` (no package) by its path there, as a module.
+
+    The module is registered under its file's stem: dataclasses and pickle look it up there,
+    and a sibling script that imports it by that name gets the same module.
+    """
+
+    def load(relative: str) -> ModuleType:
+        path = BENCHMARKS / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -36,7 +36,7 @@ def has_avx2(cpuinfo: str = "/proc/cpuinfo") -> bool:
         return False
     try:
         with open(cpuinfo) as info:
-            return any(line.startswith("flags") and " avx2" in line for line in info)
+            return any(line.startswith("flags") and "avx2" in line.split() for line in info)
     except OSError:
         return False
 

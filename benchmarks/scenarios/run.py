@@ -190,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     log = print if args.verbose else (lambda _: None)
     started = time.perf_counter()
-    kernels = "torch's own choice (--native-kernels)" if args.native_kernels else pin(os.environ)
     if args.replay is not None:
+        kernels = "not used (a replay trains nothing)"
         results = replay(args.replay, log)
     else:
+        kernels = "torch's own (--native-kernels)" if args.native_kernels else pin(os.environ)
         halves = ["tune", "held"] if args.half == "both" else [args.half]
         specs = quick_suite() if args.quick else [s for h in halves for s in suite(h)]
         specs = [s for s in specs if args.match in s.key]

@@ -4,12 +4,13 @@ alerts as ``on_alert`` got them, scored against the issue's detector targets."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -71,21 +72,16 @@ def test_divergence_target_90_percent_in_time_with_median_lead_20(
     assert total >= 2 and hits >= 0.9 * total and row["median_lead"] >= 20
 
 
-def load(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(name, SCENARIOS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and pickle look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_recorded_run_replays_to_the_same_alerts(tmp_path: Path) -> None:
+def test_a_recorded_run_replays_to_the_same_alerts(
+    tmp_path: Path, benchmark_script: Callable[[str], ModuleType]
+) -> None:
     """Record/replay: the events a real ``watch()`` run sent, fed through the host again, give
     the alerts that run's ``on_alert`` got (a constant image at step 40 is a strike)."""
     sys.path.insert(0, str(SCENARIOS))
     try:
-        families, driver, run = load("families"), load("driver"), load("run")
+        families, driver, run = (
+            benchmark_script(f"scenarios/{name}.py") for name in ("families", "driver", "run")
+        )
         spec = families.RunSpec(
             "bad_batch", "tiny", "mlp", "digits", "sgd", 0, "tune", steps=60,
             corrupt={40: "constant"},
