@@ -20,15 +20,14 @@ So the kernels are loaded as rent or buy: once the seconds they would have saved
 run never pays for them and a run of any length pays at most about twice the better choice; in
 seconds alone, a run pays at most about 6 s more than loading them at its start would have
 cost. The rent is the share of the seconds spent without the kernels that the kernels would
-have saved (``charge``). Measured per site, one thread, 2026-12-03 (without / with the
-kernels):
+have saved (``charge``). Measured per site, one thread (without / with the kernels):
 
-- scale statistics, numpy / kernels: 64x128 dense 31 / 8 us, 64x64 25 / 6 us, 128x512
-  120 / 21 us, 64x16x8x8 conv 133 / 41 us, 128x16x32x32 conv 701 / 647 us: about 70%
-  saved (``SCALE_SAVING``) but on the largest conv sites, whose pattern counts buy the kernels
-  soon anyway;
-- pattern counts, torch / kernels, the same sites: 439 / 30, 270 / 30, 1,257 / 60, 751 / 121,
-  25,086 / 1,435 us: about 90% (``COUNT_SAVING``).
+- scale statistics, numpy / kernels (2026-12-04): 64x128 dense 20 / 7 us, 64x64 16 / 6 us,
+  128x512 81 / 22 us, 64x16x8x8 conv 86 / 25 us, 128x64x8x8 490 / 150 us, 128x16x32x32
+  1,500-1,730 / 480-730 us: about 70% saved (``SCALE_SAVING``), a little less on the largest
+  conv sites;
+- pattern counts, torch / kernels, the same sites (2026-12-04): 322 / 24, 213 / 21, 841 / 52,
+  511 / 61, 1,692 / 234, 6,331 / 775 us: about 90% (``COUNT_SAVING``).
 
 Why memory has a price: the issue that set apmon's costs allows the small MLP's job at most 50
 MiB more RSS over 10,000 steps, and the kernels' 100 MiB, once, broke that. With the loading's

@@ -138,9 +138,26 @@ def test_summaries_while_the_kernels_load_equal_the_kernels(kind, units, labelle
     assert loaded_finite.nonfinite_rows == 0 and loaded_finite.max_abs == 5.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("read", [measure_scale, measure])
+def test_large_site_scale_read_in_chunks_equals_brute_force(read, dtype, monkeypatch):
+    # Above ``_SQUARES_CHUNK`` values the sum of squares is taken a chunk at a time (two whole
+    # chunks and a part here), and a conv site's on-counts are tallied in uint16 first.
+    x = torch.randn((65, 16, 16, 16), generator=torch.Generator().manual_seed(3), dtype=dtype)
+    assert 2 * summary._SQUARES_CHUNK < x.numel() < 3 * summary._SQUARES_CHUNK
+    monkeypatch.setattr(summary, "kernels", lambda: None)
+    stats = read(x, "conv")
+    values = x.reshape(-1).tolist()
+    assert stats.sumsq == pytest.approx(math.fsum(v * v for v in values), rel=1e-12)
+    assert stats.max_abs == max(abs(v) for v in values)
+    assert stats.unit_on.tolist() == [
+        sum(1 for v in x[:, unit].reshape(-1).tolist() if v > 0) for unit in range(16)
+    ]
+
+
 def test_numpy_sketch_and_spectrum_equal_the_kernel():
     rng = np.random.default_rng(7)
-    for n, k in [(0, 4), (5, 8), (1000, 16), (3000, 256)]:
+    for n, k in [(0, 4), (5, 8), (256, 256), (1000, 16), (3000, 256)]:
         fingerprints = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
         fingerprints = np.unique(fingerprints)  # distinct, as a histogram's are
         counts = rng.integers(1, 2000, fingerprints.size).astype(np.int64)
