@@ -47,6 +47,15 @@ class Settings(BaseSettings):
         description="Embedded: a metric key gets a new MLflow point at most this often (0: every "
         "step); the apmon database keeps every step.",
     )
+    mlflow_start_delay_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Embedded: the host starts its MLflow process this many seconds into the "
+        "run, or when the run ends if that is sooner (0: at once). Its start (about 4 CPU-s of "
+        "imports and store opening) slows training on the next core through memory traffic; "
+        "a short run leaves it until after close(). Points wait for it; the apmon database and "
+        "the alerts do not.",
+    )
     mlflow_report: bool = Field(
         default=True,
         description="Embedded: render the run's report when it finishes and attach it to its "

@@ -145,6 +145,38 @@ def test_a_finished_embedded_run_attaches_its_report_and_every_alert(tmp_path: P
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("delay", [0.0, 600.0])
+def test_the_mirror_starts_after_its_delay_or_at_the_runs_end(tmp_path: Path, delay: float) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'apmon.db'}",
+        mlflow_tracking_uri=uri,
+        mlflow_min_interval_seconds=0,
+        mlflow_start_delay_seconds=delay,
+    )
+    sites = [SiteInfo(name="fc#0", kind="dense", units=4)]
+    host = RunHost(settings, "run-1", RunStart(name="r", sites=sites))
+    assert host.mlflow is not None
+    for step in range(5):
+        summary = SiteSummary(
+            site="fc#0", rows=4, distinct=2, spectrum=[(2, 2)], unit_on=[4, 2, 0, 1]
+        )
+        host.handle(StepSummary(step=step, sites=[summary], loss=1.0 / (step + 1)))
+    host.persist()
+    deadline = time.monotonic() + 120
+    while delay == 0 and not host.mlflow.is_open and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # No delay: open while the run goes on. A delay longer than the run: not even started
+    assert host.mlflow.is_open == (delay == 0)
+    assert (host.mlflow._process is None) == (delay > 0)
+    host.finish(4)
+    host.close_mlflow()  # the run's end starts a mirror that was waiting, and fills it in
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(host.mlflow_run_id).info.status == "FINISHED"
+    history = client.get_metric_history(host.mlflow_run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s, 1.0 / (s + 1)) for s in range(5)]
+
+
 @pytest.mark.parametrize("configured", ["", "named"])
 def test_experiment_resolution_prefers_the_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configured: str
