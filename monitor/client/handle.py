@@ -858,7 +858,7 @@ def watch(
 
     Options: ``every`` (int k or a step -> bool schedule; each captured step carries the
     detectors' statistics), ``capture_budget`` (the share of a plain step that counting
-    patterns may cost, default 0.05: patterns are counted on every k-th captured step, k the
+    patterns may cost, default 0.03: patterns are counted on every k-th captured step, k the
     smallest power of two that fits, see ``monitor.client.budget``; ``None`` counts them on every
     captured step), ``capture_rows`` (rows of each batch summarised, default 32; ``None``: all),
     ``include``/``exclude`` (site name
