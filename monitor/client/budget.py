@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 # run's cost (issue "What a user pays") must also hold the APT probes (about 2% of a ResNet-20
 # step at a steady rate), the first probe and the host beside training within 10%. ResNet-20's
 # own time on a 2-core machine, probes off: 21.6 ms a step at 0.05 (patterns every 2nd step),
-# 13.8 ms at 0.03 (every 8th). The detectors read only the scale statistics every step has.
+# 13.8 ms at 0.03 (every 8th; ``benchmarks/budget_own.py``). The detectors read only the
+# scale statistics, which every step has.
 DEFAULT_CAPTURE_BUDGET = 0.03
 MAX_STRIDE = 64
 ADJUST_EVERY = 16  # steps between re-estimates
