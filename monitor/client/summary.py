@@ -246,7 +246,7 @@ def measure_scale(x: torch.Tensor, kind: SiteKind) -> SiteStats:
         return _scale_with_kernels(x, unit_dim)
     if kernel_input and x.numel():
         began = time.perf_counter()
-        stats = _scale_with_numpy(x.detach() if x.requires_grad else x, unit_dim)
+        stats = _scale_with_numpy(x.detach(), unit_dim)
         if stats is not None:
             charge(time.perf_counter() - began, SCALE_SAVING)
             return stats
@@ -267,14 +267,6 @@ def _scale_with_numpy(x: torch.Tensor, unit_dim: int) -> SiteStats | None:
     compares them with the kernels). Everything runs on the calling thread. A site with a
     non-finite value (rare: the run is diverging) goes to the torch operations, which count its
     rows.
-
-    A float32 site of up to ``_SQUARES_CHUNK`` values takes its largest magnitude from the
-    float64 squares it sums (the sqrt of a float32's exact square is its magnitude, exactly),
-    not from a min and a max pass; a non-finite value shows in the sum. The digits CNN's three
-    sites: 148 against 183 us in a loop of their own, 281 against 369 us right after a training
-    step, whose code and data have taken the caches (2026-12-04). In whole training steps the
-    saving was too small to tell from the noise (20 us a step, +-40): much of a site's cost
-    there is the caches' refill, which the next operation pays when this one does not.
     """
     values = _cpu_values(x, unit_dim)
     if values.ndim == 2:
@@ -284,17 +276,10 @@ def _scale_with_numpy(x: torch.Tensor, unit_dim: int) -> SiteStats | None:
         outer, units, inner = values.shape
         rows, on_axes = outer * inner, (0, 2)
     flat = values.reshape(-1)
-    if flat.dtype == np.float32 and flat.size <= _SQUARES_CHUNK:
-        squares = np.square(flat, dtype=np.float64)
-        sumsq = float(squares.sum())
-        if not math.isfinite(sumsq):  # float32 squares cannot add up past float64's range
-            return None
-        max_abs = math.sqrt(float(squares.max()))
-    else:
-        low, high = float(flat.min()), float(flat.max())
-        if not (math.isfinite(low) and math.isfinite(high)):
-            return None
-        sumsq, max_abs = _sum_of_squares(flat), max(-low, high)
+    low, high = float(flat.min()), float(flat.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    sumsq = _sum_of_squares(flat)
     if values.ndim == 3 and values.shape[2] <= np.iinfo(np.uint16).max:
         # A (sample, unit) count over the inner axis is at most ``inner``: uint16 holds it, and
         # summing the bytes into uint16 first reads half the memory that int64 sums do
@@ -302,7 +287,7 @@ def _scale_with_numpy(x: torch.Tensor, unit_dim: int) -> SiteStats | None:
         on = positive.sum(axis=2, dtype=np.uint16).sum(axis=0, dtype=np.int64)
     else:
         on = (values > 0).sum(axis=on_axes, dtype=np.int64)
-    return _scale_stats(units, torch.from_numpy(on), rows, 0, sumsq, max_abs)
+    return _scale_stats(units, torch.from_numpy(on), rows, 0, sumsq, max(-low, high))
 
 
 # Values per float64 chunk in ``_sum_of_squares``: 1 MiB of float64, which stays in cache.
@@ -393,11 +378,6 @@ def _cpu_values(x: torch.Tensor, unit_dim: int) -> np.ndarray:
     """
     if x.dim() == 2:
         return x.contiguous().numpy()
-    if x.is_contiguous():  # one torch call; numpy's reshape is the cheaper view
-        unit_dim %= x.dim()
-        shape = x.shape
-        outer, inner = math.prod(shape[:unit_dim]), math.prod(shape[unit_dim + 1 :])
-        return x.numpy().reshape(outer, shape[unit_dim], inner)
     return unit_layout(x, unit_dim).contiguous().numpy()
 
 
