@@ -2,9 +2,9 @@
 
 Each measurement is a fresh process that builds the model, trains it plainly or under
 ``@monitor.watch(model, opt, ...)`` with the embedded store (SQLite) and MLflow (SQLite store)
-on, and reports its times. Processes of one round run one after another, modes interleaved, so
-the machine's load hits every mode alike; ratios are medians over rounds with a 90% bootstrap
-interval. Modes:
+on, and reports its times. Processes of one round run one after another, modes interleaved (in
+reverse order every other round), so the machine's load hits every mode alike; ratios are
+medians over rounds with a 90% bootstrap interval, and every round's ratio is printed too. Modes:
 
 - ``plain``: no monitor;
 - ``defaults``: ``watch(model, opt)`` as a user writes it (detectors on at their defaults);
@@ -351,6 +351,15 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def round_order(modes: list[str], round_no: int) -> list[str]:
+    """The order of the modes' processes in round ``round_no`` (from 0): reversed every other one.
+
+    A mode that always ran right after another would carry whatever that one left behind (a
+    page cache it warmed, a drift in the machine's load) in every round.
+    """
+    return list(modes) if round_no % 2 == 0 else list(reversed(modes))
+
+
 def run_table(args: argparse.Namespace) -> dict[str, Any]:
     """Every model x mode x thread setting, in interleaved rounds; prints the tables."""
     results: dict[str, Any] = {}
@@ -362,7 +371,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
             runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
             for round_no in range(args.rounds):
                 for name in args.models:
-                    for mode in args.modes:
+                    for mode in round_order(args.modes, round_no):
                         figures = spawn([name, mode, str(threads), str(steps[name]), str(folder)])
                         runs.setdefault((name, mode), []).append(figures)
                 print(
@@ -405,11 +414,12 @@ def summarise(
     if os.environ.get(DEVICE_VARIABLE, "cpu") != "cpu":
         label += f", device {os.environ[DEVICE_VARIABLE]}"
     out: dict[str, Any] = {}
-    rows, details, steady_rows = [], [], []
+    rows, details, steady_rows, round_rows = [], [], [], []
     for name in args.models:
         plain = runs[(name, "plain")]
         per_step_ms = statistics.median(r["total_s"] / r["steps"] for r in plain) * 1e3
         row = [name, f"{per_step_ms:.2f}"]
+        round_row = [name]
         steady_row = [name, _ms(statistics.median(_steady(p) for p in plain))]
         out[name] = {"plain_ms": per_step_ms}
         for mode in args.modes:
@@ -433,6 +443,7 @@ def summarise(
             host_cpu = [m["host_cpu_s"] / max(m["captured"], 1) * 1e3 for m in measured]
             out[name][mode] = {"ratio": ratio, "interval": [low, high], "runs": measured}
             row.append(f"{ratio:.3f}x ({low:.3f}..{high:.3f})")
+            round_row.append(", ".join(f"{r:.3f}" for r in ratios))
             steady = [_steady(m) / _steady(p) for m, p in zip(measured, plain, strict=True)]
             # What the run paid beyond its steady pace, less the same for the plain run.
             once = [
@@ -466,10 +477,13 @@ def summarise(
         target = TARGETS.get(name)
         row.append(f"<= {target}x" if target else "-")
         rows.append(row)
+        round_rows.append(round_row)
         steady_rows.append(steady_row)
     print(f"\n## Whole run (loop + close) against plain training; {label}\n")
     header = ["model", "plain ms/step", *[m for m in args.modes if m != "plain"], "target"]
     print(table(rows, header))
+    print("\nEvery round's ratio (round 1 first):\n")
+    print(table(round_rows, ["model", *header[2:-1]]))
     print(
         "\nSteady state: the second half of each loop against plain's (what every further step "
         "of a longer run costs), and the seconds the whole run paid beyond that pace (start-up, "

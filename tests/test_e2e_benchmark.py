@@ -55,3 +55,14 @@ def test_a_gpu_run_without_a_gpu_fails_with_a_message() -> None:
     done = _run("--device", "cuda", "--models", "mlp_small", "--rounds", "1")
     assert done.returncode == 2
     assert "--device cuda: this torch sees no CUDA device" in done.stderr
+
+
+def test_every_other_round_runs_the_modes_in_reverse() -> None:
+    sys.path.insert(0, str(E2E.parent))
+    from e2e import round_order
+
+    modes = ["plain", "defaults", "capture"]
+    assert round_order(modes, 0) == modes
+    assert round_order(modes, 1) == ["capture", "defaults", "plain"]
+    assert round_order(modes, 2) == modes
+    assert modes == ["plain", "defaults", "capture"]  # the caller's list is left as it was
