@@ -39,6 +39,7 @@ from monitor.client.summary import (
     SiteStats,
     measure,
     measure_scale,
+    settle,
     to_wire,
 )
 from monitor.client.transport import Transport
@@ -399,6 +400,7 @@ class Monitor:
         self._run_probe_set()
         try:
             stats, inputs = self._stats, self._inputs.take()
+            settle(list(stats.values()))  # an accelerator's values: one copy for the step
             if self.merge_ranks and self.schedule(self.step):
                 stats = all_gather_stats(stats, self.process_group)
                 inputs = gather_ranks(inputs, self.process_group)

@@ -231,3 +231,64 @@ def test_scale_read_by_numpy_equals_brute_force(kind, units, dtype, monkeypatch)
     assert stats.sumsq == pytest.approx(math.fsum(v * v for v in values), rel=1e-12)
     assert stats.max_abs == max(abs(v) for v in values)
     assert stats.nonfinite_rows == 0 and stats.scale_only
+
+
+def _brute_scale(x: torch.Tensor, kind: str) -> dict[str, object]:
+    """Rows, unit on-counts, non-finite rows, sum of squares and max |x| of the finite values.
+
+    The sum of squares is compared up to rounding: float64 sums in another order.
+    """
+    rows = rows_of(x, kind)
+    finite = [v for v in x.reshape(-1).tolist() if math.isfinite(v)]
+    return {
+        "rows": rows.shape[0],
+        "unit_on": [sum(1 for r in rows[:, u].tolist() if r > 0) for u in range(rows.shape[1])],
+        "nonfinite_rows": sum(1 for r in rows.tolist() if not all(map(math.isfinite, r))),
+        "sumsq": pytest.approx(math.fsum(v * v for v in finite), rel=1e-12),
+        "max_abs": max((abs(v) for v in finite), default=0.0),
+    }
+
+
+def _scale_fields(stats: summary.SiteStats) -> dict[str, object]:
+    return {
+        "rows": stats.rows,
+        "unit_on": stats.unit_on.tolist(),
+        "nonfinite_rows": stats.nonfinite_rows,
+        "sumsq": stats.sumsq,
+        "max_abs": stats.max_abs,
+    }
+
+
+@pytest.mark.parametrize(("kind", "units"), CASES)
+@pytest.mark.parametrize("finite", [False, True])
+def test_scale_kept_on_the_device_until_settled_equals_brute_force(kind, units, finite):
+    # An accelerator's sites go through ``_scale_on_device`` (any device: here the CPU's
+    # tensors), whose sums wait in ``pending`` until ``settle`` brings them back at once.
+    x = make_input(kind, units + 11, units)
+    if finite:
+        x = torch.nan_to_num(x, nan=0.0, posinf=4.0)
+    stats = summary._scale_on_device(x, summary.unit_dim_of(kind))
+    assert stats.pending is not None and stats.scale_only
+    assert (stats.sumsq, stats.max_abs, stats.nonfinite_rows) == (0.0, 0.0, 0)  # not yet
+    summary.settle([stats])
+    assert stats.pending is None
+    assert _scale_fields(stats) == _brute_scale(x, kind)
+    assert (stats.nonfinite_rows > 0) is not finite
+
+
+@pytest.mark.parametrize(("kind", "units"), CASES)
+def test_pending_scale_merges_and_reaches_the_wire_like_the_cpu_path(kind, units):
+    # Micro-batches merged while pending, settled once with a site that has nothing pending,
+    # give the statistics of all rows; a pending site that reaches ``to_wire`` is settled there.
+    x = make_input(kind, units + 13, units)
+    dim = summary.unit_dim_of(kind)
+    parts = [summary._scale_on_device(x[i : i + 8], dim) for i in (0, 8, 16)]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    other = measure_scale(x[:5], kind)  # the CPU path: nothing pending
+    before = _scale_fields(other)
+    summary.settle([merged, other])
+    assert merged.pending is None and _scale_fields(other) == before
+    assert _scale_fields(merged) == _brute_scale(x, kind)
+    wire = to_wire("s", summary._scale_on_device(x, dim))
+    cpu = to_wire("s", measure_scale(x, kind))
+    assert same_wire(wire, cpu)
