@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import MODELS, DropTransport, training
+from e2e import MODELS, DropTransport, round_order, training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             step()
         budget = mon.capture_budget
         for block in range(args.blocks):
-            order = args.budgets if block % 2 == 0 else args.budgets[::-1]
-            for fraction in order:
+            for fraction in round_order(args.budgets, block):
                 budget.fraction = fraction
                 budget._adjust()  # the stride for this budget from the running costs
                 for _ in range(2):

@@ -46,9 +46,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -66,6 +66,7 @@ DEVICE_VARIABLE = "APMON_E2E_DEVICE"
 MODELS = ("resnet20", "mlp3072", "digits_cnn", "mlp_small")
 MODES = ("plain", "defaults", "every10", "capture", "nomlflow", "nokernels")
 TARGETS = {"resnet20": 1.10, "mlp3072": 1.15, "digits_cnn": 1.5}
+T = TypeVar("T")
 
 
 def digits_cnn() -> nn.Module:
@@ -351,11 +352,12 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def round_order(modes: list[str], round_no: int) -> list[str]:
-    """The order of the modes' processes in round ``round_no`` (from 0): reversed every other one.
+def round_order(modes: Sequence[T], round_no: int) -> list[T]:
+    """The order of the modes' runs in round ``round_no`` (from 0): reversed every other one.
 
     A mode that always ran right after another would carry whatever that one left behind (a
-    page cache it warmed, a drift in the machine's load) in every round.
+    page cache it warmed, a drift in the machine's load) in every round. ``e2e_ab.py`` and
+    ``budget_own.py`` alternate their versions and budgets by it too.
     """
     return list(modes) if round_no % 2 == 0 else list(reversed(modes))
 

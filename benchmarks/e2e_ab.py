@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from e2e import MODELS, prepare_stores, spawn  # noqa: E402
+from e2e import MODELS, prepare_stores, round_order, spawn  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="apmon-e2e-ab-") as folder:
         prepare_stores(Path(folder))
         for round_no in range(args.rounds):
-            order = ["plain", "baseline", "current"]
-            for name in order if round_no % 2 == 0 else order[::-1]:
+            for name in round_order(["plain", "baseline", "current"], round_no):
                 checkout = versions.get(name, HERE.parent)
                 mode = "plain" if name == "plain" else "defaults"
                 run = [args.model, mode, str(args.threads), str(args.steps), folder]
